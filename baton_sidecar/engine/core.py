@@ -1,0 +1,303 @@
+"""The synchronous engine step: plan (scheduler) -> execute (runner) -> apply (here).
+
+``EngineCore`` is owned by one thread. It tracks each request's sampler, detokenizer and
+pending events, and turns sampled tokens into ``RequestOutput`` deltas. Finished rows leave
+the batch in the same step (re-batching); in run-to-completion mode they ride along and
+their final output is held until the whole batch is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..config import EngineConfig, PolicyConfig
+from ..model import LoadedModel
+from .detokenizer import IncrementalDetokenizer
+from .request import Request, RequestOutput, RequestStatus, TokenLogprob
+from .runner import ModelRunner, SwappedRow
+from .sampler import RowSampler, SampledToken, sample
+from .scheduler import BatchView, Scheduler, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    swapped: int = 0
+    batch_size: int = 0
+    padding_ratio: float = 0.0
+    kv_tokens_used: int = 0  # padded slots of the live window
+    kv_tokens_capacity: int = 0  # the policy's KV-token budget
+    kv_bytes_allocated: int = 0
+    swapped_bytes: int = 0  # K/V of swapped-out rows on host memory
+    steps: int = 0
+    preemptions_total: int = 0
+    refusals_by_reason: dict[str, int] = field(default_factory=dict)
+    finished_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Tracked:
+    """Engine-side companions of one request."""
+
+    request: Request
+    sampler: RowSampler
+    detokenizer: IncrementalDetokenizer
+    stop_ids: frozenset[int]
+    events: list[tuple[str, float]] = field(default_factory=list)
+    held_final: RequestOutput | None = None  # run-to-completion: delivered when the batch ends
+
+
+class EngineCore:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, policy: PolicyConfig) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.run_to_completion = config.batching == "run_to_completion"
+        self.runner = ModelRunner(loaded)
+        self.scheduler = Scheduler(policy, run_to_completion=self.run_to_completion)
+        self.tracked: dict[str, _Tracked] = {}
+        self.swapped_kv: dict[str, SwappedRow] = {}
+        self.riding: set[str] = set()  # run-to-completion rows that are done but still in the batch
+        self.steps = 0
+        self.preemptions_total = 0
+        self.finished_by_reason: Counter[str] = Counter()
+
+    @property
+    def policy(self) -> PolicyConfig:
+        return self.scheduler.policy
+
+    def apply_policy(self, policy: PolicyConfig) -> None:
+        """Takes effect at the next step; in-flight requests keep their tokens."""
+        self.scheduler.policy = policy
+
+    # --- intake ---------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        params = request.params
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.loaded.eos_token_ids
+        self.tracked[request.request_id] = _Tracked(
+            request, RowSampler(params, self.runner.device),
+            IncrementalDetokenizer(self.loaded.tokenizer, params.stop), frozenset(stop_ids),
+            events=[("queued", request.times.arrival)])
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        tracked = self.tracked.get(request_id)
+        if tracked is None or tracked.request.status.finished:
+            return []
+        return [self._finish(tracked, RequestStatus.FINISHED_CANCELLED)]
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- one step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        now = time.monotonic()
+        cache = self.runner.cache
+        view = BatchView(cache.rows, cache.length, cache.num_real_tokens())
+        plan = self.scheduler.schedule(now, view)
+        outputs: list[RequestOutput] = []
+        self._preempt(plan)
+        self._resume(plan.resume)
+        if plan.prefill:
+            self._prefill(plan.prefill, outputs)
+        if self.runner.num_rows:
+            self._decode(outputs)
+        self._release_finished_rtc_batch(outputs)
+        cache.shrink_if_sparse(self.policy.padding.compaction_threshold)
+        self.steps += 1
+        return outputs
+
+    def _preempt(self, plan: StepPlan) -> None:
+        for request in plan.preempt:
+            rid = request.request_id
+            if plan.preemption_mode == "swap":
+                self.swapped_kv[rid] = self.runner.swap_out(rid)
+            else:
+                self.runner.remove([rid])
+            self.scheduler.on_preempted(request, plan.preemption_mode)
+            self.tracked[rid].events.append(("preempted", time.monotonic()))
+            self.preemptions_total += 1
+
+    def _resume(self, requests: list[Request]) -> None:
+        for request in requests:
+            self.runner.swap_in(request.request_id, self.swapped_kv.pop(request.request_id))
+            self.scheduler.on_running(request)
+            self.tracked[request.request_id].events.append(("resumed", time.monotonic()))
+
+    def _prefill(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
+        """Prefill newcomers apart from the batch, sample their first token, embed the unfinished."""
+        now = time.monotonic()
+        for request in requests:
+            if request.times.first_scheduled is None:
+                request.times.first_scheduled = now
+                self.tracked[request.request_id].events.append(("scheduled", now))
+        # A recompute-resumed request re-prefills everything but its pending token.
+        resumed = [r for r in requests if r.output_token_ids]
+        token_lists = [r.all_token_ids[:-1] if r.output_token_ids else r.prompt_token_ids for r in requests]
+        try:
+            prefilled = self.runner.prefill([r.request_id for r in requests], token_lists)
+        except Exception as error:  # only these requests fail; the running batch is untouched
+            log.exception("prefill failed")
+            for request in requests:
+                outputs.append(self._finish(self.tracked[request.request_id], RequestStatus.FINISHED_ERROR,
+                                            error=f"prefill failed: {error}"))
+            return
+        stamp = time.monotonic()
+        fresh = [i for i, r in enumerate(requests) if not r.output_token_ids]
+        sampled = dict(zip(fresh, sample(prefilled.last_logits[fresh] if fresh else prefilled.last_logits[:0],
+                                         [self.tracked[requests[i].request_id].sampler for i in fresh])))
+        embed_rows, next_tokens = [], []
+        for i, request in enumerate(requests):
+            tracked = self.tracked[request.request_id]
+            tracked.events.append(("prefilled" if request not in resumed else "resumed", stamp))
+            self.scheduler.on_running(request)
+            if i in sampled:
+                output = self._apply_token(tracked, sampled[i])
+                if output is not None:
+                    outputs.append(output)
+                if tracked.request.status.finished:
+                    continue
+                next_tokens.append(sampled[i].token_id)
+            else:
+                next_tokens.append(request.output_token_ids[-1])
+            embed_rows.append(i)
+        self.runner.embed(prefilled, embed_rows, next_tokens)
+
+    def _decode(self, outputs: list[RequestOutput]) -> None:
+        try:
+            logits = self.runner.decode()  # [B, V]
+        except Exception as error:  # a batch-wide failure: every running request ends with it
+            log.exception("decode step failed")
+            for rid in list(self.runner.row_ids):
+                tracked = self.tracked.get(rid)
+                if tracked is not None and not tracked.request.status.finished:
+                    outputs.append(self._finish(tracked, RequestStatus.FINISHED_ERROR,
+                                                error=f"decode failed: {error}"))
+            self._clear_batch(outputs)
+            return
+        row_ids = list(self.runner.row_ids)
+        samplers = [self.tracked[rid].sampler for rid in row_ids]
+        tokens = sample(logits, samplers)
+        next_tokens, leaving = [], []
+        for rid, token in zip(row_ids, tokens):
+            next_tokens.append(token.token_id)
+            if rid in self.riding:
+                continue  # run-to-completion: a finished row rides along, its tokens discarded
+            tracked = self.tracked[rid]
+            output = self._apply_token(tracked, token)
+            if output is not None:
+                outputs.append(output)
+            if tracked.request.status.finished and not self.run_to_completion:
+                leaving.append(rid)
+        self.runner.set_next_tokens(next_tokens)
+        if leaving:
+            self.runner.remove(leaving)  # finished rows leave in the same step
+
+    # --- applying tokens ------------------------------------------------------------------
+
+    def _apply_token(self, tracked: _Tracked, token: SampledToken) -> RequestOutput | None:
+        """Append one token; return the delta to deliver (None when it is held back)."""
+        request = tracked.request
+        request.append_token(token.token_id)
+        now = time.monotonic()
+        if request.times.first_token is None:
+            request.times.first_token = now
+            tracked.events.append(("first_token", now))
+        status = self._stop_status(tracked, token.token_id)
+        if status is not None:
+            return self._finish(tracked, status, last_token=token)
+        return self._delta(tracked, (token.token_id,), (token.logprob,) if token.logprob else None)
+
+    def _stop_status(self, tracked: _Tracked, token_id: int) -> RequestStatus | None:
+        request = tracked.request
+        if token_id in tracked.stop_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if token_id not in self.loaded.eos_token_ids or request.params.ignore_eos:
+            tracked.detokenizer.add(token_id)
+        if tracked.detokenizer.stopped:
+            return RequestStatus.FINISHED_STOPPED
+        if len(request.output_token_ids) >= request.params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.loaded.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _delta(self, tracked: _Tracked, token_ids: tuple[int, ...],
+               logprobs: tuple[TokenLogprob, ...] | None, final: bool = False) -> RequestOutput:
+        request = tracked.request
+        events, tracked.events = tuple(tracked.events), []
+        return RequestOutput(
+            request_id=request.request_id, token_ids=token_ids,
+            text=tracked.detokenizer.take_delta(final), logprobs=logprobs,
+            finished=final, finish_reason=request.status.finish_reason if final else None,
+            error=request.error, prompt_tokens=request.num_prompt_tokens,
+            completion_tokens=len(request.output_token_ids), num_preemptions=request.num_preemptions,
+            times=request.times, events=events)
+
+    def _finish(self, tracked: _Tracked, status: RequestStatus, error: str | None = None,
+                last_token: SampledToken | None = None) -> RequestOutput | None:
+        """End a request and return its final delta (None while run-to-completion holds it).
+
+        A cancelled row leaves the batch here; rows that stop or hit their length are
+        removed by the caller, all in one go after the step.
+        """
+        request, rid = tracked.request, tracked.request.request_id
+        in_batch = rid in self.runner.row_ids
+        request.finish(status, error)
+        tracked.events.append(("finished", request.times.finished))
+        self.finished_by_reason[status.finish_reason] += 1
+        token_ids = (last_token.token_id,) if last_token else ()
+        logprobs = (last_token.logprob,) if last_token and last_token.logprob else None
+        output = self._delta(tracked, token_ids, logprobs, final=True)
+        self.swapped_kv.pop(rid, None)
+        if self.run_to_completion and in_batch:
+            self.riding.add(rid)  # the row (and its scheduler entry) stays until the batch is done
+            if status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+                tracked.held_final = output
+                return None
+            return output
+        self.scheduler.remove(request)
+        del self.tracked[rid]
+        if in_batch and status == RequestStatus.FINISHED_CANCELLED:
+            self.runner.remove([rid])
+        return output
+
+    def _release_finished_rtc_batch(self, outputs: list[RequestOutput]) -> None:
+        """Run-to-completion: once every row is done, deliver the held results and clear the batch."""
+        if self.run_to_completion and self.runner.num_rows and self.riding.issuperset(self.runner.row_ids):
+            self._clear_batch(outputs)
+
+    def _clear_batch(self, outputs: list[RequestOutput]) -> None:
+        """Remove every row; deliver what run-to-completion held back."""
+        for rid in self.riding:
+            tracked = self.tracked.pop(rid, None)
+            if tracked is not None:
+                self.scheduler.remove(tracked.request)
+                if tracked.held_final is not None:
+                    outputs.append(tracked.held_final)
+        self.riding.clear()
+        self.runner.remove(list(self.runner.row_ids))
+
+    # --- observability ----------------------------------------------------------------------
+
+    def stats(self, refusals: dict[str, int] | None = None) -> EngineStats:
+        cache = self.runner.cache
+        return EngineStats(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            swapped=len(self.scheduler.swapped), batch_size=cache.rows,
+            padding_ratio=cache.padding_ratio(), kv_tokens_used=cache.num_slots(),
+            kv_tokens_capacity=self.policy.limits.max_kv_tokens,
+            kv_bytes_allocated=cache.allocated_bytes(),
+            swapped_bytes=sum(s.kv.nbytes() for s in self.swapped_kv.values()),
+            steps=self.steps, preemptions_total=self.preemptions_total,
+            refusals_by_reason=dict(refusals or {}), finished_by_reason=dict(self.finished_by_reason))
+

@@ -1,0 +1,282 @@
+"""The asyncio-facing engine: submit, stream, cancel. Model work runs on its own thread.
+
+The event loop only validates and enqueues; the engine thread drains its inbox between
+steps, runs ``EngineCore.step`` and hands outputs back with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import AsyncIterator
+
+from ..config import EngineConfig, PolicyConfig
+from ..model import LoadedModel, load_model
+from .core import EngineCore, EngineStats
+from .request import AdmissionError, Request, RequestOutput, RequestValidationError, SamplingParams
+from .scheduler import projected_peak_slots, queue_admits
+
+log = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05
+
+
+class RequestStream:
+    """Async iterator over one request's ``RequestOutput`` deltas; the last is ``finished``."""
+
+    def __init__(self, request_id: str, engine: "AsyncEngine") -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    def _put(self, output: RequestOutput) -> None:
+        self._queue.put_nowait(output)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        output = await self._queue.get()
+        self.finished = output.finished
+        return output
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None,
+                 policy: PolicyConfig | None = None) -> None:
+        self.loaded = loaded
+        self.config = config or EngineConfig()
+        self.core = EngineCore(loaded, self.config, policy or PolicyConfig())
+        self._inbox: list[tuple[str, object]] = []  # ("add", Request) | ("abort", id) | ("policy", PolicyConfig)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._accepting = False
+        self._ready = False
+        self._refusals: Counter[str] = Counter()
+        self._ids = itertools.count()
+        self._stats = EngineStats()
+        self._policy = self.core.policy
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, policy: PolicyConfig | None = None) -> "AsyncEngine":
+        return cls(load_model(config), config, policy)
+
+    # --- properties -------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.loaded.max_model_len
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready and self._accepting
+
+    @property
+    def policy(self) -> PolicyConfig:
+        return self._policy
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, warmup: bool = True) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
+        self._thread.start()
+        if warmup:
+            await self.generate([self.tokenizer.eos_token_id or 0], SamplingParams(max_tokens=2, temperature=0))
+        self._ready = True
+
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop admitting; let running work finish within the deadline; cancel the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        while self._streams and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.02)
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+        self._ready = False
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def submit(self, prompt: str | list[int], params: SamplingParams, *, request_id: str | None = None,
+               priority: int | None = None, sla_class: str | None = None,
+               deadline_s: float | None = None) -> RequestStream:
+        """Validate and admit a request, or raise ``RequestValidationError`` / ``AdmissionError``."""
+        if not self._accepting:
+            self._refuse("shutting_down")
+            raise AdmissionError("shutting_down", "the engine is not accepting requests")
+        policy = self._policy
+        token_ids = self._tokenize(prompt)
+        priority, deadline = self._resolve_class(policy, priority, sla_class, deadline_s)
+        self._check_fits(policy, token_ids, params)
+        with self._lock:
+            waiting = self._stats.waiting + sum(1 for kind, _ in self._inbox if kind == "add")
+        if not queue_admits(waiting, policy.limits.max_queue, priority):
+            self._refuse("queue_full")
+            raise AdmissionError("queue_full", f"the waiting queue is full ({policy.limits.max_queue})",
+                                 retry_after_s=1.0)
+        request_id = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
+        if request_id in self._streams:
+            raise RequestValidationError("request_id", f"{request_id!r} is already in flight")
+        request = Request(request_id, token_ids, params, priority=priority, sla_class=sla_class,
+                          deadline=deadline)
+        stream = RequestStream(request_id, self)
+        self._streams[request_id] = stream
+        self._send("add", request)
+        return stream
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, **kwargs) -> RequestOutput:
+        """Run one request to the end and return a single output with all its tokens and text."""
+        stream = self.submit(prompt, params, **kwargs)
+        token_ids, text, logprobs = [], [], []
+        try:
+            async for out in stream:
+                token_ids.extend(out.token_ids)
+                text.append(out.text)
+                logprobs.extend(out.logprobs or ())
+                last = out
+        except BaseException:
+            stream.cancel()
+            raise
+        return RequestOutput(
+            request_id=last.request_id, token_ids=tuple(token_ids), text="".join(text),
+            logprobs=tuple(logprobs) if params.logprobs is not None else None, finished=True,
+            finish_reason=last.finish_reason, error=last.error, prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens, num_preemptions=last.num_preemptions,
+            times=last.times, events=last.events)
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def apply_policy(self, policy: PolicyConfig) -> None:
+        """Swap the policy in; the engine thread adopts it between steps."""
+        self._policy = policy
+        self._send("policy", policy)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # --- validation helpers ---------------------------------------------------------------------
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestValidationError("prompt", "must not be empty")
+            token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        elif isinstance(prompt, (list, tuple)):
+            token_ids = list(prompt)
+            vocab = len(self.tokenizer)
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in token_ids):
+                raise RequestValidationError("prompt", f"token ids must be integers in [0, {vocab})")
+        else:
+            raise RequestValidationError("prompt", "must be a string or a list of token ids")
+        if not token_ids:
+            raise RequestValidationError("prompt", "must not be empty")
+        if len(token_ids) >= self.max_model_len:
+            raise RequestValidationError(
+                "prompt", f"{len(token_ids)} tokens is longer than the model's context ({self.max_model_len})")
+        return token_ids
+
+    @staticmethod
+    def _resolve_class(policy: PolicyConfig, priority: int | None, sla_class: str | None,
+                       deadline_s: float | None) -> tuple[int, float | None]:
+        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
+            raise RequestValidationError("priority", "must be an integer")
+        deadline = None
+        if sla_class is not None:
+            sla = policy.sla_classes.get(sla_class)
+            if sla is None:
+                raise RequestValidationError(
+                    "sla_class", f"unknown class {sla_class!r}; known: {sorted(policy.sla_classes)}")
+            priority = sla.priority if priority is None else priority
+            if sla.e2e_ms is not None:
+                deadline = time.monotonic() + sla.e2e_ms / 1000
+        if deadline_s is not None:
+            if not isinstance(deadline_s, (int, float)) or deadline_s <= 0:
+                raise RequestValidationError("deadline_s", "must be a positive number of seconds")
+            deadline = time.monotonic() + deadline_s
+        return (0 if priority is None else priority), deadline
+
+    def _check_fits(self, policy: PolicyConfig, token_ids: list[int], params: SamplingParams) -> None:
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestValidationError(
+                "max_tokens", f"prompt ({len(token_ids)}) + max_tokens ({params.max_tokens}) exceeds the "
+                              f"model's context ({self.max_model_len})")
+        if projected_peak_slots([(len(token_ids), params.max_tokens)]) > policy.limits.max_kv_tokens:
+            self._refuse("too_large")
+            raise AdmissionError("too_large", f"prompt + max_tokens ({total}) can never fit the KV-token "
+                                              f"budget ({policy.limits.max_kv_tokens})")
+
+    def _refuse(self, reason: str) -> None:
+        self._refusals[reason] += 1
+
+    # --- the engine thread ------------------------------------------------------------------------
+
+    def _send(self, kind: str, payload: object) -> None:
+        with self._lock:
+            self._inbox.append((kind, payload))
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            with self._lock:
+                inbox, self._inbox = self._inbox, []
+            outputs: list[RequestOutput] = []
+            for kind, payload in inbox:
+                if kind == "add":
+                    self.core.add(payload)
+                elif kind == "abort":
+                    outputs.extend(self.core.abort(payload))
+                elif kind == "policy":
+                    self.core.apply_policy(payload)
+            if self.core.has_work():
+                try:
+                    outputs.extend(self.core.step())
+                except Exception:  # keep serving: a bug in one step must not kill the thread
+                    log.exception("engine step failed")
+            self._stats = self.core.stats(self._refusals)
+            if outputs:
+                self._loop.call_soon_threadsafe(self._deliver, outputs)
+            if not self.core.has_work():
+                self._wake.wait(_IDLE_WAIT_S)
+                self._wake.clear()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            stream._put(output)
+            if output.finished:
+                del self._streams[output.request_id]

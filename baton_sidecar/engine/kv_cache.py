@@ -1,0 +1,272 @@
+"""The running batch's KV cache: dense, left-padded, pre-allocated and written in place.
+
+Per layer, keys and values live in buffers of shape ``[B_cap, H_kv, L_cap, D]``. The
+live part is rows ``[0, B)`` and columns ``[start, end)``; ``mask[b, l]`` is True where
+row ``b`` holds a real token at column ``l``::
+
+               start                 end        L_cap
+    row 0      | pad pad  t   t   t   |  free  |
+    row 1      |  t   t   t   t   t   |  free  |     mask: 0 0 1 1 1 / 1 1 1 1 1
+    row B-1    | pad  t   t   t   t   |  free  |
+
+Invariants
+- Each row's tokens are contiguous and end at column ``end - 1`` (left padding).
+- A decode step writes one column (``end``) for every row, in place: no copy of the cache.
+- Removing a row moves the last row into its slot (O(L) per layer, not O(B*L)); trimming
+  leading all-padding columns only advances ``start``.
+- Copies of the whole live window happen only when capacity runs out (amortised by
+  doubling) or when the padding policy asks for compaction.
+- With no rows left, the buffers are released, so idle memory returns to its baseline.
+
+``update`` follows the ``transformers`` cache protocol (``update(k, v, layer_idx)``), so the
+model's own forward writes into the buffers; the attention mask is passed as a ready 4-D
+boolean mask ``[B, 1, 1, L]``, which ``transformers`` uses as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RowKV:
+    """One row's K/V, without padding: per layer ``[H_kv, T, D]`` tensors (T = its tokens)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[1]
+
+    def to(self, device: torch.device | str) -> "RowKV":
+        return RowKV([k.to(device) for k in self.keys], [v.to(device) for v in self.values])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class BatchKVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.keys: list[torch.Tensor] = []  # per layer [B_cap, H_kv, L_cap, D]
+        self.values: list[torch.Tensor] = []
+        self.mask = torch.zeros(0, 0, dtype=torch.bool, device=device)  # [B_cap, L_cap]
+        self.rows = 0  # B
+        self.start = 0
+        self.end = 0
+        self._write_col: int | None = None  # the column a decode step writes, set by begin_step
+
+    # --- sizes ---------------------------------------------------------------------------
+
+    @property
+    def length(self) -> int:
+        """Live columns L = end - start."""
+        return self.end - self.start
+
+    @property
+    def row_capacity(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def col_capacity(self) -> int:
+        return self.mask.shape[1]
+
+    def live_mask(self) -> torch.Tensor:
+        return self.mask[: self.rows, self.start: self.end]  # [B, L] view
+
+    def num_slots(self) -> int:
+        """Slots the live window occupies, padding included (what the memory really holds)."""
+        return self.rows * self.length
+
+    def num_real_tokens(self) -> int:
+        return int(self.live_mask().sum()) if self.rows else 0
+
+    def padding_ratio(self) -> float:
+        slots = self.num_slots()
+        return 0.0 if slots == 0 else 1.0 - self.num_real_tokens() / slots
+
+    def row_lengths(self) -> torch.Tensor:
+        return self.live_mask().sum(dim=1)  # [B]
+
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values)) + self.mask.numel()
+
+    # --- capacity --------------------------------------------------------------------------
+
+    def _reallocate(self, row_cap: int, col_cap: int, left_room: int) -> None:
+        """New buffers; the live window is copied to start at column ``left_room``."""
+        shape = (row_cap, self.num_kv_heads, col_cap, self.head_dim)
+        new_mask = torch.zeros(row_cap, col_cap, dtype=torch.bool, device=self.device)
+        new_keys, new_values = [], []
+        length, rows = self.length, self.rows
+        for layer in range(self.num_layers):
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if rows and length:
+                k[:rows, :, left_room: left_room + length] = self.keys[layer][:rows, :, self.start: self.end]
+                v[:rows, :, left_room: left_room + length] = self.values[layer][:rows, :, self.start: self.end]
+            new_keys.append(k)
+            new_values.append(v)
+        if rows and length:
+            new_mask[:rows, left_room: left_room + length] = self.mask[:rows, self.start: self.end]
+        self.keys, self.values, self.mask = new_keys, new_values, new_mask
+        self.start, self.end = left_room, left_room + length
+
+    def ensure_capacity(self, rows: int, left: int = 0, right: int = 0) -> None:
+        """Make room for ``rows`` rows, ``left`` extra columns before ``start`` and ``right`` after ``end``."""
+        need_cols = self.length + left + right
+        if (rows <= self.row_capacity and left <= self.start
+                and self.end + right <= self.col_capacity):
+            return
+        row_cap = max(rows, self.row_capacity)
+        if rows > self.row_capacity:
+            row_cap = max(rows, 2 * self.row_capacity, 4)
+        col_cap = self.col_capacity
+        if need_cols > col_cap:
+            col_cap = max(need_cols, 2 * col_cap, 64)
+        elif need_cols > col_cap // 2:
+            col_cap = 2 * col_cap  # shifting alone would run out again soon; grow to amortise
+        # Place the window so that what must fit on the left fits, with the rest of the room on the right.
+        self._reallocate(row_cap, col_cap, left_room=left)
+
+    def release(self) -> None:
+        """Drop the buffers (called when the batch empties)."""
+        self.keys, self.values = [], []
+        self.mask = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        self.rows = self.start = self.end = 0
+
+    # --- the transformers cache protocol (decode step) ------------------------------------
+
+    def begin_step(self) -> torch.Tensor:
+        """Reserve column ``end`` for this step's token of every row; return the 4-D mask."""
+        self.ensure_capacity(self.rows, right=1)
+        self._write_col = self.end
+        self.mask[: self.rows, self.end] = True
+        return self.mask[: self.rows, self.start: self.end + 1][:, None, None, :]  # [B, 1, 1, L+1]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's ``[B, H_kv, 1, D]`` K/V in place; return views ``[B, H_kv, L+1, D]``."""
+        col, rows = self._write_col, self.rows
+        assert col is not None, "begin_step() must precede the forward pass"
+        self.keys[layer_idx][:rows, :, col] = key_states[:, :, 0]
+        self.values[layer_idx][:rows, :, col] = value_states[:, :, 0]
+        return (self.keys[layer_idx][:rows, :, self.start: col + 1],
+                self.values[layer_idx][:rows, :, self.start: col + 1])
+
+    def abort_step(self) -> None:
+        """Undo ``begin_step`` after a failed forward pass."""
+        if self._write_col is not None:
+            self.mask[: self.rows, self._write_col] = False
+            self._write_col = None
+
+    def end_step(self) -> None:
+        self.end = self._write_col + 1
+        self._write_col = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    is_compileable = False
+
+    # --- shaping: insert, remove, extract ------------------------------------------------
+
+    def insert(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor) -> range:
+        """Embed ``n`` left-padded rows: per layer ``[n, H_kv, P, D]`` and a mask ``[n, P]``.
+
+        Both sides are shaped to a common length: if P exceeds the batch's length the window
+        grows to the left (new columns masked for old rows), otherwise the newcomers are
+        right-aligned and masked on the left. Returns the new rows' indices.
+        """
+        n, width = mask.shape
+        if self.rows == 0:
+            self.release()  # nothing live: start afresh at column 0
+            self.ensure_capacity(n, right=width)
+            self.end = width
+        else:
+            grow_left = max(0, width - self.length)
+            self.ensure_capacity(self.rows + n, left=grow_left)
+            if grow_left:  # old rows are masked in the new leading columns
+                self.start -= grow_left
+                self.mask[: self.rows, self.start: self.start + grow_left] = False
+        lo, hi = self.rows, self.rows + n
+        col = self.end - width
+        self.mask[lo:hi, self.start: col] = False
+        self.mask[lo:hi, col: self.end] = mask.to(self.device)
+        for layer in range(self.num_layers):
+            self.keys[layer][lo:hi, :, col: self.end] = keys[layer]
+            self.values[layer][lo:hi, :, col: self.end] = values[layer]
+        self.rows = hi
+        return range(lo, hi)
+
+    def insert_row(self, row: RowKV) -> int:
+        """Embed one unpadded row (e.g. swapped back in from host memory)."""
+        width = row.num_tokens
+        keys = [k.to(self.device, non_blocking=True)[None] for k in row.keys]
+        values = [v.to(self.device, non_blocking=True)[None] for v in row.values]
+        mask = torch.ones(1, width, dtype=torch.bool, device=self.device)
+        return self.insert(keys, values, mask)[0]
+
+    def extract_row(self, index: int) -> RowKV:
+        """A copy of row ``index``'s real K/V, without padding (the row stays in place)."""
+        first = self.end - int(self.mask[index, self.start: self.end].sum())
+        return RowKV([k[index, :, first: self.end].clone() for k in self.keys],
+                     [v[index, :, first: self.end].clone() for v in self.values])
+
+    def remove_rows(self, indices: list[int]) -> list[tuple[int, int]]:
+        """Remove rows; returns the moves ``(old_index, new_index)`` of the rows that were relocated.
+
+        Each removed slot is filled by the current last row (swap-remove), highest index
+        first so that a pending removal never refers to a row that was moved.
+        """
+        moves: list[tuple[int, int]] = []
+        for index in sorted(set(indices), reverse=True):
+            last = self.rows - 1
+            if index != last:
+                self._copy_row(last, index)
+                moves.append((last, index))
+            self.mask[last, self.start: self.end] = False
+            self.rows = last
+        self.trim()
+        return _compose_moves(moves)
+
+    def _copy_row(self, src: int, dst: int) -> None:
+        s, e = self.start, self.end
+        for layer in range(self.num_layers):
+            self.keys[layer][dst, :, s:e] = self.keys[layer][src, :, s:e]
+            self.values[layer][dst, :, s:e] = self.values[layer][src, :, s:e]
+        self.mask[dst, s:e] = self.mask[src, s:e]
+
+    def trim(self) -> None:
+        """Advance ``start`` past columns that are padding in every row; free all if empty."""
+        if self.rows == 0:
+            self.release()
+            return
+        used = self.live_mask().any(dim=0)  # [L]
+        self.start += int(torch.argmax(used.to(torch.int8)))  # first used column
+
+    def shrink_if_sparse(self, min_utilisation: float) -> bool:
+        """Re-allocate tighter buffers when the live window uses too little of them.
+
+        After long rows leave, the buffers keep their peak size; when live slots / allocated
+        slots drops below ``min_utilisation``, one O(B*L) copy returns the memory.
+        """
+        allocated = self.row_capacity * self.col_capacity
+        if self.rows == 0 or allocated == 0 or self.num_slots() / allocated >= min_utilisation:
+            return False
+        self._reallocate(max(self.rows, 4), max(2 * self.length, 64), left_room=0)
+        return True
+
+
+def _compose_moves(moves: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Collapse chained moves (a->b then b->c) into final ``(original, final)`` pairs."""
+    final: dict[int, int] = {}
+    for src, dst in moves:
+        origin = next((o for o, cur in final.items() if cur == src), src)
+        final[origin] = dst
+    return sorted(final.items())

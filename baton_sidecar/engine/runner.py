@@ -1,0 +1,156 @@
+"""Model work on the running batch: prefill newcomers apart, embed them, decode, split rows off.
+
+The runner knows rows and tensors, not scheduling: it is told what to do by the engine
+core and never calls back into the scheduler. All attention inputs (mask, positions,
+cache views) are built here and in ``kv_cache``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ..model import LoadedModel
+from .kv_cache import BatchKVCache, RowKV
+
+
+@dataclass
+class Prefilled:
+    """Newcomers prefilled together: per-layer K/V ``[n, H_kv, P, D]``, mask ``[n, P]``."""
+
+    request_ids: list[str]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    last_logits: torch.Tensor  # [n, V] logits at each row's last prompt token
+
+
+@dataclass
+class SwappedRow:
+    """A row split off the batch with its K/V on host memory (``swap`` preemption)."""
+
+    kv: RowKV
+    next_token: int
+    position: int
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.model = loaded.model
+        self.device = loaded.device
+        config = loaded.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.dtype = next(loaded.model.parameters()).dtype
+        self.cache = BatchKVCache(config.num_hidden_layers, config.num_key_value_heads, head_dim,
+                                  self.dtype, self.device)
+        pad = loaded.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else 0  # padding is always masked; its id is irrelevant
+        # Row state, index-aligned with the cache's rows.
+        self.row_ids: list[str] = []
+        self.next_tokens: list[int] = []  # the token each row feeds at the next decode step
+        self.positions: list[int] = []  # that token's position (= real tokens before it)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_ids)
+
+    def row_of(self, request_id: str) -> int:
+        return self.row_ids.index(request_id)
+
+    # --- prefill ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, request_ids: list[str], token_lists: list[list[int]]) -> Prefilled:
+        """Run the prompts alone (left-padded together), never touching the running batch."""
+        n, width = len(token_lists), max(len(t) for t in token_lists)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(n, width, dtype=torch.bool)
+        for i, tokens in enumerate(token_lists):
+            input_ids[i, width - len(tokens):] = torch.tensor(tokens)
+            mask[i, width - len(tokens):] = True
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.long().cumsum(dim=-1) - 1).clamp_min(0)  # [n, P]
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        return Prefilled(request_ids, keys, values, mask, out.logits[:, -1, :])
+
+    def embed(self, prefilled: Prefilled, rows: list[int], next_tokens: list[int]) -> None:
+        """Embed rows ``rows`` of ``prefilled`` into the running batch, each with its next token."""
+        if not rows:
+            return
+        index = torch.tensor(rows, device=self.device)
+        keys = [k.index_select(0, index) for k in prefilled.keys]
+        values = [v.index_select(0, index) for v in prefilled.values]
+        mask = prefilled.mask.index_select(0, index)
+        # Drop columns that are padding in every selected row before shaping.
+        first = int(torch.argmax(mask.any(dim=0).to(torch.int8)))
+        if first:
+            keys = [k[:, :, first:] for k in keys]
+            values = [v[:, :, first:] for v in values]
+            mask = mask[:, first:]
+        self.cache.insert(keys, values, mask)
+        lengths = mask.sum(dim=1).tolist()
+        self.row_ids.extend(prefilled.request_ids[r] for r in rows)
+        self.next_tokens.extend(next_tokens)
+        self.positions.extend(int(n) for n in lengths)
+
+    # --- decode ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode(self) -> torch.Tensor:
+        """One step for every row; returns logits ``[B, V]``."""
+        attention_mask = self.cache.begin_step()  # [B, 1, 1, L+1]
+        input_ids = torch.tensor(self.next_tokens, device=self.device)[:, None]  # [B, 1]
+        position_ids = torch.tensor(self.positions, device=self.device)[:, None]  # [B, 1]
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=self.cache, use_cache=True)
+        except BaseException:
+            self.cache.abort_step()
+            raise
+        self.cache.end_step()
+        self.positions = [p + 1 for p in self.positions]
+        return out.logits[:, -1, :]
+
+    def set_next_tokens(self, tokens: list[int]) -> None:
+        assert len(tokens) == self.num_rows
+        self.next_tokens = tokens
+
+    # --- removal and swapping --------------------------------------------------------------
+
+    def remove(self, request_ids: list[str]) -> None:
+        indices = [self.row_ids.index(r) for r in request_ids]
+        moves = self.cache.remove_rows(indices)
+        # Mirror the cache's swap-removes on the row state.
+        for old, new in moves:
+            self.row_ids[new] = self.row_ids[old]
+            self.next_tokens[new] = self.next_tokens[old]
+            self.positions[new] = self.positions[old]
+        keep = self.cache.rows
+        del self.row_ids[keep:], self.next_tokens[keep:], self.positions[keep:]
+
+    def swap_out(self, request_id: str) -> SwappedRow:
+        """Copy the row's K/V to host memory, then remove it from the batch."""
+        row = self.row_of(request_id)
+        swapped = SwappedRow(self.cache.extract_row(row).to("cpu"), self.next_tokens[row], self.positions[row])
+        self.remove([request_id])
+        return swapped
+
+    def swap_in(self, request_id: str, swapped: SwappedRow) -> None:
+        self.cache.insert_row(swapped.kv)
+        self.row_ids.append(request_id)
+        self.next_tokens.append(swapped.next_token)
+        self.positions.append(swapped.position)
+
+    # --- accounting ---------------------------------------------------------------------------
+
+    def slots_after_insert(self, widths: list[int]) -> int:
+        """Padded slots the batch would hold after embedding rows of the given lengths."""
+        if not widths:
+            return self.cache.num_slots()
+        return (self.num_rows + len(widths)) * max(self.cache.length, max(widths))

@@ -1,0 +1,89 @@
+"""Turn a batch of logits into tokens, each row with its own sampling parameters.
+
+Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p as tensor
+ops over the whole batch, then draw by inverse-CDF from one uniform number per row. Each
+seeded request owns a ``torch.Generator``, so its draws do not depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .request import SamplingParams, TokenLogprob
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+class RowSampler:
+    """Per-request sampling state: its parameters and its random generator."""
+
+    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+        self.params = params
+        # Uniform draws come from a CPU generator: reproducible across devices and cheap.
+        self.generator = torch.Generator(device="cpu")
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+
+def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[SampledToken]:
+    """``logits [n, V]`` (float) -> one token per row."""
+    n = logits.shape[0]
+    logits = logits.float()
+    chosen = torch.argmax(logits, dim=-1)  # [n]; greedy rows keep it
+    sampled_rows = [i for i, s in enumerate(samplers) if not s.params.greedy]
+    if sampled_rows:
+        index = torch.tensor(sampled_rows, device=logits.device)
+        rows = logits.index_select(0, index)  # [m, V]
+        params = [samplers[i].params for i in sampled_rows]
+        temps = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+        probs = _filtered_probs(rows / temps, params)
+        uniforms = torch.tensor([samplers[i].uniform() for i in sampled_rows],
+                                device=logits.device, dtype=probs.dtype)[:, None]
+        cdf = probs.cumsum(dim=-1)
+        # Clamp: float error can leave cdf[-1] a hair below the draw.
+        drawn = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).clamp_max(probs.shape[-1] - 1)
+        chosen[index] = drawn[:, 0]
+
+    token_ids = chosen.tolist()
+    logprob_rows = [i for i, s in enumerate(samplers) if s.params.logprobs is not None]
+    logprobs: dict[int, TokenLogprob] = {}
+    if logprob_rows:
+        index = torch.tensor(logprob_rows, device=logits.device)
+        log_probs = torch.log_softmax(logits.index_select(0, index), dim=-1)  # [m, V]
+        top_n = max(samplers[i].params.logprobs for i in logprob_rows)
+        top_values, top_ids = log_probs.topk(max(top_n, 1), dim=-1)
+        picked = log_probs.gather(1, chosen.index_select(0, index)[:, None])[:, 0].tolist()
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        for j, i in enumerate(logprob_rows):
+            k = samplers[i].params.logprobs
+            logprobs[i] = TokenLogprob(token_ids[i], picked[j],
+                                       tuple(zip(top_ids[j][:k], top_values[j][:k])))
+    return [SampledToken(token_ids[i], logprobs.get(i)) for i in range(n)]
+
+
+def _filtered_probs(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Softmax of ``scaled [m, V]`` after per-row top-k and top-p filtering."""
+    vocab = scaled.shape[-1]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=scaled.device)
+    top_p = torch.tensor([p.top_p for p in params], device=scaled.device, dtype=scaled.dtype)
+    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=scaled.device)[None, :]
+    drop = ranks >= top_k[:, None]  # beyond top-k
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop |= mass_before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    filtered = torch.full_like(scaled, float("-inf")).scatter(1, sorted_ids, sorted_logits)
+    return torch.softmax(filtered, dim=-1)
