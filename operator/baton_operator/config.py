@@ -1,0 +1,49 @@
+"""The operator's own settings, read once from the environment at start-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from baton_operator.policy import DEFAULT_POLICY, deep_merge
+
+DEFAULT_SIDECAR_IMAGE = "ghcr.io/baton-project/baton-sidecar:0.1.0"
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    sidecar_image: str = DEFAULT_SIDECAR_IMAGE  # used when a BatonDeployment names no image
+    image_pull_policy: str = "IfNotPresent"
+    default_policy: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_POLICY))  # config shape
+    rollout_poll_s: float = 10.0  # how often a sidecar rollout that has not finished is re-checked
+
+    def __post_init__(self) -> None:
+        if not self.sidecar_image:
+            raise ValueError("BATON_SIDECAR_IMAGE: must not be empty")
+        if self.image_pull_policy not in PULL_POLICIES:
+            raise ValueError(f"BATON_SIDECAR_PULL_POLICY: must be one of {PULL_POLICIES}")
+        if not self.rollout_poll_s > 0:
+            raise ValueError("BATON_ROLLOUT_POLL_SECONDS: must be > 0")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorConfig":
+        """``BATON_DEFAULT_POLICY_FILE`` names a YAML file in the ``policy:`` shape of ``docs/config.md``;
+        it is merged over the sidecar's built-in defaults and forms the lowest layer of every policy."""
+        env = os.environ if env is None else env
+        default_policy: Mapping[str, Any] = DEFAULT_POLICY
+        if path := env.get("BATON_DEFAULT_POLICY_FILE"):
+            with open(path, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle) or {}
+            if not isinstance(loaded, Mapping):
+                raise ValueError(f"BATON_DEFAULT_POLICY_FILE: {path} must hold a mapping")
+            default_policy = deep_merge(DEFAULT_POLICY, loaded)
+        return cls(
+            sidecar_image=env.get("BATON_SIDECAR_IMAGE", DEFAULT_SIDECAR_IMAGE),
+            image_pull_policy=env.get("BATON_SIDECAR_PULL_POLICY", "IfNotPresent"),
+            default_policy=default_policy,
+            rollout_poll_s=float(env.get("BATON_ROLLOUT_POLL_SECONDS", "10")),
+        )

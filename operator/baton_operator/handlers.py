@@ -1,0 +1,202 @@
+"""kopf handlers: thin adapters from kopf's triggers to ``reconcile`` and back to status and Events.
+
+Triggers that reconcile one BatonDeployment:
+- the BatonDeployment itself is created, changed, or seen at operator start (resume);
+- a BatonPolicy of its namespace is created, changed or deleted (every BatonDeployment there);
+- a Deployment labelled ``baton.dev/deployment=<name>`` changes (its child, or its sidecar target).
+
+Seam for the rollout controller (issue 7): a ``@kopf.timer`` on batondeployments with ``spec.rollout``
+that reads the sidecars' ``/ab/report``, writes the ConfigMap's ``router.baton_weight`` and the status
+fields ``traffic.weight`` and ``rollout.*``. ``reconcile`` keeps whatever weight it finds while
+``spec.rollout`` is set, so the two never fight.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import kopf
+
+from baton_operator import reconcile as rec
+from baton_operator import resources as res
+from baton_operator import tracing
+from baton_operator.config import OperatorConfig
+from baton_operator.kube import ApiError, Kube, classify, load_api_client, path
+from baton_operator.resources import SpecError
+from baton_operator.status import Observation, Problem, build_status, status_changed
+
+BD = (res.GROUP, res.VERSION, "batondeployments")
+BP = (res.GROUP, res.VERSION, "batonpolicies")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    settings.persistence.finalizer = f"{res.GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=res.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=res.GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # user-visible Events are posted explicitly, not from logs
+    settings.scanning.disabled = True  # CRDs are installed before the operator; no namespace listing
+    settings.peering.standalone = True  # one replica (Recreate strategy); no peering objects needed
+    settings.execution.max_workers = 8
+    memo.config = OperatorConfig.from_env()
+    memo.kube = Kube(load_api_client())
+    if tracing.setup():
+        logger.info("exporting traces over OTLP/HTTP")
+
+
+@kopf.on.cleanup()
+def flush_traces(**_: Any) -> None:
+    tracing.shutdown()
+
+
+# --- indexes: what reconcile needs without extra API calls -------------------------------------
+
+@kopf.index(*BP)
+def baton_policies(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
+    return {namespace: (name, copy.deepcopy(dict(spec)))}
+
+
+@kopf.index(*BD)
+def baton_deployments(namespace: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+    return {namespace: rec.snapshot(body)}
+
+
+# --- BatonDeployment ---------------------------------------------------------------------------
+
+@kopf.on.resume(*BD)
+@kopf.on.create(*BD)
+@kopf.on.update(*BD)
+def reconcile_deployment(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
+                         reason: str, baton_policies: kopf.Index, logger: logging.Logger, **_: Any) -> None:
+    bd = rec.snapshot(body)
+    policies = rec.policies_in(baton_policies.get(bd["metadata"]["namespace"], []))
+    trigger = str(getattr(reason, "value", reason))
+    new_status, events, error = _reconcile(memo, bd, policies, trigger, dict(status))
+    patch.status.update(new_status)
+    _post(bd, events)
+    if error is not None:
+        raise error
+
+
+@kopf.on.delete(*BD, when=lambda spec, **_: spec.get("mode") == "sidecar")
+def restore_target(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    bd = rec.snapshot(body)
+    meta = bd["metadata"]
+    with tracing.span("restore", namespace=meta["namespace"], resource_name=meta["name"],
+                      generation=meta["generation"], action="delete"):
+        try:
+            events = rec.restore(memo.kube, bd)
+        except rec.Waiting as wait:
+            raise kopf.TemporaryError(wait.message, delay=wait.delay) from wait
+        except ApiError as exc:
+            raise classify(exc, "restoring the sidecar target") from exc
+    _post(bd, events)
+
+
+# --- BatonPolicy: re-reconcile every BatonDeployment of the namespace ---------------------------
+
+@kopf.on.create(*BP)
+@kopf.on.update(*BP)
+def policy_changed(namespace: str, name: str, spec: kopf.Spec, memo: kopf.Memo, baton_policies: kopf.Index,
+                   baton_deployments: kopf.Index, logger: logging.Logger, **_: Any) -> None:
+    policies = rec.policies_in(baton_policies.get(namespace, []))
+    policies[name] = dict(spec)
+    _propagate(memo, namespace, policies, baton_deployments, logger)
+
+
+@kopf.on.delete(*BP)
+def policy_deleted(namespace: str, name: str, memo: kopf.Memo, baton_policies: kopf.Index,
+                   baton_deployments: kopf.Index, logger: logging.Logger, **_: Any) -> None:
+    policies = rec.policies_in(baton_policies.get(namespace, []))
+    policies.pop(name, None)
+    _propagate(memo, namespace, policies, baton_deployments, logger)
+
+
+def _propagate(memo: kopf.Memo, namespace: str, policies: dict[str, Any], baton_deployments: kopf.Index,
+               logger: logging.Logger) -> None:
+    retry: kopf.TemporaryError | None = None
+    for bd in list(baton_deployments.get(namespace, [])):
+        if bd["metadata"].get("deletionTimestamp"):
+            continue
+        error = _reconcile_and_write_status(memo, bd, policies, "policy-change", logger)
+        if isinstance(error, kopf.TemporaryError) and "Conflict" in str(error):
+            retry = error  # a concurrent writer won; go round again with fresh reads
+    if retry is not None:
+        raise retry
+
+
+# --- Deployments the operator manages or injected into -----------------------------------------
+
+@kopf.on.event("apps", "v1", "deployments", labels={res.LABEL_INSTANCE: kopf.PRESENT})
+def deployment_event(type: str, body: kopf.Body, namespace: str, memo: kopf.Memo,
+                     baton_policies: kopf.Index, baton_deployments: kopf.Index, logger: logging.Logger,
+                     **_: Any) -> None:
+    owner = body.get("metadata", {}).get("labels", {}).get(res.LABEL_INSTANCE)
+    bd = next((b for b in baton_deployments.get(namespace, []) if b["metadata"]["name"] == owner), None)
+    if bd is None or bd["metadata"].get("deletionTimestamp"):
+        return
+    policies = rec.policies_in(baton_policies.get(namespace, []))
+    _reconcile_and_write_status(memo, bd, policies, f"deployment-{(type or 'listed').lower()}", logger)
+
+
+# --- shared plumbing ---------------------------------------------------------------------------
+
+def _reconcile(memo: kopf.Memo, bd: dict[str, Any], policies: dict[str, Any], trigger: str,
+               previous: dict[str, Any]) -> tuple[dict[str, Any], list[rec.Event], Exception | None]:
+    """Run one reconcile in a span; returns (status to write, events to post, kopf error to raise)."""
+    meta = bd["metadata"]
+    generation = meta.get("generation")
+    error: Exception | None = None
+    events: list[rec.Event] = []
+    try:
+        with tracing.span("reconcile", namespace=meta["namespace"], resource_name=meta["name"],
+                          generation=generation, action=trigger, mode=bd["spec"].get("mode")) as span:
+            try:
+                outcome = rec.reconcile(memo.kube, memo.config, bd, policies)
+            except SpecError as exc:
+                obs = Observation(generation, problem=Problem("InvalidSpec", str(exc), permanent=True))
+                events.append(("Warning", "InvalidSpec", str(exc)))
+                raise kopf.PermanentError(str(exc)) from exc
+            except rec.Waiting as wait:
+                obs = Observation(generation, problem=Problem(wait.reason, wait.message))
+                raise kopf.TemporaryError(f"{wait.reason}: {wait.message}", delay=wait.delay) from wait
+            except ApiError as exc:
+                kopf_error = classify(exc, "reconciling")
+                obs = Observation(generation, problem=Problem(
+                    "ApiError", str(exc), permanent=isinstance(kopf_error, kopf.PermanentError)))
+                raise kopf_error from exc
+            span.set_attribute("baton.changes", ",".join(outcome.changes) or "none")
+            span.set_attribute("baton.phase", build_status(outcome.observation, previous)["phase"])
+            obs, events = outcome.observation, outcome.events
+            if outcome.retry_after is not None:
+                error = kopf.TemporaryError(outcome.observation.rollout.message if outcome.observation.rollout
+                                            else "waiting", delay=outcome.retry_after)
+    except (kopf.PermanentError, kopf.TemporaryError) as exc:
+        error = exc
+    return build_status(obs, previous), events, error
+
+
+def _reconcile_and_write_status(memo: kopf.Memo, bd: dict[str, Any], policies: dict[str, Any], trigger: str,
+                                logger: logging.Logger) -> Exception | None:
+    """Reconcile outside the BatonDeployment's own handler: status goes through the API."""
+    meta = bd["metadata"]
+    previous = bd.get("status") or {}
+    new_status, events, error = _reconcile(memo, bd, policies, trigger, previous)
+    if status_changed(previous, new_status):
+        try:
+            memo.kube.merge_patch(path(res.API_VERSION, "batondeployments", meta["namespace"], meta["name"],
+                                       "status"), {"status": new_status})
+        except ApiError as exc:
+            logger.warning(f"could not update the status of {meta['namespace']}/{meta['name']}: {exc}")
+    _post(bd, events)
+    if error is not None:
+        logger.info(f"{meta['namespace']}/{meta['name']} ({trigger}): {error}")
+    return error
+
+
+def _post(bd: dict[str, Any], events: list[rec.Event]) -> None:
+    for kind, reason, message in events:
+        kopf.event(bd, type=kind, reason=reason, message=message)
