@@ -23,7 +23,8 @@ from baton_operator import reconcile as rec
 from baton_operator import resources as res
 from baton_operator import tracing
 from baton_operator.config import OperatorConfig
-from baton_operator.kube import ApiError, Kube, classify, load_api_client, path
+from baton_operator.kube import (ApiError, Kube, classify, load_api_client, path,
+                                 refresh_kubeconfig_location)
 from baton_operator.resources import SpecError
 from baton_operator.status import Observation, Problem, build_status, status_changed
 
@@ -45,6 +46,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     memo.kube = Kube(load_api_client())
     if tracing.setup():
         logger.info("exporting traces over OTLP/HTTP")
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster credentials, else the kubeconfig named by ``KUBECONFIG`` now (exec plugins included)."""
+    refresh_kubeconfig_location()
+    return kopf.login_via_client(**kwargs)
 
 
 @kopf.on.cleanup()

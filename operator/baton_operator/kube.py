@@ -7,6 +7,7 @@ raised as ``ApiError`` with the HTTP status; ``classify`` turns them into kopf's
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Mapping
 
 import kopf
@@ -39,15 +40,25 @@ def path(api_version: str, plural: str, namespace: str | None = None, name: str 
     return "/".join(parts)
 
 
+def refresh_kubeconfig_location() -> None:
+    """Re-read ``KUBECONFIG``: the client library freezes its default path when first imported, which
+    matters when one process runs the operator more than once (the end-to-end tests do)."""
+    from kubernetes.config import kube_config
+
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = os.environ.get("KUBECONFIG", "~/.kube/config")
+
+
 def load_api_client() -> Any:
     """An ``ApiClient`` for in-cluster credentials, else the current kubeconfig context."""
     import kubernetes
 
+    refresh_kubeconfig_location()
+    configuration = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config()
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    return kubernetes.client.ApiClient()
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    return kubernetes.client.ApiClient(configuration)
 
 
 class Kube:
