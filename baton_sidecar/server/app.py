@@ -184,8 +184,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except oa.APIError as err:
         return error_response(err)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(oa.APIError(413, f"request body exceeds {exc.max_size} bytes",
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[STATE].config.max_body_bytes
+        return error_response(oa.APIError(413, f"request body exceeds {limit} bytes",
                                            param="body", code="request_too_large"))
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -9,6 +9,7 @@ the engine, which takes effect within one engine step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from concurrent.futures import Executor
@@ -120,6 +121,8 @@ class LocalRun:
             else:
                 max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
         params = parsed.sampling_params(max_tokens)
+        if params.top_k >= len(self.engine.tokenizer):  # keeping every token: top-k is off
+            params = dataclasses.replace(params, top_k=0)
         self.trace.set_request(max_tokens, parsed.sampling, parsed.priority, parsed.sla_class,
                                parsed.stream)
         extra: dict[str, Any] = {}

@@ -91,8 +91,12 @@ def decode_json_body(raw: bytes) -> dict[str, Any]:
 
 # -- typed field access ----------------------------------------------------------------------------
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer that fits the engine's int64 tensors (JSON allows any size)."""
+    return isinstance(v, int) and not isinstance(v, bool) and INT64_MIN <= v <= INT64_MAX
 
 
 def _is_number(v: object) -> bool:
@@ -105,6 +109,8 @@ def _opt(body: Mapping[str, Any], name: str, check: Callable[[Any], bool], what:
     if value is None:
         return None
     if not check(value):
+        if what == "an integer":
+            what = "a 64-bit integer"
         raise bad_request(name, f"must be {what}", code="invalid_type")
     return value
 
@@ -249,8 +255,8 @@ def parse_completion(body: Mapping[str, Any], vocab_size: int | None = None) -> 
     if len(prompt) == 0:
         raise bad_request("prompt", "must not be empty")
     logprobs = _opt_int(body, "logprobs", lo=0, hi=MAX_LOGPROBS)
-    return ParsedRequest(kind="completion", prompt=prompt, logprobs=logprobs,
-                         max_tokens=_max_tokens(body, ("max_tokens",)), **common)
+    return _checked(ParsedRequest(kind="completion", prompt=prompt, logprobs=logprobs,
+                                  max_tokens=_max_tokens(body, ("max_tokens",)), **common))
 
 
 def _message_text(content: Any, where: str) -> str:
@@ -294,9 +300,15 @@ def parse_chat(body: Mapping[str, Any]) -> ParsedRequest:
     if top is not None and not want_logprobs:
         raise bad_request("top_logprobs", "requires logprobs to be true")
     logprobs = (top or 0) if want_logprobs else None
-    return ParsedRequest(kind="chat", messages=flat, logprobs=logprobs,
-                         max_tokens=_max_tokens(body, ("max_completion_tokens", "max_tokens")),
-                         **common)
+    return _checked(ParsedRequest(
+        kind="chat", messages=flat, logprobs=logprobs,
+        max_tokens=_max_tokens(body, ("max_completion_tokens", "max_tokens")), **common))
+
+
+def _checked(parsed: ParsedRequest) -> ParsedRequest:
+    """Range checks live in ``SamplingParams``; run them now so every refusal happens at parse time."""
+    parsed.sampling_params(parsed.max_tokens or 1)
+    return parsed
 
 
 # -- response shapes -------------------------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""Request parsing and response shapes (no model)."""
+
+import json
+
+import pytest
+
+from baton_sidecar.server import openai as oa
+
+
+def err(fn, *args):
+    with pytest.raises(oa.APIError) as info:
+        fn(*args)
+    assert info.value.status == 400
+    return info.value
+
+
+def test_completion_minimal_defaults():
+    p = oa.parse_completion({"model": "m", "prompt": "hi"})
+    assert p.kind == "completion" and p.prompt == "hi" and p.max_tokens is None
+    assert not p.stream and p.logprobs is None and p.operation == "text_completion"
+    assert p.sampling_params(16).max_tokens == 16
+
+
+def test_completion_all_fields():
+    p = oa.parse_completion({
+        "model": "m", "prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0, "top_p": 0.5,
+        "top_k": -1, "seed": 7, "stop": "x", "n": 1, "logprobs": 3, "user": "u", "priority": -2,
+        "ignore_eos": True, "sla_class": "batch", "stream": True,
+        "stream_options": {"include_usage": True}, "stop_token_ids": [2], "unknown_field": 1},
+        vocab_size=10)
+    assert p.prompt == [1, 2, 3] and p.max_tokens == 5 and p.logprobs == 3
+    assert p.sampling == {"temperature": 0.0, "top_p": 0.5, "top_k": 0, "seed": 7, "stop": ("x",),
+                          "ignore_eos": True, "stop_token_ids": (2,)}
+    assert p.user == "u" and p.priority == -2 and p.sla_class == "batch"
+    assert p.stream and p.include_usage
+    params = p.sampling_params(5)
+    assert params.greedy and params.stop == ("x",) and params.logprobs == 3
+
+
+def test_completion_single_element_batch_is_unwrapped():
+    assert oa.parse_completion({"prompt": ["one"]}).prompt == "one"
+    assert oa.parse_completion({"prompt": [[5, 6]]}).prompt == [5, 6]
+    assert err(oa.parse_completion, {"prompt": ["a", "b"]}).param == "prompt"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [1, True]}, "prompt"),
+    ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_k": 1.5}, "top_k"),
+    ({"prompt": "x", "seed": "s"}, "seed"),
+    ({"prompt": "x", "stop": 3}, "stop"),
+    ({"prompt": "x", "stop": ["a", ""]}, "stop"),
+    ({"prompt": "x", "stop": ["a"] * 17}, "stop"),
+    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "n": "1"}, "n"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}},
+     "stream_options.include_usage"),
+    ({"prompt": "x", "user": 5}, "user"),
+    ({"prompt": "x", "priority": "high"}, "priority"),
+    ({"prompt": "x", "sla_class": 1}, "sla_class"),
+    ({"prompt": "x", "ignore_eos": "no"}, "ignore_eos"),
+    ({"prompt": "x", "model": 3}, "model"),
+    ({"prompt": "x", "presence_penalty": 1}, "presence_penalty"),
+    ({"prompt": "x", "logit_bias": {"1": 2}}, "logit_bias"),
+    ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+])
+def test_completion_rejections_name_the_field(body, param):
+    e = err(oa.parse_completion, body)
+    assert e.param == param and param in e.message
+    assert e.body()["error"]["param"] == param and e.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_completion_token_ids_checked_against_vocab():
+    assert err(oa.parse_completion, {"prompt": [0, 99]}, 50).param == "prompt"
+
+
+def test_chat_parse_and_defaults():
+    p = oa.parse_chat({"model": "m", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None}, {"role": "developer", "content": "d"}],
+        "max_completion_tokens": 9, "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
+    assert p.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"},
+                          {"role": "assistant", "content": ""}, {"role": "system", "content": "d"}]
+    assert p.max_tokens == 9 and p.logprobs == 2 and p.operation == "chat"
+    assert oa.parse_chat({"messages": [{"role": "user", "content": "x"}], "logprobs": True}).logprobs == 0
+    assert oa.parse_chat({"messages": [{"role": "user", "content": "x"}]}).logprobs is None
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": ["hi"]}, "messages[0]"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": 2}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1},
+     "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+     "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+])
+def test_chat_rejections_name_the_field(body, param):
+    assert err(oa.parse_chat, body).param == param
+
+
+def test_sampling_params_range_errors_become_400_at_parse_time():
+    assert err(oa.parse_completion, {"prompt": "x", "top_p": 1.5}).param == "top_p"
+    p = oa.parse_chat({"messages": [{"role": "user", "content": "x"}]})
+    assert err(p.sampling_params, 0).param == "max_tokens"
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[1, 2]", b"\xff\xfe", b'"str"', b"null"])
+def test_body_must_be_a_json_object(raw):
+    e = err(oa.decode_json_body, raw)
+    assert e.param == "body" and e.code == "invalid_json"
+
+
+def test_sse_framing():
+    assert oa.sse({"a": 1}) == b'data: {"a":1}\n\n'
+    assert oa.SSE_DONE == b"data: [DONE]\n\n"
+
+
+def test_response_shapes():
+    body = oa.completion_body("cmpl-1", 1, "m", "hi", "length", None, 3, 2)
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert body["choices"][0]["finish_reason"] == "length" and body["object"] == "text_completion"
+    chunk = oa.chat_chunk("c", 1, "m", {"content": "x"}, None, None, with_usage=True)
+    assert chunk["usage"] is None and chunk["object"] == "chat.completion.chunk"
+    assert "usage" not in oa.chat_chunk("c", 1, "m", {}, "stop", None, with_usage=False)
+    u = oa.usage_chunk("c", 1, "m", "chat", 4, 5)
+    assert u["choices"] == [] and u["usage"]["total_tokens"] == 9
+    json.dumps(oa.model_list("m", 1, 2048))
+
+
+def test_logprob_formatting():
+    from baton_sidecar.engine.request import TokenLogprob
+
+    fmt = oa.LogprobFormatter(lambda i: {1: "ab", 2: "c"}[i])
+    items = [TokenLogprob(1, -0.1, ((1, -0.1), (2, -2.0))), TokenLogprob(2, -0.3, ())]
+    c = fmt.completion(items, 5)
+    assert c == {"tokens": ["ab", "c"], "token_logprobs": [-0.1, -0.3],
+                 "top_logprobs": [{"ab": -0.1, "c": -2.0}, {}], "text_offset": [5, 7]}
+    ch = fmt.chat(items)["content"]
+    assert ch[0]["token"] == "ab" and ch[0]["bytes"] == [97, 98]
+    assert ch[0]["top_logprobs"][1] == {"token": "c", "logprob": -2.0, "bytes": [99]}

@@ -1,0 +1,72 @@
+"""Arm choice, sticky hashing and SSE accounting (no model, no network)."""
+
+import random
+
+from baton_sidecar.config import RouterConfig
+from baton_sidecar.server.router import (BATON, INCUMBENT, Router, SSEStats, choose_arm,
+                                         forward_headers, hash_point, sticky_key)
+from baton_sidecar.server.tracing import NULL_TRACE
+
+
+def test_hash_point_is_stable_and_uniform():
+    assert hash_point("alice") == hash_point("alice")
+    points = [hash_point(f"user-{i}") for i in range(20000)]
+    assert all(0 <= p < 100 for p in points)
+    share = sum(p < 30 for p in points) / len(points)
+    assert 0.28 < share < 0.32
+
+
+def test_choose_arm_edges():
+    assert choose_arm("k", 50, incumbent_configured=False) == BATON
+    assert choose_arm("k", 100, True) == BATON
+    assert choose_arm("k", 0, True) == INCUMBENT
+    assert choose_arm(None, 30, True, rand=lambda: 0.29) == BATON
+    assert choose_arm(None, 30, True, rand=lambda: 0.31) == INCUMBENT
+
+
+def test_sticky_assignment_is_monotone_in_weight():
+    keys = [f"s{i}" for i in range(2000)]
+    at30 = {k for k in keys if choose_arm(k, 30, True) == BATON}
+    at60 = {k for k in keys if choose_arm(k, 60, True) == BATON}
+    assert at30 <= at60  # raising the weight only moves sessions to Baton
+    assert 0.25 < len(at30) / len(keys) < 0.35
+
+
+def test_random_split_matches_weight():
+    rng = random.Random(1)
+    arms = [choose_arm(None, 30, True, rand=rng.random) for _ in range(20000)]
+    assert 0.28 < arms.count(BATON) / len(arms) < 0.32
+
+
+def test_sticky_key_prefers_header_then_user():
+    assert sticky_key({"x-baton-session": "abc"}, "x-baton-session", "u") == "h:abc"
+    assert sticky_key({}, "x-baton-session", "u") == "u:u"
+    assert sticky_key({"x-baton-session": ""}, "x-baton-session", None) is None
+
+
+def test_router_update_changes_future_assignments():
+    r = Router(RouterConfig(incumbent_url="http://127.0.0.1:1", baton_weight=0))
+    assert r.assign({}, "u1") == INCUMBENT
+    r.update(RouterConfig(incumbent_url="http://127.0.0.1:1", baton_weight=100))
+    assert r.assign({}, "u1") == BATON
+
+
+def test_forward_headers_drop_hop_by_hop_and_keep_trace_context():
+    out = forward_headers({"Host": "a", "Connection": "keep-alive", "Content-Length": "3",
+                           "Accept-Encoding": "gzip", "traceparent": "00-" + "1" * 32 + "-" +
+                           "2" * 16 + "-01", "Authorization": "Bearer k"}, NULL_TRACE)
+    assert set(out) == {"traceparent", "Authorization"}
+
+
+def test_sse_stats_reads_chunks_across_splits():
+    s = SSEStats(arrival=0.0)
+    data = (b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+            b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n'
+            b'data: {"choices":[{"text":"x","finish_reason":null}]}\n\n'
+            b'data: {"choices":[{"delta":{},"finish_reason":"length"}]}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+            b"data: [DONE]\n\n")
+    for i in range(0, len(data), 7):
+        s.feed(data[i:i + 7])
+    assert s.chunks_with_content == 2 and s.ttft_s is not None
+    assert s.finish_reason == "length" and s.usage["completion_tokens"] == 2
