@@ -12,7 +12,7 @@ import json
 import pytest
 import yaml
 
-from conftest import EXAMPLES, Cluster, wait_for
+from operator_testlib import EXAMPLES, Cluster, wait_for
 
 pytestmark = [pytest.mark.operator_e2e, pytest.mark.timeout(120)]
 
