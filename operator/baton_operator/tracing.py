@@ -55,7 +55,7 @@ def span(name: str, *, namespace: str | None, resource_name: str | None, generat
     kopf's retry exceptions are not failures of the operator: they mark the span with a
     ``baton.outcome`` attribute, while anything else sets the span status to ERROR.
     """
-    tracer = trace.get_tracer(TRACER_NAME)
+    tracer = trace.get_tracer(TRACER_NAME, tracer_provider=_provider)  # None: the global one
     attrs = {"k8s.namespace.name": namespace or "", "baton.name": resource_name or "",
              "baton.generation": generation if generation is not None else -1, "baton.action": action}
     attrs.update({f"baton.{k}": v for k, v in attributes.items() if v is not None})
