@@ -42,6 +42,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     settings.scanning.disabled = True  # CRDs are installed before the operator; no namespace listing
     settings.peering.standalone = True  # one replica (Recreate strategy); no peering objects needed
     settings.execution.max_workers = 8
+    # Only Deployments the operator created or injected into; filtered by the API server, not here.
+    settings.watching.label_selectors["apps", "deployments"] = res.LABEL_INSTANCE
     memo.config = OperatorConfig.from_env()
     memo.kube = Kube(load_api_client())
     if tracing.setup():

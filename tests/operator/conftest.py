@@ -48,11 +48,14 @@ def operator(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]
     """The real operator (``kopf run -m baton_operator``) in a background thread, watching the test's
     namespace; stopped when the test ends (KopfRunner fails the test if it takes over 30 s to stop).
     Its log goes to stderr, which pytest shows for a failed test."""
+    import kopf
     from kopf.testing import KopfRunner
 
     monkeypatch.setenv("BATON_ROLLOUT_POLL_SECONDS", "0.5")
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
     args = ["run", "--standalone", f"--namespace={cluster.namespace}", "--verbose", "-m", "baton_operator"]
-    with KopfRunner(args, timeout=30) as runner:
+    settings = kopf.OperatorSettings()
+    settings.queueing.exit_timeout = 0.5  # stop fast: nothing is left to finish when a test is over
+    with KopfRunner(args, timeout=30, settings=settings) as runner:
         yield runner
