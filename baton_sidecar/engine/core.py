@@ -112,7 +112,7 @@ class EngineCore:
         if self.runner.num_rows:
             self._decode(outputs)
         self._release_finished_rtc_batch(outputs)
-        cache.shrink_if_sparse(self.policy.padding.compaction_threshold)
+        self.runner.shrink_if_sparse(self.policy.padding.compaction_threshold)
         self.steps += 1
         return outputs
 
@@ -289,7 +289,7 @@ class EngineCore:
 
     # --- observability ----------------------------------------------------------------------
 
-    def stats(self, refusals: dict[str, int] | None = None) -> EngineStats:
+    def stats(self) -> EngineStats:
         cache = self.runner.cache
         return EngineStats(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
@@ -299,5 +299,5 @@ class EngineCore:
             kv_bytes_allocated=cache.allocated_bytes(),
             swapped_bytes=sum(s.kv.nbytes() for s in self.swapped_kv.values()),
             steps=self.steps, preemptions_total=self.preemptions_total,
-            refusals_by_reason=dict(refusals or {}), finished_by_reason=dict(self.finished_by_reason))
+            finished_by_reason=dict(self.finished_by_reason))
 

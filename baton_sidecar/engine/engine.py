@@ -7,6 +7,7 @@ steps, runs ``EngineCore.step`` and hands outputs back with ``call_soon_threadsa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import threading
@@ -184,7 +185,8 @@ class AsyncEngine:
         self._send("policy", policy)
 
     def stats(self) -> EngineStats:
-        return self._stats
+        """The engine thread's latest snapshot, with refusals counted up to now."""
+        return dataclasses.replace(self._stats, refusals_by_reason=dict(self._refusals))
 
     # --- validation helpers ---------------------------------------------------------------------
 
@@ -265,7 +267,7 @@ class AsyncEngine:
                     outputs.extend(self.core.step())
                 except Exception:  # keep serving: a bug in one step must not kill the thread
                     log.exception("engine step failed")
-            self._stats = self.core.stats(self._refusals)
+            self._stats = self.core.stats()
             if outputs:
                 self._loop.call_soon_threadsafe(self._deliver, outputs)
             if not self.core.has_work():

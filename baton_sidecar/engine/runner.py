@@ -1,6 +1,7 @@
 """Model work on the running batch: prefill newcomers apart, embed them, decode, split rows off.
 
-The runner knows rows and tensors, not scheduling: it is told what to do by the engine
+Every method that touches the cache runs under ``torch.inference_mode`` (the buffers are
+inference tensors). The runner knows rows and tensors, not scheduling: it is told what to do by the engine
 core and never calls back into the scheduler. All attention inputs (mask, positions,
 cache views) are built here and in ``kv_cache``.
 """
@@ -79,6 +80,7 @@ class ModelRunner:
         values = [layer.values for layer in cache.layers]
         return Prefilled(request_ids, keys, values, mask, out.logits[:, -1, :])
 
+    @torch.inference_mode()
     def embed(self, prefilled: Prefilled, rows: list[int], next_tokens: list[int]) -> None:
         """Embed rows ``rows`` of ``prefilled`` into the running batch, each with its next token."""
         if not rows:
@@ -123,6 +125,7 @@ class ModelRunner:
 
     # --- removal and swapping --------------------------------------------------------------
 
+    @torch.inference_mode()
     def remove(self, request_ids: list[str]) -> None:
         indices = [self.row_ids.index(r) for r in request_ids]
         moves = self.cache.remove_rows(indices)
@@ -134,6 +137,7 @@ class ModelRunner:
         keep = self.cache.rows
         del self.row_ids[keep:], self.next_tokens[keep:], self.positions[keep:]
 
+    @torch.inference_mode()
     def swap_out(self, request_id: str) -> SwappedRow:
         """Copy the row's K/V to host memory, then remove it from the batch."""
         row = self.row_of(request_id)
@@ -141,11 +145,16 @@ class ModelRunner:
         self.remove([request_id])
         return swapped
 
+    @torch.inference_mode()
     def swap_in(self, request_id: str, swapped: SwappedRow) -> None:
         self.cache.insert_row(swapped.kv)
         self.row_ids.append(request_id)
         self.next_tokens.append(swapped.next_token)
         self.positions.append(swapped.position)
+
+    @torch.inference_mode()
+    def shrink_if_sparse(self, min_utilisation: float) -> bool:
+        return self.cache.shrink_if_sparse(min_utilisation)
 
     # --- accounting ---------------------------------------------------------------------------
 

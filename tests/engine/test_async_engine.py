@@ -1,0 +1,142 @@
+"""The asyncio engine on the tiny model: streaming, cancellation, isolation, memory, RTC mode."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from baton_sidecar.config import EngineConfig, Limits, PolicyConfig
+from baton_sidecar.engine import AdmissionError, AsyncEngine, RequestValidationError, SamplingParams
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture
+async def engine(tiny_model):
+    engine = AsyncEngine(tiny_model, EngineConfig(), PolicyConfig())
+    await engine.start()
+    yield engine
+    await engine.shutdown(drain_timeout_s=2)
+
+
+async def wait_until(predicate, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_stream_yields_deltas_then_a_final_result(engine):
+    stream = engine.submit([5, 6, 7], SamplingParams(max_tokens=5, **GREEDY))
+    outputs = [out async for out in stream]
+    assert [len(o.token_ids) for o in outputs] == [1, 1, 1, 1, 1]
+    assert outputs[-1].finished and outputs[-1].finish_reason == "length"
+    assert outputs[-1].completion_tokens == 5 and outputs[-1].prompt_tokens == 3
+    names = [name for o in outputs for name, _ in o.events]
+    assert names[:4] == ["queued", "scheduled", "prefilled", "first_token"] and names[-1] == "finished"
+
+
+async def test_cancel_frees_the_row_and_memory(engine):
+    long_one = engine.submit([5, 6], SamplingParams(max_tokens=400, **GREEDY))
+    await wait_until(lambda: engine.stats().batch_size == 1)
+    long_one.cancel()
+    outputs = [out async for out in long_one]
+    assert outputs[-1].finish_reason == "cancelled"
+    await wait_until(lambda: engine.stats().batch_size == 0)
+    assert engine.stats().kv_bytes_allocated == 0
+
+
+async def test_finished_rows_leave_while_others_keep_running(engine):
+    short = engine.submit([5, 6], SamplingParams(max_tokens=3, **GREEDY))
+    long_one = engine.submit([7, 8, 9], SamplingParams(max_tokens=60, **GREEDY))
+    short_done = [o async for o in short][-1]
+    assert short_done.finished
+    assert not long_one.finished
+    assert engine.stats().batch_size <= 1  # the short row left the batch at once
+    assert [o async for o in long_one][-1].completion_tokens == 60
+
+
+async def test_a_failing_prefill_ends_only_its_own_requests(engine, monkeypatch):
+    runner = engine.core.runner
+    real_prefill = runner.prefill
+
+    def flaky_prefill(request_ids, token_lists):
+        if any(tokens[0] == 66 for tokens in token_lists):
+            raise RuntimeError("boom")
+        return real_prefill(request_ids, token_lists)
+
+    monkeypatch.setattr(runner, "prefill", flaky_prefill)
+    healthy = engine.submit([5, 6], SamplingParams(max_tokens=40, **GREEDY))
+    await wait_until(lambda: engine.stats().batch_size == 1)
+    broken = await engine.generate([66, 6], SamplingParams(max_tokens=5, **GREEDY))
+    assert broken.finish_reason == "error" and "boom" in broken.error
+    assert [o async for o in healthy][-1].completion_tokens == 40
+
+
+async def test_bad_input_raises_naming_the_field(engine):
+    with pytest.raises(RequestValidationError) as info:
+        engine.submit("", SamplingParams())
+    assert info.value.field == "prompt"
+    with pytest.raises(RequestValidationError) as info:
+        engine.submit([5, 10_000], SamplingParams())
+    assert info.value.field == "prompt"
+    with pytest.raises(RequestValidationError) as info:
+        engine.submit([5] * 600, SamplingParams())
+    assert info.value.field == "prompt"
+    with pytest.raises(RequestValidationError) as info:
+        engine.submit([5, 6], SamplingParams(max_tokens=511))
+    assert info.value.field == "max_tokens"
+    with pytest.raises(RequestValidationError) as info:
+        engine.submit([5, 6], SamplingParams(), sla_class="nope")
+    assert info.value.field == "sla_class"
+
+
+async def test_refusals_are_typed(tiny_model):
+    engine = AsyncEngine(tiny_model, EngineConfig(), PolicyConfig(limits=Limits(max_kv_tokens=50, max_queue=2)))
+    await engine.start(warmup=False)
+    try:
+        with pytest.raises(AdmissionError) as info:
+            engine.submit([5] * 40, SamplingParams(max_tokens=20))
+        assert info.value.reason == "too_large"
+        engine.submit([5], SamplingParams(max_tokens=30, **GREEDY))
+        engine.submit([5], SamplingParams(max_tokens=30, **GREEDY))
+        with pytest.raises(AdmissionError) as info:  # both still in the inbox/queue
+            engine.submit([5], SamplingParams(max_tokens=30, **GREEDY), priority=0)
+        assert info.value.reason == "queue_full" and info.value.retry_after_s
+    finally:
+        await engine.shutdown(drain_timeout_s=5)
+    with pytest.raises(AdmissionError) as info:
+        engine.submit([5], SamplingParams())
+    assert info.value.reason == "shutting_down"
+    assert engine.stats().refusals_by_reason == {"too_large": 1, "queue_full": 1, "shutting_down": 1}
+
+
+async def test_run_to_completion_holds_results_until_the_batch_is_done(tiny_model):
+    engine = AsyncEngine(tiny_model, EngineConfig(batching="run_to_completion"), PolicyConfig())
+    await engine.start(warmup=False)
+    try:
+        short = asyncio.ensure_future(engine.generate([5, 6], SamplingParams(max_tokens=2, **GREEDY)))
+        long_one = asyncio.ensure_future(engine.generate([7, 8], SamplingParams(max_tokens=40, **GREEDY)))
+        short_out, long_out = await asyncio.gather(short, long_one)
+        assert short_out.completion_tokens == 2 and long_out.completion_tokens == 40
+        # the short request's result was held until the long one finished
+        assert short_out.times.finished <= long_out.times.finished
+        held = [t for name, t in short_out.events if name == "finished"][0]
+        assert held < long_out.times.finished
+        await wait_until(lambda: engine.stats().batch_size == 0)
+    finally:
+        await engine.shutdown(drain_timeout_s=2)
+
+
+async def test_policy_applies_at_run_time(engine):
+    engine.apply_policy(PolicyConfig(limits=Limits(max_batch_size=1)))
+    a = engine.submit([5, 6], SamplingParams(max_tokens=20, **GREEDY))
+    b = engine.submit([7, 8], SamplingParams(max_tokens=20, **GREEDY))
+    await wait_until(lambda: engine.stats().batch_size == 1)
+    assert engine.stats().waiting == 1
+    await asyncio.gather(*[asyncio.ensure_future(_drain(s)) for s in (a, b)])
+
+
+async def _drain(stream):
+    return [o async for o in stream]
