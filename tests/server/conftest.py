@@ -16,7 +16,7 @@ from aiohttp import web
 from baton_sidecar.config import EngineConfig, PolicyConfig, RouterConfig, ServerConfig
 from baton_sidecar.server.app import init_app
 from baton_sidecar.server.tracing import Tracing
-from server_helpers import MODEL_NAME, ServerThread, SidecarProcess
+from server_helpers import MODEL_NAME, OTLPReceiver, ServerThread, SidecarProcess
 
 
 @pytest.fixture(scope="session")
@@ -70,8 +70,22 @@ def server(make_server):
 
 
 @pytest.fixture(scope="session")
-def incumbent():
-    """A real incumbent: a second sidecar serving the same model with run-to-completion batching."""
-    proc = SidecarProcess("--batching", "run_to_completion", "--served-model-name", MODEL_NAME)
+def otlp_receiver(server_thread):
+    receiver = OTLPReceiver(server_thread)
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def incumbent(otlp_receiver):
+    """A real incumbent: a second sidecar serving the same model with run-to-completion batching.
+
+    It exports its own spans to the session's OTLP receiver, configured only through the standard
+    OTEL_* variables, so trace propagation can be followed across the process boundary.
+    """
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.url, "OTEL_SERVICE_NAME": "incumbent",
+           "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    proc = SidecarProcess("--batching", "run_to_completion", "--served-model-name", MODEL_NAME,
+                          env=env)
     yield proc
     proc.stop()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -75,7 +75,8 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 class SidecarProcess:
     """A real ``baton-sidecar serve`` subprocess on a free loopback port."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 180.0):
+    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 180.0,
+                 wait_ready: bool = True):
         exe = REPO / ".venv" / "bin" / "baton-sidecar"
         cmd = [str(exe), "serve"] if exe.exists() and self._cli_has_serve() else [
             sys.executable, "-m", "baton_sidecar.server.serve"]
@@ -84,10 +85,11 @@ class SidecarProcess:
             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
         self.lines: list[str] = []
-        self.url = self._wait_for(r"listening on (http://\S+)", timeout)
-        self._wait_for(r"baton-sidecar ready", timeout)
-        self._pump = threading.Thread(target=self._drain_output, daemon=True)
-        self._pump.start()
+        self._new = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.url = self.wait_for(r"listening on (http://\S+)", timeout)
+        if wait_ready:
+            self.wait_for(r"baton-sidecar ready", timeout)
 
     @staticmethod
     def _cli_has_serve() -> bool:
@@ -97,23 +99,28 @@ class SidecarProcess:
         except ImportError:
             return False
 
-    def _wait_for(self, pattern: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("sidecar exited early:\n" + "".join(self.lines[-40:]))
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                line = self.proc.stdout.readline()
-                self.lines.append(line)
-                m = re.search(pattern, line)
-                if m:
-                    return m.group(1) if m.groups() else line
-        raise TimeoutError(f"no {pattern!r} within {timeout}s:\n" + "".join(self.lines[-40:]))
-
-    def _drain_output(self) -> None:
+    def _pump(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line)
+            self._new.put(line)
+        self._new.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> str:
+        """The first group (or the line) of the next output line matching ``pattern``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._new.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"no {pattern!r} within {timeout}s:\n" + self.output()) from None
+            if line is None:
+                raise RuntimeError(f"sidecar exited before {pattern!r}:\n" + self.output())
+            m = re.search(pattern, line)
+            if m:
+                return m.group(1) if m.groups() else line
+
+    def output(self) -> str:
+        return "".join(self.lines[-60:])
 
     def get(self, path: str) -> requests.Response:
         return requests.get(self.url + path, timeout=10)
@@ -127,3 +134,119 @@ class SidecarProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         return self.proc.returncode
+
+
+class StubIncumbent:
+    """A scripted incumbent on the server thread that records what it receives.
+
+    ``mode``: "sse" (fixed SSE bytes in several writes), "json", "500", or "slow" (sleeps).
+    """
+
+    SSE_PARTS = (b'data: {"id":"stub-1","object":"chat.completion.chunk","choices":[{"index":0,'
+                 b'"delta":{"role":"assistant","content":""}}]}\n\n',
+                 b': a comment line the proxy must not touch\n\n',
+                 b'data: {"id":"stub-1","object":"chat.completion.chunk","choices":[{"index":0,'
+                 b'"delta":{"content":"Hel',
+                 b'lo"}}]}\n\ndata: {"id":"stub-1","object":"chat.completion.chunk","choices":'
+                 b'[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+                 b'data: {"id":"stub-1","choices":[],"usage":{"prompt_tokens":3,'
+                 b'"completion_tokens":1,"total_tokens":4}}\n\ndata: [DONE]\n\n')
+    JSON_BODY = (b'{"id":"stub-2","object":"text_completion","choices":[{"index":0,"text":"  odd '
+                 b' spacing ","finish_reason":"length"}],  "usage":{"prompt_tokens":2,'
+                 b'"completion_tokens":5,"total_tokens":7}}')
+
+    def __init__(self, server_thread: ServerThread, mode: str = "sse") -> None:
+        self.mode = mode
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._thread = server_thread
+        self._runner, self.url = server_thread.start_app(app)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.received.append((dict(request.headers), await request.read()))
+        if self.mode == "500":
+            return web.json_response({"error": {"message": "boom"}}, status=500)
+        if self.mode == "slow":
+            await asyncio.sleep(30)
+        if self.mode == "json":
+            return web.Response(body=self.JSON_BODY, content_type="application/json",
+                                headers={"x-incumbent": "yes"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "x-incumbent": "yes"})
+        await resp.prepare(request)
+        for part in self.SSE_PARTS:
+            await resp.write(part)
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
+
+    def close(self) -> None:
+        self._thread.stop_app(self._runner)
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _any_value(v: Any) -> Any:
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_any_value(x) for x in v.array_value.values]
+    return getattr(v, kind) if kind else None
+
+
+class OTLPReceiver:
+    """A local OTLP/HTTP trace receiver: decodes ExportTraceServiceRequest protobufs into dicts."""
+
+    def __init__(self, server_thread: ServerThread) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.content_types: set[str] = set()
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/v1/traces", self._handle)
+        self._thread = server_thread
+        self._runner, self.url = server_thread.start_app(app)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        import gzip
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest, ExportTraceServiceResponse)
+
+        data = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            data = gzip.decompress(data)
+        self.content_types.add(request.content_type)
+        msg = ExportTraceServiceRequest()
+        msg.ParseFromString(data)
+        for rs in msg.resource_spans:
+            resource = {a.key: _any_value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for sp in ss.spans:
+                    self.spans.append({
+                        "name": sp.name, "kind": sp.kind, "trace_id": sp.trace_id.hex(),
+                        "span_id": sp.span_id.hex(), "parent_span_id": sp.parent_span_id.hex(),
+                        "attributes": {a.key: _any_value(a.value) for a in sp.attributes},
+                        "events": [e.name for e in sp.events],
+                        "event_times": [e.time_unix_nano for e in sp.events],
+                        "status": sp.status.code, "resource": resource,
+                        "start": sp.start_time_unix_nano, "end": sp.end_time_unix_nano})
+        return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
+                            content_type="application/x-protobuf")
+
+    def wait_for(self, predicate: Callable[[dict], bool], count: int = 1,
+                 timeout: float = 20.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [s for s in list(self.spans) if predicate(s)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._thread.stop_app(self._runner)

@@ -1,0 +1,162 @@
+"""A/B router: byte-exact pass-through, trace context, failures, fallback, and a real 30/70 split."""
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+import requests
+
+from baton_sidecar.config import RouterConfig
+from baton_sidecar.server.router import BATON, INCUMBENT, choose_arm, sticky_key
+from server_helpers import MODEL_NAME, StubIncumbent, closed_port_url, metric_value
+
+pytestmark = pytest.mark.model
+
+CHAT = [{"role": "user", "content": "hi"}]
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.fixture
+def stub(server_thread):
+    s = StubIncumbent(server_thread)
+    yield s
+    s.close()
+
+
+def test_stream_passes_through_byte_exact_with_trace_context(make_server, stub):
+    url, _ = make_server(router=RouterConfig(incumbent_url=stub.url, baton_weight=0))
+    raw_body = b'{"model": "%s",   "messages": [{"role": "user", "content": "hi"}], "stream": true}' \
+        % MODEL_NAME.encode()
+    resp = requests.post(url + "/v1/chat/completions?x=1", data=raw_body, timeout=30,
+                         headers={"traceparent": TRACEPARENT, "tracestate": "k=v",
+                                  "Authorization": "Bearer client-key",
+                                  "Content-Type": "application/json"})
+    assert resp.status_code == 200 and resp.headers["x-baton-arm"] == INCUMBENT
+    assert resp.content == b"".join(StubIncumbent.SSE_PARTS)
+    assert resp.headers["Content-Type"] == "text/event-stream" and resp.headers["x-incumbent"] == "yes"
+    headers, body = stub.received[-1]
+    assert body == raw_body
+    assert headers["traceparent"] == TRACEPARENT and headers["tracestate"] == "k=v"
+    assert headers["Authorization"] == "Bearer client-key"
+
+
+def test_json_passes_through_and_is_accounted(make_server, stub):
+    stub.mode = "json"
+    url, _ = make_server(router=RouterConfig(incumbent_url=stub.url, baton_weight=0))
+    resp = requests.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x"},
+                         timeout=30)
+    assert resp.status_code == 200 and resp.content == StubIncumbent.JSON_BODY
+    text = requests.get(url + "/metrics", timeout=5).text
+    assert metric_value(text, "baton_requests_total", {"arm": INCUMBENT, "finish_reason": "length"}) == 1
+    assert metric_value(text, "baton_tokens_total", {"arm": INCUMBENT, "kind": "completion"}) == 5
+    report = requests.get(url + "/ab/report", timeout=30).json()
+    assert report["arms"][INCUMBENT]["count"] == 1 and report["arms"][BATON]["count"] == 0
+
+
+def test_incumbent_unreachable_is_502(make_server):
+    dead = closed_port_url()
+    url, _ = make_server(router=RouterConfig(incumbent_url=dead, baton_weight=0))
+    resp = requests.post(url + "/v1/chat/completions", json={"messages": CHAT}, timeout=30)
+    assert resp.status_code == 502
+    err = resp.json()["error"]
+    assert err["type"] == "upstream_error" and dead in err["message"] and "unreachable" in err["message"]
+    text = requests.get(url + "/metrics", timeout=5).text
+    assert metric_value(text, "baton_incumbent_failures_total", {"kind": "connect"}) == 1
+    report = requests.get(url + "/ab/report", timeout=30).json()
+    assert report["arms"][INCUMBENT]["errors"] == 1 and report["arms"][INCUMBENT]["error_rate"] == 1
+
+
+def test_incumbent_5xx_is_502(make_server, stub):
+    stub.mode = "500"
+    url, _ = make_server(router=RouterConfig(incumbent_url=stub.url, baton_weight=0))
+    resp = requests.post(url + "/v1/completions", json={"prompt": "x"}, timeout=30)
+    assert resp.status_code == 502 and "answered 500" in resp.json()["error"]["message"]
+
+
+def test_incumbent_timeout_is_502(make_server, stub):
+    stub.mode = "slow"
+    url, _ = make_server(router=RouterConfig(incumbent_url=stub.url, baton_weight=0,
+                                             incumbent_timeout_s=0.5))
+    resp = requests.post(url + "/v1/completions", json={"prompt": "x"}, timeout=30)
+    assert resp.status_code == 502 and "did not answer" in resp.json()["error"]["message"]
+
+
+def test_fallback_to_baton_is_counted(make_server):
+    url, _ = make_server(router=RouterConfig(incumbent_url=closed_port_url(), baton_weight=0,
+                                             fallback_to_baton=True))
+    resp = requests.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=120)
+    assert resp.status_code == 200 and resp.headers["x-baton-arm"] == BATON
+    text = requests.get(url + "/metrics", timeout=5).text
+    assert metric_value(text, "baton_router_fallbacks_total") == 1
+    report = requests.get(url + "/ab/report", timeout=30).json()
+    assert report["fallbacks_to_baton"] == 1 and report["arms"][INCUMBENT]["errors"] == 1
+    assert report["arms"][BATON]["count"] == 0  # re-served requests stay out of the comparison
+
+
+async def _send_all(url: str, jobs: list[tuple[dict, dict]]) -> list[tuple[int, str, str]]:
+    """POST every (headers, body) concurrently; (status, arm, body text) each."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
+        async def one(headers, body):
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            async with s.post(url + path, json=body, headers=headers) as r:
+                return r.status, r.headers.get("x-baton-arm"), await r.text()
+        return await asyncio.gather(*(one(h, b) for h, b in jobs))
+
+
+def test_ab_split_30_70_with_a_real_incumbent(make_server, incumbent):
+    router = RouterConfig(incumbent_url=incumbent.url, baton_weight=30)
+    url, _ = make_server(router=router)
+    before = metric_value(incumbent.get("/metrics").text, "baton_requests_total",
+                          {"arm": BATON, "finish_reason": "length"}) or 0
+    jobs, expected = [], []
+    for i in range(24):
+        headers = {"x-baton-session": f"session-{i}"} if i % 2 == 0 else {}
+        user = None if i % 2 == 0 else f"user-{i}"
+        body = {"model": MODEL_NAME, "prompt": f"Count: {i},", "max_tokens": 2, "temperature": 0}
+        if i % 4 < 2:
+            body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": f"Hi {i}"}],
+                    "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}}
+        if user:
+            body["user"] = user
+        jobs.append((headers, body))
+        expected.append(choose_arm(sticky_key(headers, "x-baton-session", user), 30, True))
+    assert 0 < expected.count(BATON) < len(expected)
+
+    first = asyncio.run(_send_all(url, jobs))
+    again = asyncio.run(_send_all(url, jobs))  # sticky: same key, same arm
+    for results in (first, again):
+        assert [status for status, _, _ in results] == [200] * len(jobs)
+        assert [arm for _, arm, _ in results] == expected
+    for (status, arm, text), (_, body) in zip(first, jobs):
+        if body.get("stream"):
+            assert text.endswith("data: [DONE]\n\n")
+        else:
+            assert json.loads(text)["usage"]["completion_tokens"] == 2
+
+    n_inc = 2 * expected.count(INCUMBENT)
+    n_baton = 2 * expected.count(BATON)
+    after = metric_value(incumbent.get("/metrics").text, "baton_requests_total",
+                         {"arm": BATON, "finish_reason": "length"})
+    assert after - before == n_inc  # the incumbent process really served its share
+
+    report = requests.get(url + "/ab/report", timeout=60).json()
+    for arm, n in ((BATON, n_baton), (INCUMBENT, n_inc)):
+        entry = report["arms"][arm]
+        assert entry["count"] == n and entry["errors"] == 0 and entry["error_rate"] == 0
+        assert entry["e2e_s"]["n"] == n
+        assert entry["ttft_s"]["n"] >= sum(1 for (_, b), e in zip(jobs, expected)
+                                           if e == arm and b.get("stream"))
+        p95 = entry["e2e_s"]["p95"]
+        assert p95["ci95"][0] <= p95["value"] <= p95["ci95"][1]
+        assert entry["sla"]["evaluated"] == n and entry["sla"]["attainment"] is not None
+    assert report["verdict"] in ("better", "worse", "inconclusive")
+    for v in report["verdicts"].values():
+        assert "bootstrap" in v["basis"] and v["statistic"] == "p95"
+    assert report["router"]["baton_weight"] == 30
+
+    text = requests.get(url + "/metrics", timeout=5).text
+    served = {arm: sum(metric_value(text, "baton_requests_total", {"arm": arm, "finish_reason": r})
+                       or 0 for r in ("length", "stop")) for arm in (BATON, INCUMBENT)}
+    assert served == {BATON: n_baton, INCUMBENT: n_inc}
+    assert metric_value(text, "baton_e2e_request_latency_seconds_count", {"arm": INCUMBENT}) == n_inc
