@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from baton_operator.config import OperatorConfig
+from baton_operator.policy import policy_hash as content_hash
 
 GROUP = "baton.dev"
 VERSION = "v1alpha1"
@@ -41,6 +42,8 @@ LABEL_SIDECAR = "baton.dev/sidecar"  # on injected pod templates, for PodMonitor
 ANN_INJECTED_BY = "baton.dev/injected-by"
 ANN_ORIGINAL_TARGET_PORT = "baton.dev/original-target-port"
 ANN_POLICY_HASH = "baton.dev/policy-hash"
+ANN_LAST_APPLIED = "baton.dev/last-applied"  # on owned children: what the operator last set, for removals
+ANN_SIDECAR_HASH = "baton.dev/sidecar-hash"  # on an injected Deployment: the container and volumes set
 MANAGED_BY = "baton-operator"
 
 
@@ -72,6 +75,27 @@ def is_subset(desired: Any, actual: Any) -> bool:
 
 
 # --- names, labels, ownership -------------------------------------------------------------
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def stamped(obj: dict[str, Any]) -> dict[str, Any]:
+    """Record the owned sections (spec/data) in an annotation, so a later update can remove what the
+    operator set before and no longer wants (a merge patch alone cannot tell those from server defaults)."""
+    sections = {k: obj[k] for k in ("spec", "data") if k in obj}
+    obj["metadata"].setdefault("annotations", {})[ANN_LAST_APPLIED] = _canonical_json(sections)
+    return obj
+
+
+def with_removals(desired: Any, last: Any) -> Any:
+    """``desired`` as a merge patch over an object last set to ``last``: keys dropped since become null."""
+    if not isinstance(desired, Mapping) or not isinstance(last, Mapping):
+        return copy.deepcopy(desired)
+    out = {key: with_removals(value, last.get(key)) for key, value in desired.items()}
+    out.update({key: None for key in last if key not in desired})
+    return out
+
 
 def config_map_name(bd_name: str) -> str:
     return f"{bd_name}-baton-config"
@@ -152,7 +176,7 @@ def parse_config(config_map: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def desired_config_map(bd: Mapping[str, Any], config: Mapping[str, Any], policy_hash: str) -> dict[str, Any]:
     meta = bd["metadata"]
-    return {
+    return stamped({
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
@@ -163,7 +187,7 @@ def desired_config_map(bd: Mapping[str, Any], config: Mapping[str, Any], policy_
             "ownerReferences": [owner_reference(bd)],
         },
         "data": {CONFIG_KEY: render_config(config)},
-    }
+    })
 
 
 # --- the Baton container ----------------------------------------------------------------------
@@ -273,7 +297,7 @@ def desired_deployment(bd: Mapping[str, Any], cfg: OperatorConfig) -> dict[str, 
     for key in ("nodeSelector", "tolerations"):
         if spec.get(key):
             pod_spec[key] = copy.deepcopy(spec[key])
-    return {
+    return stamped({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": name, "namespace": meta["namespace"], "labels": labels(name),
@@ -288,13 +312,13 @@ def desired_deployment(bd: Mapping[str, Any], cfg: OperatorConfig) -> dict[str, 
                 "spec": pod_spec,
             },
         },
-    }
+    })
 
 
 def desired_service(bd: Mapping[str, Any]) -> dict[str, Any]:
     meta, spec = bd["metadata"], bd.get("spec") or {}
     name = meta["name"]
-    return {
+    return stamped({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": meta["namespace"], "labels": labels(name),
@@ -304,21 +328,30 @@ def desired_service(bd: Mapping[str, Any]) -> dict[str, Any]:
             "selector": selector_labels(name),
             "ports": [{"name": "http", "port": baton_port(spec), "targetPort": PORT_NAME, "protocol": "TCP"}],
         },
-    }
+    })
 
 
 def update_body(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> dict[str, Any] | None:
     """A merge patch taking ``observed`` to ``desired`` (top-level sections), or None if nothing differs.
 
-    Labels, annotations and owner references are merged in, not replaced, so others' keys survive;
-    ``metadata.resourceVersion`` makes the patch conditional on what was observed.
+    Sections are patched when they drifted or when ``desired`` changed since the last-applied record
+    (then keys the operator set before and dropped since are nulled). Labels, annotations and owner
+    references are merged in, not replaced, so others' keys survive; ``metadata.resourceVersion`` makes
+    the patch conditional on what was observed.
     """
     patch: dict[str, Any] = {}
-    for section in ("spec", "data"):
-        if section in desired and not is_subset(desired[section], observed.get(section)):
-            patch[section] = copy.deepcopy(desired[section])
-    meta_patch: dict[str, Any] = {}
     observed_meta = observed.get("metadata") or {}
+    try:
+        last = json.loads((observed_meta.get("annotations") or {}).get(ANN_LAST_APPLIED) or "{}")
+    except ValueError:
+        last = {}
+    for section in ("spec", "data"):
+        if section not in desired:
+            continue
+        changed = section in last and _canonical_json(last[section]) != _canonical_json(desired[section])
+        if changed or not is_subset(desired[section], observed.get(section)):
+            patch[section] = with_removals(desired[section], last.get(section))
+    meta_patch: dict[str, Any] = {}
     for key in ("labels", "annotations"):
         if not is_subset(desired["metadata"].get(key) or {}, observed_meta.get(key) or {}):
             meta_patch[key] = dict(desired["metadata"][key])
@@ -383,9 +416,18 @@ def check_target(deployment: Mapping[str, Any], bd: Mapping[str, Any]) -> None:
 
 
 def injection_patch(deployment: Mapping[str, Any], bd: Mapping[str, Any], cfg: OperatorConfig) -> list[dict]:
-    """JSON patch adding (or updating) the Baton container and its volumes; [] when already in place."""
+    """JSON patch adding (or updating) the Baton container and its volumes; [] when already in place.
+
+    The container is replaced whole and Baton's volumes are re-added whole whenever what the operator
+    wants differs from what it recorded (``baton.dev/sidecar-hash``) or from what is there (drift), so
+    fields removed from the BatonDeployment disappear too. The user's containers and volumes keep their
+    order and content.
+    """
     name = bd["metadata"]["name"]
     container = baton_container(bd, cfg)
+    volumes = baton_volumes(bd)
+    digest = content_hash({"container": container, "volumes": volumes})
+    stale = ((deployment.get("metadata") or {}).get("annotations") or {}).get(ANN_SIDECAR_HASH) != digest
     pod = _pod_spec(deployment)
     ops: list[dict[str, Any]] = []
     base = "/spec/template/spec"
@@ -393,26 +435,29 @@ def injection_patch(deployment: Mapping[str, Any], bd: Mapping[str, Any], cfg: O
     index = find_container(deployment)
     if index is None:
         ops.append({"op": "add", "path": f"{base}/containers/-", "value": container})
-    elif not is_subset(container, pod["containers"][index]):
+    elif stale or not is_subset(container, pod["containers"][index]):
         ops += [{"op": "test", "path": f"{base}/containers/{index}/name", "value": CONTAINER_NAME},
                 {"op": "replace", "path": f"{base}/containers/{index}", "value": container}]
 
-    existing = {v.get("name"): i for i, v in enumerate(pod.get("volumes") or [])}
-    missing = []
-    for volume in baton_volumes(bd):
-        if volume["name"] not in existing:
-            missing.append(volume)
-        elif not is_subset(volume, pod["volumes"][existing[volume["name"]]]):
-            i = existing[volume["name"]]
-            ops += [{"op": "test", "path": f"{base}/volumes/{i}/name", "value": volume["name"]},
-                    {"op": "replace", "path": f"{base}/volumes/{i}", "value": volume}]
-    if missing and "volumes" not in pod:
-        ops.append({"op": "add", "path": f"{base}/volumes", "value": missing})
-    else:
-        ops += [{"op": "add", "path": f"{base}/volumes/-", "value": v} for v in missing]
+    present = pod.get("volumes") or []
+    ours = {v.get("name"): (i, v) for i, v in enumerate(present) if v.get("name") in BATON_VOLUMES}
+    in_place = len(ours) == len(volumes) and all(
+        v["name"] in ours and is_subset(v, ours[v["name"]][1]) for v in volumes)
+    if stale or not in_place:
+        if "volumes" not in pod:
+            ops.append({"op": "add", "path": f"{base}/volumes", "value": volumes})
+        elif len(ours) == len(present):
+            ops.append({"op": "replace", "path": f"{base}/volumes", "value": volumes})
+        else:
+            for i in sorted((i for i, _ in ours.values()), reverse=True):  # highest first: indexes stay valid
+                ops += [{"op": "test", "path": f"{base}/volumes/{i}/name", "value": present[i]["name"]},
+                        {"op": "remove", "path": f"{base}/volumes/{i}"}]
+            ops += [{"op": "add", "path": f"{base}/volumes/-", "value": v} for v in volumes]
 
     ops += _ensure_map_entry(deployment, "/metadata/labels", LABEL_INSTANCE, name)
     ops += _ensure_map_entry(deployment, "/metadata/annotations", ANN_INJECTED_BY, name)
+    if stale:
+        ops += _set_map_entry(deployment, ops, "/metadata/annotations", ANN_SIDECAR_HASH, digest)
     ops += _ensure_map_entry(deployment, "/spec/template/metadata/labels", LABEL_SIDECAR, "true")
     return _guarded(deployment, ops)
 
@@ -435,7 +480,7 @@ def removal_patch(deployment: Mapping[str, Any]) -> list[dict[str, Any]]:
             ops += [{"op": "test", "path": f"{base}/volumes/{i}/name", "value": volumes[i]["name"]},
                     {"op": "remove", "path": f"{base}/volumes/{i}"}]
     ops += _drop_map_entry(deployment, "/metadata/labels", LABEL_INSTANCE)
-    ops += _drop_map_entry(deployment, "/metadata/annotations", ANN_INJECTED_BY)
+    ops += _drop_map_entries(deployment, "/metadata/annotations", (ANN_INJECTED_BY, ANN_SIDECAR_HASH))
     ops += _drop_map_entry(deployment, "/spec/template/metadata/labels", LABEL_SIDECAR)
     return _guarded(deployment, ops)
 
@@ -456,6 +501,24 @@ def _ensure_map_entry(obj: Mapping[str, Any], pointer: str, key: str, value: str
     if current.get(key) != value:
         return [{"op": "add", "path": f"{pointer}/{_escape(key)}", "value": value}]
     return []
+
+
+def _set_map_entry(obj: Mapping[str, Any], ops: list[dict[str, Any]], pointer: str, key: str,
+                   value: str) -> list[dict[str, Any]]:
+    """Like ``_ensure_map_entry``, but the map may be created by an earlier op of the same patch."""
+    if _lookup(obj, pointer) is None and any(op["op"] == "add" and op["path"] == pointer for op in ops):
+        return [{"op": "add", "path": f"{pointer}/{_escape(key)}", "value": value}]
+    return _ensure_map_entry(obj, pointer, key, value)
+
+
+def _drop_map_entries(obj: Mapping[str, Any], pointer: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    current = _lookup(obj, pointer)
+    if current is None:
+        return []
+    present = [k for k in keys if k in current]
+    if present and len(present) == len(current):  # we created the map; leave no empty one behind
+        return [{"op": "remove", "path": pointer}]
+    return [{"op": "remove", "path": f"{pointer}/{_escape(k)}"} for k in present]
 
 
 def _drop_map_entry(obj: Mapping[str, Any], pointer: str, key: str) -> list[dict[str, Any]]:

@@ -238,3 +238,35 @@ def test_repoint_then_restore_gives_back_the_service_exactly(original) -> None:
         restored["spec"]["ports"][0].pop("targetPort")  # restored explicitly as the port number itself
         assert apply(repointed, res.restore_patch(repointed, by="b1"))["spec"]["ports"][0]["targetPort"] == 80
     assert restored == original
+
+
+def test_fields_dropped_from_the_spec_leave_the_injected_container_and_volumes() -> None:
+    original = incumbent(volumes=[{"name": "shm", "emptyDir": {}}])
+    rich = bd("sidecar", resources={"limits": {"nvidia.com/gpu": 1}},
+              model={"path": "/models/m", "persistentVolumeClaim": "models"})
+    injected = apply(original, res.injection_patch(original, rich, CFG))
+    assert {v["name"] for v in injected["spec"]["template"]["spec"]["volumes"]} == {
+        "shm", "baton-config", "baton-cache", "baton-model"}
+    plain = bd("sidecar")
+    updated = apply(injected, res.injection_patch(injected, plain, CFG))
+    pod = updated["spec"]["template"]["spec"]
+    assert "resources" not in pod["containers"][1]
+    assert [v["name"] for v in pod["volumes"]] == ["shm", "baton-config", "baton-cache"]
+    assert pod["containers"][0] == original["spec"]["template"]["spec"]["containers"][0]
+    assert res.injection_patch(updated, plain, CFG) == []
+    assert apply(updated, res.removal_patch(updated)) == original
+
+
+def test_fields_dropped_from_the_spec_leave_owned_children() -> None:
+    before = res.desired_deployment(bd(nodeSelector={"gpu": "yes"}, resources={"limits": {"cpu": "2"}}), CFG)
+    observed = copy.deepcopy(before)
+    observed["spec"]["template"]["spec"]["dnsPolicy"] = "ClusterFirst"  # a server default: left alone
+    after = res.desired_deployment(bd(), CFG)
+    patch = res.update_body(after, observed)
+    pod = patch["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] is None and "dnsPolicy" not in pod
+    assert "resources" not in pod["containers"][0]  # lists are replaced whole by a merge patch
+    assert json.loads(patch["metadata"]["annotations"][res.ANN_LAST_APPLIED])["spec"] == after["spec"]
+    observed_after = copy.deepcopy(after)
+    observed_after["spec"]["template"]["spec"]["dnsPolicy"] = "ClusterFirst"
+    assert res.update_body(after, observed_after) is None
