@@ -57,7 +57,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="sidecar config file (policy and router sections), hot-reloaded")
     h.add_argument("--admin-token-file", metavar="FILE", default=None,
                    help=f"bearer token for /admin (else env {ADMIN_TOKEN_ENV}; neither: disabled)")
-    h.add_argument("--log-level", default="INFO")
     r = parser.add_argument_group("A/B router")
     r.add_argument("--incumbent-url", default=None, help="e.g. http://127.0.0.1:8000")
     r.add_argument("--baton-weight", type=float, default=None,
@@ -163,7 +162,8 @@ async def serve(engine_cfg: EngineConfig, policy: PolicyConfig, router_cfg: Rout
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+    level = str(getattr(args, "log_level", "INFO")).upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         configs = build_configs(args)
@@ -180,6 +180,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="baton-sidecar serve",
                                      description="Run the Baton sidecar HTTP server.")
+    parser.add_argument("--log-level", default="INFO")
     add_serve_arguments(parser)
     return run_serve(parser.parse_args(argv))
 

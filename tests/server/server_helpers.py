@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import queue
 import re
@@ -72,16 +73,24 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def serve_command() -> tuple[str, ...]:
+    """``baton-sidecar serve`` when the installed CLI works, else the module's own entry point."""
+    exe = Path(sys.executable).parent / "baton-sidecar"
+    if exe.exists():
+        probe = subprocess.run([str(exe), "serve", "--help"], capture_output=True, timeout=120)
+        if probe.returncode == 0:
+            return (str(exe), "serve")
+    return (sys.executable, "-m", "baton_sidecar.server.serve")
+
+
 class SidecarProcess:
     """A real ``baton-sidecar serve`` subprocess on a free loopback port."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 180.0,
                  wait_ready: bool = True):
-        exe = REPO / ".venv" / "bin" / "baton-sidecar"
-        cmd = [str(exe), "serve"] if exe.exists() and self._cli_has_serve() else [
-            sys.executable, "-m", "baton_sidecar.server.serve"]
         self.proc = subprocess.Popen(
-            [*cmd, "--host", "127.0.0.1", "--port", "0", *args], cwd=REPO,
+            [*serve_command(), "--host", "127.0.0.1", "--port", "0", *args], cwd=REPO,
             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
         self.lines: list[str] = []
@@ -90,14 +99,6 @@ class SidecarProcess:
         self.url = self.wait_for(r"listening on (http://\S+)", timeout)
         if wait_ready:
             self.wait_for(r"baton-sidecar ready", timeout)
-
-    @staticmethod
-    def _cli_has_serve() -> bool:
-        try:
-            import baton_sidecar.cli  # noqa: F401
-            return True
-        except ImportError:
-            return False
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
