@@ -183,6 +183,7 @@ async def proxy(request: web.Request, session: aiohttp.ClientSession, config: Ro
                                              f"{upstream.status}: {detail.strip()}")
         return await _relay(request, upstream, arrival, span)
     finally:
+        span.end(upstream.status, error_type="cancelled")  # no-op unless cut short by cancellation
         upstream.release()
 
 

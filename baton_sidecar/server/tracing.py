@@ -90,6 +90,7 @@ class RequestTrace(NullTrace):
         self._tracer = tracer
         self._propagator = propagator
         self._seen_events: set[tuple[str, float]] = set()
+        self._ended = False
 
     def set(self, key: str, value: Any) -> None:
         if value is not None:
@@ -143,6 +144,9 @@ class RequestTrace(NullTrace):
     def end(self, status_code: int | None = None, error_type: str | None = None) -> None:
         from opentelemetry.trace import Status, StatusCode
 
+        if self._ended:  # idempotent: cleanup paths may end a span that already ended
+            return
+        self._ended = True
         self.set("http.response.status_code", status_code)
         if error_type:
             self.set("error.type", error_type)

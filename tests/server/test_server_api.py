@@ -29,11 +29,11 @@ def sse_events(resp: requests.Response) -> list[str]:
 
 
 def test_completion_matches_the_engine(client, engine, server_thread):
-    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0)
-    direct = server_thread.call(engine.generate(PROMPT, SamplingParams(max_tokens=4, temperature=0)))
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3, temperature=0)
+    direct = server_thread.call(engine.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0)))
     assert r.choices[0].text == direct.text and r.choices[0].text
     assert r.choices[0].finish_reason == "length" and r.object == "text_completion"
-    assert r.usage.completion_tokens == 4 and r.usage.prompt_tokens == direct.prompt_tokens
+    assert r.usage.completion_tokens == 3 and r.usage.prompt_tokens == direct.prompt_tokens
     assert r.model == MODEL_NAME and r.id.startswith("cmpl-")
 
 

@@ -110,7 +110,7 @@ def test_ab_split_30_70_with_a_real_incumbent(make_server, incumbent):
     before = metric_value(incumbent.get("/metrics").text, "baton_requests_total",
                           {"arm": BATON, "finish_reason": "length"}) or 0
     jobs, expected = [], []
-    for i in range(24):
+    for i in range(16):
         headers = {"x-baton-session": f"session-{i}"} if i % 2 == 0 else {}
         user = None if i % 2 == 0 else f"user-{i}"
         body = {"model": MODEL_NAME, "prompt": f"Count: {i},", "max_tokens": 2, "temperature": 0}
