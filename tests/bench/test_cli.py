@@ -1,0 +1,177 @@
+"""The command line: argument checks, missing data, the report's files and JSON keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+
+import pytest
+
+from baton_sidecar.bench import cli, report
+from baton_sidecar.bench.metrics import RequestRecord
+from baton_sidecar.bench.systems import URLSystem
+from baton_sidecar.bench.workloads import BenchRequest, Workload
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_bench_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_and_positional_file():
+    args = parse()
+    assert args.workload == "offline" and args.path is None and args.hf_batch_size == 8
+    args = parse("trace", "some.csv", "--load", "0.5,0.8", "--token-scale", "4")
+    assert (args.workload, args.path, args.load, args.token_scale) == ("trace", "some.csv", "0.5,0.8", 4.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-requests", "0"], "--num-requests"),
+    (["--time-scale", "-1"], "--time-scale"),
+    (["--urgent-fraction", "2"], "--urgent-fraction"),
+    (["offline", "x.csv"], "takes no FILE"),
+    (["--url", "ftp://x"], "--url"),
+    (["--padding-settings", "2:on"], "--padding-settings"),
+    (["--scenario", "priority", "poisson"], "--scenario"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys):
+    assert cli.run_bench(parse(*argv)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_trace_says_so_before_loading_anything(tmp_path, capsys):
+    assert cli.run_bench(parse("trace", "--data-dir", str(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert "AzureLLMInferenceTrace_conv_2023.csv is absent" in err and "--synthetic-fallback" in err
+    assert cli.run_bench(parse("--scenario", "padding", "--data-dir", str(tmp_path))) == 2
+
+
+def test_systems_and_loads_parsing():
+    assert cli._systems(parse(), "baton,rtc") == ["baton", "rtc"]
+    assert cli._systems(parse("--url", "http://h:1"), "baton") == ["url"]
+    assert cli._systems(parse("--url", "http://h:1", "--systems", "baton"), "x") == ["baton", "url"]
+    with pytest.raises(cli.BenchError, match="unknown system"):
+        cli._systems(parse("--systems", "baton,vllm"), "")
+    assert cli._loads(parse(), "0.8") == [0.8]
+    assert cli._loads(parse("--load", "0.5,1"), None) == [0.5, 1.0]
+    with pytest.raises(cli.BenchError):
+        cli._loads(parse("--load", "x"), None)
+    assert cli._padding_settings("1.0:off,0.6:on,0.3") == [(1.0, False), (0.6, True), (0.3, False)]
+
+
+def _records(n: int, offset: float) -> list[RequestRecord]:
+    out = []
+    for i in range(n):
+        r = RequestRecord(i, 0.0, 5, 3, priority=0 if i == 0 else 10)
+        r.token_times_s = [offset + i * 0.1 + k * 0.05 for k in range(3)]
+        r.finished_s, r.output_tokens = r.token_times_s[-1], 3
+        out.append(r)
+    return out
+
+
+def test_report_files(tmp_path):
+    from baton_sidecar.bench.metrics import summarize
+
+    systems = {"baton": summarize(_records(4, 0.1)), "rtc": summarize(_records(4, 0.5))}
+    result = {"title": "t", "workload": {"name": "offline"}, "systems": systems, "slo": {"ttft_s": 1.0},
+              "ceiling": {"1": {"step_s": 0.1, "tokens_per_s": 10.0, "context_len": 8}},
+              "floors": [{"name": "f", "measured": 2.0, "target": ">= 1", "met": True}],
+              "loads": {"0.5": {"load": 0.5, "systems": systems}, "1.0": {"load": 1.0, "systems": systems}}}
+    markdown = report.markdown_report(result)
+    assert "| baton |" in markdown and "| rtc |" in markdown and "Bare-forward ceiling" in markdown
+    report.write_json(result, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["systems"]["baton"]["completed"] == 4
+    report.plot_latency_cdfs({"baton": _records(4, 0.1), "rtc": _records(4, 0.5)}, tmp_path / "cdf.png")
+    report.plot_vs_load(result["loads"], tmp_path / "load.png")
+    steps = [{"t": 1.0 + i, "rows": 2, "padding_ratio": 0.1 * i} for i in range(3)]
+    report.plot_padding({"a": steps}, tmp_path / "pad.png")
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("cdf.png", "load.png", "pad.png"))
+
+
+# --- url mode against a fake OpenAI-compatible server ----------------------------------------------
+
+@pytest.fixture
+def fake_server():
+    from aiohttp import web
+
+    seen = []
+
+    async def models(_request):
+        return web.json_response({"data": [{"id": "fake-model"}]})
+
+    async def completions(request):
+        body = await request.json()
+        seen.append(body)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for k in range(body["max_tokens"]):
+            chunk = {"choices": [{"index": 0, "text": f"t{k}"}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await asyncio.sleep(0.001)
+        usage = {"choices": [], "usage": {"completion_tokens": body["max_tokens"]}}
+        await response.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}", seen
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def test_url_system_streams_and_counts(fake_server):
+    url, seen = fake_server
+    workload = Workload("w", [BenchRequest(0, (5, 6, 7), 4), BenchRequest(1, (8,), 2, arrival_s=0.05, priority=0)])
+    tokens = []
+    run = URLSystem(url).run(workload, tokens.append)
+    assert sum(tokens) == 6
+    assert [r.output_tokens for r in run.records] == [4, 2]
+    assert all(r.error is None and r.ttft_s is not None for r in run.records)
+    assert run.info["model"] == "fake-model"
+    first = next(b for b in seen if b["prompt"] == [5, 6, 7])
+    assert first["stream"] and first["ignore_eos"] and first["temperature"] == 0 and first["max_tokens"] == 4
+    assert next(b for b in seen if b["prompt"] == [8])["priority"] == 0
+
+
+# --- a tiny run on the real model ---------------------------------------------------------------------
+
+REQUIRED_SYSTEM_KEYS = (
+    "output_tokens_per_s", "requests_per_s", "goodput_req_per_s", "goodput_fraction", "completed",
+    *(f"{m}_{s}_s" for m in ("ttft", "tpot", "itl", "e2e") for s in ("mean", "p50", "p95", "p99")))
+
+
+@pytest.mark.model
+def test_tiny_real_model_run_writes_documented_keys(tmp_path, real_model, monkeypatch):
+    from baton_sidecar.bench import cli as bench_cli
+
+    # Reuse the session's loaded model instead of loading it again.
+    monkeypatch.setattr("baton_sidecar.model.load_model", lambda *a, **k: real_model)
+    out, path = tmp_path / "out", tmp_path / "r.json"
+    code = bench_cli.main(["-n", "4", "--prompt-len", "8:24", "--output-len", "2:5",
+                           "--systems", "baton,rtc,sequential", "--no-ceiling", "--no-progress",
+                           "--out", str(out), "--json", str(path)])
+    assert code == 0
+    result = json.loads(path.read_text())
+    assert result["schema_version"] == 1
+    assert set(result["systems"]) == {"baton", "rtc", "sequential"}
+    for name, summary in result["systems"].items():
+        assert summary["completed"] == 4, (name, summary["errors"])
+        for key in REQUIRED_SYSTEM_KEYS:
+            assert key in summary, (name, key)
+    assert result["systems"]["baton"]["engine"]["decode_steps"] > 0
+    assert set(result["ratios_vs_baton"]) == {"rtc", "sequential"}
+    assert result["workload"]["num_requests"] == 4 and "slo" in result
+    for name in ("result.json", "report.md", "requests.json", "steps.json", "latency_cdf.png"):
+        assert (out / name).is_file(), name
