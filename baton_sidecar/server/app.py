@@ -248,7 +248,8 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
                                    f"'{served}'", type="not_found_error", param="model",
                               code="model_not_found")
     except oa.APIError as err:
-        metrics.refusals.labels("none", "invalid" if err.status != 413 else "body_too_large").inc()
+        reason = {404: "unknown_model", 413: "body_too_large"}.get(err.status, "invalid")
+        metrics.refusals.labels("none", reason).inc()
         raise
     if state.draining:
         raise _refuse(app, "none", "shutting_down", oa.APIError(
@@ -277,6 +278,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     except asyncio.CancelledError:
         status, error_type = 499, "client_disconnected"
         raise
+    except Exception as exc:
+        status, error_type = 500, type(exc).__name__
+        raise
     finally:
         metrics.in_flight.labels(arm).dec()
         state.leave()
@@ -292,6 +296,9 @@ async def _serve_incumbent(request: web.Request, raw: bytes, parsed: oa.ParsedRe
                       parsed.stream)
     try:
         result = await proxy(request, app[SESSION], cfg, raw, arrival, trace)
+    except asyncio.CancelledError:  # the client left (handler cancellation)
+        metrics.requests.labels(INCUMBENT, "cancelled").inc()
+        raise
     except IncumbentFailure as failure:
         metrics.incumbent_failures.labels(failure.kind).inc()
         outcome = Outcome(INCUMBENT, ok=False, e2e_s=time.monotonic() - arrival,
@@ -348,19 +355,23 @@ async def _serve_baton(request: web.Request, parsed: oa.ParsedRequest, arrival: 
             stats.record(Outcome(BATON, ok=False, e2e_s=time.monotonic() - arrival,
                                  sla_class=parsed.sla_class))
         raise
-    resp = None
     try:
         resp = await run.respond()
-        return resp, run.result.status, None if run.result.ok else (
-            "client_disconnected" if run.result.cancelled else "engine_error")
+        r = run.result
+        return resp, r.status, None if r.ok else ("client_disconnected" if r.cancelled else
+                                                  "shutting_down" if r.status == 503 else
+                                                  "engine_error")
     finally:
         r = run.result
         outcome = Outcome(BATON, ok=r.ok, ttft_s=r.ttft_s, e2e_s=r.e2e_s,
                           completion_tokens=r.completion_tokens, sla_class=parsed.sla_class)
-        metrics.observe(outcome, r.finish_reason or "cancelled", queue_s=r.queue_s,
-                        prompt_tokens=r.prompt_tokens, preemptions=r.preemptions)
-        if record and not r.cancelled:
-            stats.record(outcome)
+        if r.cancelled:  # the client left: no latency sample, no A/B outcome
+            metrics.requests.labels(BATON, "cancelled").inc()
+        else:
+            metrics.observe(outcome, r.finish_reason or "error", queue_s=r.queue_s,
+                            prompt_tokens=r.prompt_tokens, preemptions=r.preemptions)
+            if record:
+                stats.record(outcome)
         trace.finish(response_id=run.rid, response_model=served, input_tokens=r.prompt_tokens,
                      output_tokens=r.completion_tokens, finish_reason=r.finish_reason)
 

@@ -168,6 +168,16 @@ class LocalRun:
                     r.ttft_s = out.times.first_token - self.arrival
             if r.finish_reason == "error":
                 r.ok, r.status, r.error = False, 500, out.error or "engine error"
+            elif r.finish_reason == "cancelled":  # by the server: drain deadline passed
+                r.ok, r.status = False, 503
+                r.error = out.error or "cancelled by the server (shutting down)"
+
+    def _failure(self) -> oa.APIError:
+        r = self.result
+        if r.status == 503:
+            return oa.APIError(503, r.error, type="service_unavailable", code="shutting_down")
+        return oa.APIError(500, f"generation failed: {r.error}", type="server_error",
+                           code="engine_error")
 
     def _headers(self) -> dict[str, str]:
         return {"x-request-id": self.request_id, "x-baton-arm": "baton"}
@@ -187,9 +197,8 @@ class LocalRun:
         r = self.result
         if r.finish_reason is None:  # the stream ended without a final delta
             raise RuntimeError("engine stream ended without a finished output")
-        if r.finish_reason == "error":
-            raise oa.APIError(500, f"generation failed: {r.error}", type="server_error",
-                              code="engine_error")
+        if not r.ok:
+            raise self._failure()
         text = "".join(texts)
         want_lp = self.parsed.logprobs is not None
         if self.parsed.kind == "chat":
@@ -242,10 +251,8 @@ class LocalRun:
             r = self.result
             if r.finish_reason is None:
                 raise RuntimeError("engine stream ended without a finished output")
-            if r.finish_reason == "error":
-                err = oa.APIError(500, f"generation failed: {r.error}", type="server_error",
-                                  code="engine_error")
-                await resp.write(oa.sse(err.body()))
+            if not r.ok:
+                await resp.write(oa.sse(self._failure().body()))
             else:
                 await resp.write(oa.sse(self._chunk(None if p.kind == "chat" else "",
                                                     r.finish_reason, None)))

@@ -140,7 +140,8 @@ class SidecarProcess:
 class StubIncumbent:
     """A scripted incumbent on the server thread that records what it receives.
 
-    ``mode``: "sse" (fixed SSE bytes in several writes), "json", "500", or "slow" (sleeps).
+    ``mode``: "sse" (fixed SSE bytes in several writes), "json", "500", "slow" (sleeps before
+    answering) or "stall" (sends the first SSE part, then sleeps).
     """
 
     SSE_PARTS = (b'data: {"id":"stub-1","object":"chat.completion.chunk","choices":[{"index":0,'
@@ -159,6 +160,7 @@ class StubIncumbent:
     def __init__(self, server_thread: ServerThread, mode: str = "sse") -> None:
         self.mode = mode
         self.received: list[tuple[dict[str, str], bytes]] = []
+        self.cancelled = 0  # handlers cut short because the sidecar closed the connection
         app = web.Application()
         app.router.add_post("/{tail:.*}", self._handle)
         self._thread = server_thread
@@ -176,9 +178,13 @@ class StubIncumbent:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "x-incumbent": "yes"})
         await resp.prepare(request)
-        for part in self.SSE_PARTS:
-            await resp.write(part)
-            await asyncio.sleep(0.01)
+        try:
+            for part in self.SSE_PARTS:
+                await resp.write(part)
+                await asyncio.sleep(30 if self.mode == "stall" else 0.01)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         await resp.write_eof()
         return resp
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 import aiohttp
 import pytest
@@ -80,6 +81,21 @@ def test_incumbent_timeout_is_502(make_server, stub):
                                              incumbent_timeout_s=0.5))
     resp = requests.post(url + "/v1/completions", json={"prompt": "x"}, timeout=30)
     assert resp.status_code == 502 and "did not answer" in resp.json()["error"]["message"]
+
+
+def test_client_leaving_an_incumbent_stream_closes_the_upstream(make_server, stub):
+    stub.mode = "stall"
+    url, _ = make_server(router=RouterConfig(incumbent_url=stub.url, baton_weight=0))
+    with requests.post(url + "/v1/chat/completions", stream=True, timeout=30,
+                       json={"messages": CHAT, "stream": True}) as resp:
+        assert next(resp.iter_content(None)).startswith(b"data: ")
+    deadline = time.monotonic() + 10
+    while stub.cancelled == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stub.cancelled == 1
+    text = requests.get(url + "/metrics", timeout=5).text
+    assert metric_value(text, "baton_requests_running", {"arm": INCUMBENT}) == 0
+    assert metric_value(text, "baton_requests_total", {"arm": INCUMBENT, "finish_reason": "cancelled"}) == 1
 
 
 def test_fallback_to_baton_is_counted(make_server):
