@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
 TIE_GAP = 1e-4  # float32 top-2 logprob gap under which batching may legitimately flip greedy choice
 
 
 def solo_generate(loaded, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
-    """The request alone through transformers' own greedy ``generate``."""
+    """The request alone through transformers: ``generate``, or its greedy loop when EOS is ignored.
+
+    ``generate`` can't ignore EOS the way serving engines do (``min_new_tokens`` suppresses
+    EOS instead of letting it through), so that case runs the same greedy loop by hand.
+    """
     model = loaded.model
     input_ids = torch.tensor([prompt_ids], device=loaded.device)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(input_ids))
-    if ignore_eos:
-        kwargs.update(min_new_tokens=max_new_tokens)
     with torch.inference_mode():
-        out = model.generate(input_ids, **kwargs)
-    return out[0, len(prompt_ids):].tolist()
+        if not ignore_eos:
+            out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 attention_mask=torch.ones_like(input_ids))
+            return out[0, len(prompt_ids):].tolist()
+        cache = DynamicCache(config=model.config)
+        tokens, step_input = [], input_ids
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=step_input, past_key_values=cache, use_cache=True).logits[0, -1]
+            tokens.append(int(logits.argmax()))
+            step_input = torch.tensor([[tokens[-1]]], device=loaded.device)
+        return tokens
 
 
 def top2_gap(loaded, token_ids: list[int]) -> float:

@@ -91,20 +91,20 @@ async def test_preempted_requests_resume_with_identical_output(real_model, workl
     engine = AsyncEngine(real_model, EngineConfig(), policy)
     await engine.start()
     try:
-        low = [engine.submit(p, SamplingParams(max_tokens=60, temperature=0), priority=10)
-               for p, _ in workload[:3]]
+        low_params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+        low = [engine.submit(p, low_params, priority=10) for p, _ in workload[:3]]
         low_outputs = [asyncio.ensure_future(_collect(s)) for s in low]
         urgent_outputs = []
         for p, _ in workload[3:8]:
             # Each wave arrives when all three low rows are back in the batch.
-            while not (engine.stats().batch_size == 3 and engine.stats().swapped + engine.stats().waiting == 0):
-                await asyncio.sleep(0.005)
+            await wait_for(lambda: engine.stats().batch_size == 3 and
+                           engine.stats().swapped + engine.stats().waiting == 0)
             urgent_outputs.append(
                 await engine.generate(p, SamplingParams(max_tokens=4, temperature=0), priority=0))
         low_outputs = await asyncio.gather(*low_outputs)
     finally:
         await engine.shutdown(drain_timeout_s=5)
-    low_refs = [solo_generate(real_model, p, 60) for p, _ in workload[:3]]
+    low_refs = [solo_generate(real_model, p, 60, ignore_eos=True) for p, _ in workload[:3]]
     for (p, _), out, want in zip(workload[:3], low_outputs, low_refs):
         assert_same_greedy(real_model, p, out[0], want)
     for (p, _), out, want in zip(workload[3:8], urgent_outputs, references[3:8]):
@@ -114,6 +114,13 @@ async def test_preempted_requests_resume_with_identical_output(real_model, workl
     stats = engine.stats()
     assert stats.preemptions_total == sum(preemptions)
     assert stats.kv_bytes_allocated == 0 and stats.swapped_bytes == 0
+
+
+async def wait_for(predicate, timeout_s: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "engine did not reach the expected state"
+        await asyncio.sleep(0.005)
 
 
 async def _collect(stream):
@@ -131,8 +138,7 @@ async def test_urgent_request_gets_its_first_token_within_a_few_steps(real_model
     try:
         background = [engine.submit(p, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), priority=10)
                       for p, _ in workload[:6]]
-        while engine.stats().batch_size < 4:
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: engine.stats().batch_size == 4)
         submitted_at = engine.stats().steps
         stream = engine.submit(workload[8][0], SamplingParams(max_tokens=4, temperature=0), priority=0)
         first = await stream.__anext__()
@@ -171,12 +177,16 @@ async def test_stop_strings_and_logprobs(real_model):
     engine = AsyncEngine(real_model, EngineConfig(), PolicyConfig())
     await engine.start()
     try:
-        prompt = chat_ids(real_model.tokenizer, "Count from one to ten in words, separated by commas.")
-        full = await engine.generate(prompt, SamplingParams(max_tokens=40, temperature=0, logprobs=2))
-        assert full.logprobs and len(full.logprobs) == len(full.token_ids)
+        prompt = real_model.tokenizer.encode("One, two, three, four,")
+        full = await engine.generate(prompt, SamplingParams(max_tokens=40, temperature=0, logprobs=2,
+                                                            ignore_eos=True))
+        assert full.logprobs and len(full.logprobs) == len(full.token_ids) == 40
         assert all(lp.logprob <= 0 and len(lp.top) == 2 for lp in full.logprobs)
-        word = "three" if "three" in full.text else full.text.split()[2]
-        cut = await engine.generate(prompt, SamplingParams(max_tokens=40, temperature=0, stop=(word,)))
+        assert len(full.text) > 12
+        middle = len(full.text) // 2
+        word = full.text[middle: middle + 3]
+        cut = await engine.generate(prompt, SamplingParams(max_tokens=40, temperature=0, stop=(word,),
+                                                           ignore_eos=True))
         assert cut.finish_reason == "stop"
         assert cut.text == full.text[: full.text.index(word)]
     finally:
