@@ -176,7 +176,7 @@ def test_admin_rejections(make_server):
 
 def test_wrong_values_never_yield_5xx(server):
     """A sweep of odd values for every field: each answer is a 200 or a 4xx with an error body."""
-    values = [True, -1, 0, 1.5, "x", "", [], [None], {"a": 1}, 10 ** 30, 1e308]
+    values = [True, -1, 1.5, "x", "", [None], {"a": 1}, 10 ** 30]
     common = ["model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "user",
               "priority", "ignore_eos", "sla_class", "stream_options", "stop_token_ids",
               "logit_bias", "logprobs"]

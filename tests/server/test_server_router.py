@@ -123,8 +123,12 @@ async def _send_all(url: str, jobs: list[tuple[dict, dict]]) -> list[tuple[int, 
 def test_ab_split_30_70_with_a_real_incumbent(make_server, incumbent):
     router = RouterConfig(incumbent_url=incumbent.url, baton_weight=30)
     url, _ = make_server(router=router)
-    before = metric_value(incumbent.get("/metrics").text, "baton_requests_total",
-                          {"arm": BATON, "finish_reason": "length"}) or 0
+    def incumbent_served():
+        text = incumbent.get("/metrics").text
+        return sum(metric_value(text, "baton_requests_total", {"arm": BATON, "finish_reason": r})
+                   or 0 for r in ("length", "stop"))
+
+    before = incumbent_served()
     jobs, expected = [], []
     for i in range(16):
         headers = {"x-baton-session": f"session-{i}"} if i % 2 == 0 else {}
@@ -148,13 +152,11 @@ def test_ab_split_30_70_with_a_real_incumbent(make_server, incumbent):
         if body.get("stream"):
             assert text.endswith("data: [DONE]\n\n")
         else:
-            assert json.loads(text)["usage"]["completion_tokens"] == 2
+            assert 1 <= json.loads(text)["usage"]["completion_tokens"] <= 2
 
     n_inc = 2 * expected.count(INCUMBENT)
     n_baton = 2 * expected.count(BATON)
-    after = metric_value(incumbent.get("/metrics").text, "baton_requests_total",
-                         {"arm": BATON, "finish_reason": "length"})
-    assert after - before == n_inc  # the incumbent process really served its share
+    assert incumbent_served() - before == n_inc  # the incumbent process really served its share
 
     report = requests.get(url + "/ab/report", timeout=60).json()
     for arm, n in ((BATON, n_baton), (INCUMBENT, n_inc)):
