@@ -14,13 +14,14 @@ client, so the caller can answer 502 or fall back to Baton.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -197,30 +198,24 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, arrival
     stats = SSEStats(arrival) if is_sse and not encoded else None
     kept = bytearray()
     result = ProxyResult(status=upstream.status, ok=upstream.status < 500, response=resp)
-    writing = False
     try:
-        writing = True
         await resp.prepare(request)
-        chunks = upstream.content.iter_any()
-        while True:
-            writing = False
-            data = await chunks.__anext__()
-            if stats is not None:
-                stats.feed(data)
-            elif not encoded and len(kept) < JSON_STATS_LIMIT:
-                kept += data
-            writing = True
-            await resp.write(data)
-    except StopAsyncIteration:
-        try:
-            await resp.write_eof()
-        except ConnectionError as exc:
-            result.cancelled, result.ok, result.error = True, False, f"client disconnected: {exc}"
-    except (ConnectionError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        if writing:  # a write to a client that went away
-            result.cancelled, result.ok, result.error = True, False, f"client disconnected: {exc}"
-        else:  # the incumbent broke off mid-body: the client sees a cut stream
-            result.ok, result.error = False, f"incumbent stream failed: {exc!r}"
+        async with contextlib.aclosing(_read(upstream)) as body:
+            async for data in body:
+                if stats is not None:
+                    stats.feed(data)
+                elif not encoded and len(kept) < JSON_STATS_LIMIT:
+                    kept += data
+                await resp.write(data)
+        await resp.write_eof()
+    except _UpstreamBroke as exc:
+        # The status line is gone; cut the client's connection too, so that it sees a broken
+        # transfer rather than a well-terminated but truncated body.
+        result.ok, result.error = False, f"incumbent stream failed: {exc.__cause__!r}"
+        if request.transport is not None:
+            request.transport.close()
+    except ConnectionError as exc:  # aiohttp's writes to a client that went away
+        result.cancelled, result.ok, result.error = True, False, f"client disconnected: {exc}"
     result.e2e_s = time.monotonic() - arrival
     if stats is not None:
         result.ttft_s = stats.ttft_s
@@ -233,6 +228,18 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, arrival
     span.end(upstream.status, error_type=None if result.ok else (
         "client_disconnected" if result.cancelled else "incumbent_stream_error"))
     return result
+
+
+class _UpstreamBroke(Exception):
+    """Reading the incumbent's body failed (told apart from failed writes to the client)."""
+
+
+async def _read(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    try:
+        async for data in upstream.content.iter_any():
+            yield data
+    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+        raise _UpstreamBroke() from exc
 
 
 def _read_json_usage(data: bytes, result: ProxyResult) -> None:

@@ -141,7 +141,8 @@ class StubIncumbent:
     """A scripted incumbent on the server thread that records what it receives.
 
     ``mode``: "sse" (fixed SSE bytes in several writes), "json", "500", "slow" (sleeps before
-    answering) or "stall" (sends the first SSE part, then sleeps).
+    answering), "stall" (sends the first SSE part, then sleeps) or "break" (sends the first SSE
+    part, then drops the connection).
     """
 
     SSE_PARTS = (b'data: {"id":"stub-1","object":"chat.completion.chunk","choices":[{"index":0,'
@@ -181,6 +182,9 @@ class StubIncumbent:
         try:
             for part in self.SSE_PARTS:
                 await resp.write(part)
+                if self.mode == "break":
+                    request.transport.close()
+                    return resp
                 await asyncio.sleep(30 if self.mode == "stall" else 0.01)
         except asyncio.CancelledError:
             self.cancelled += 1

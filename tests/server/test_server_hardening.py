@@ -9,7 +9,7 @@ import requests
 
 from baton_sidecar.config import Limits, PolicyConfig, ServerConfig
 from baton_sidecar.engine import AdmissionError
-from baton_sidecar.server.app import STATE, drain
+from baton_sidecar.server.app import drain
 from baton_sidecar.server.local import admission_error
 from server_helpers import MODEL_NAME
 

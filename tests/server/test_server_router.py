@@ -98,6 +98,21 @@ def test_client_leaving_an_incumbent_stream_closes_the_upstream(make_server, stu
     assert metric_value(text, "baton_requests_total", {"arm": INCUMBENT, "finish_reason": "cancelled"}) == 1
 
 
+def test_incumbent_breaking_mid_stream_is_counted(make_server, stub):
+    stub.mode = "break"
+    url, _ = make_server(router=RouterConfig(incumbent_url=stub.url, baton_weight=0))
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        with requests.post(url + "/v1/chat/completions", stream=True, timeout=30,
+                           json={"messages": CHAT, "stream": True}) as resp:
+            assert resp.status_code == 200  # already sent when the incumbent broke off
+            b"".join(resp.iter_content(None))
+    text = requests.get(url + "/metrics", timeout=5).text
+    assert metric_value(text, "baton_incumbent_failures_total", {"kind": "stream"}) == 1
+    assert metric_value(text, "baton_requests_running", {"arm": INCUMBENT}) == 0
+    report = requests.get(url + "/ab/report", timeout=30).json()
+    assert report["arms"][INCUMBENT]["errors"] == 1
+
+
 def test_fallback_to_baton_is_counted(make_server):
     url, _ = make_server(router=RouterConfig(incumbent_url=closed_port_url(), baton_weight=0,
                                              fallback_to_baton=True))

@@ -3,7 +3,6 @@
 import argparse
 import json
 import signal
-import threading
 import time
 
 import pytest
