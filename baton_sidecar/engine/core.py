@@ -17,7 +17,7 @@ from ..config import EngineConfig, PolicyConfig
 from ..model import LoadedModel
 from .detokenizer import IncrementalDetokenizer
 from .request import Request, RequestOutput, RequestStatus, TokenLogprob
-from .runner import ModelRunner, SwappedRow
+from .runner import ChunkedPrefill, ModelRunner, Prefilled, SwappedRow
 from .sampler import RowSampler, SampledToken, sample
 from .scheduler import BatchView, Scheduler, StepPlan
 
@@ -53,6 +53,11 @@ class _Tracked:
     held_final: RequestOutput | None = None  # run-to-completion: delivered when the batch ends
 
 
+def _tokens_to_prefill(request: Request) -> list[int]:
+    """A recompute-resumed request re-prefills everything but its pending (last) token."""
+    return request.all_token_ids[:-1] if request.output_token_ids else request.prompt_token_ids
+
+
 class EngineCore:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, policy: PolicyConfig) -> None:
         self.loaded = loaded
@@ -62,6 +67,7 @@ class EngineCore:
         self.scheduler = Scheduler(policy, run_to_completion=self.run_to_completion)
         self.tracked: dict[str, _Tracked] = {}
         self.swapped_kv: dict[str, SwappedRow] = {}
+        self.chunking: dict[str, ChunkedPrefill] = {}  # long prompts being prefilled chunk by chunk
         self.riding: set[str] = set()  # run-to-completion rows that are done but still in the batch
         self.steps = 0
         self.preemptions_total = 0
@@ -102,13 +108,16 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         now = time.monotonic()
         cache = self.runner.cache
-        view = BatchView(cache.rows, cache.length, cache.num_real_tokens())
+        chunk = min((len(c.tokens) - c.done for c in self.chunking.values()), default=0)
+        view = BatchView(cache.rows, cache.length, cache.num_real_tokens(),
+                         prefill_reserved=min(chunk, self.policy.limits.max_prefill_tokens))
         plan = self.scheduler.schedule(now, view)
         outputs: list[RequestOutput] = []
         self._preempt(plan)
         self._resume(plan.resume)
         if plan.prefill:
-            self._prefill(plan.prefill, outputs)
+            self._start_prefills(plan.prefill, outputs)
+        self._advance_chunked_prefill(outputs)
         if self.runner.num_rows:
             self._decode(outputs)
         self._release_finished_rtc_batch(outputs)
@@ -119,11 +128,15 @@ class EngineCore:
     def _preempt(self, plan: StepPlan) -> None:
         for request in plan.preempt:
             rid = request.request_id
-            if plan.preemption_mode == "swap":
+            mode = plan.preemption_mode
+            if rid in self.chunking:  # not in the batch yet: start its prefill over later
+                del self.chunking[rid]
+                mode = "recompute"
+            elif mode == "swap":
                 self.swapped_kv[rid] = self.runner.swap_out(rid)
             else:
                 self.runner.remove([rid])
-            self.scheduler.on_preempted(request, plan.preemption_mode)
+            self.scheduler.on_preempted(request, mode)
             self.tracked[rid].events.append(("preempted", time.monotonic()))
             self.preemptions_total += 1
 
@@ -133,32 +146,62 @@ class EngineCore:
             self.scheduler.on_running(request)
             self.tracked[request.request_id].events.append(("resumed", time.monotonic()))
 
-    def _prefill(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
-        """Prefill newcomers apart from the batch, sample their first token, embed the unfinished."""
+    def _start_prefills(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
+        """Prefill short newcomers together now; long ones are chunked over the next steps."""
         now = time.monotonic()
+        budget = self.policy.limits.max_prefill_tokens
+        whole = []
         for request in requests:
             if request.times.first_scheduled is None:
                 request.times.first_scheduled = now
                 self.tracked[request.request_id].events.append(("scheduled", now))
-        # A recompute-resumed request re-prefills everything but its pending token.
-        resumed = [r for r in requests if r.output_token_ids]
-        token_lists = [r.all_token_ids[:-1] if r.output_token_ids else r.prompt_token_ids for r in requests]
-        try:
-            prefilled = self.runner.prefill([r.request_id for r in requests], token_lists)
-        except Exception as error:  # only these requests fail; the running batch is untouched
-            log.exception("prefill failed")
-            for request in requests:
-                outputs.append(self._finish(self.tracked[request.request_id], RequestStatus.FINISHED_ERROR,
-                                            error=f"prefill failed: {error}"))
+            tokens = _tokens_to_prefill(request)
+            if len(tokens) > budget:
+                self.chunking[request.request_id] = ChunkedPrefill(request, tokens)
+                self.scheduler.on_running(request)
+            else:
+                whole.append(request)
+        if whole:
+            try:
+                prefilled = self.runner.prefill([r.request_id for r in whole],
+                                                [_tokens_to_prefill(r) for r in whole])
+            except Exception as error:  # only these requests fail; the running batch is untouched
+                self._fail(whole, f"prefill failed: {error}", outputs)
+                return
+            self._join_batch(whole, prefilled, outputs)
+
+    def _advance_chunked_prefill(self, outputs: list[RequestOutput]) -> None:
+        """One chunk of the oldest long prompt per step, so the batch keeps decoding meanwhile."""
+        if not self.chunking:
             return
+        state = next(iter(self.chunking.values()))
+        rid = state.request.request_id
+        try:
+            prefilled = self.runner.prefill_chunk(state, self.policy.limits.max_prefill_tokens)
+        except Exception as error:
+            del self.chunking[rid]
+            self._fail([state.request], f"prefill failed: {error}", outputs)
+            return
+        if prefilled is not None:  # the last chunk is done
+            del self.chunking[rid]
+            self._join_batch([state.request], prefilled, outputs)
+
+    def _fail(self, requests: list[Request], error: str, outputs: list[RequestOutput]) -> None:
+        log.error("%s (requests %s)", error, [r.request_id for r in requests])
+        for request in requests:
+            outputs.append(self._finish(self.tracked[request.request_id], RequestStatus.FINISHED_ERROR,
+                                        error=error))
+
+    def _join_batch(self, requests: list[Request], prefilled: Prefilled, outputs: list[RequestOutput]) -> None:
+        """Sample prefilled requests' first token, then embed the unfinished ones into the batch."""
         stamp = time.monotonic()
         fresh = [i for i, r in enumerate(requests) if not r.output_token_ids]
-        sampled = dict(zip(fresh, sample(prefilled.last_logits[fresh] if fresh else prefilled.last_logits[:0],
+        sampled = dict(zip(fresh, sample(prefilled.last_logits[fresh],
                                          [self.tracked[requests[i].request_id].sampler for i in fresh])))
         embed_rows, next_tokens = [], []
         for i, request in enumerate(requests):
             tracked = self.tracked[request.request_id]
-            tracked.events.append(("prefilled" if request not in resumed else "resumed", stamp))
+            tracked.events.append(("prefilled" if i in sampled else "resumed", stamp))
             self.scheduler.on_running(request)
             if i in sampled:
                 output = self._apply_token(tracked, sampled[i])
@@ -259,6 +302,7 @@ class EngineCore:
         logprobs = (last_token.logprob,) if last_token and last_token.logprob else None
         output = self._delta(tracked, token_ids, logprobs, final=True)
         self.swapped_kv.pop(rid, None)
+        self.chunking.pop(rid, None)
         if self.run_to_completion and in_batch:
             self.riding.add(rid)  # the row (and its scheduler entry) stays until the batch is done
             if status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
@@ -286,6 +330,23 @@ class EngineCore:
                     outputs.append(tracked.held_final)
         self.riding.clear()
         self.runner.remove(list(self.runner.row_ids))
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """Last resort after an unexpected step failure: end every request, reset the batch."""
+        outputs = []
+        for tracked in list(self.tracked.values()):
+            if not tracked.request.status.finished:
+                tracked.request.finish(RequestStatus.FINISHED_ERROR, error)
+                self.finished_by_reason["error"] += 1
+            output = tracked.held_final or self._delta(tracked, (), None, final=True)
+            outputs.append(output)
+            self.scheduler.remove(tracked.request)
+        self.tracked.clear()
+        self.chunking.clear()
+        self.swapped_kv.clear()
+        self.riding.clear()
+        self.runner.reset()
+        return outputs
 
     # --- observability ----------------------------------------------------------------------
 

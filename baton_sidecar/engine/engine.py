@@ -265,8 +265,9 @@ class AsyncEngine:
             if self.core.has_work():
                 try:
                     outputs.extend(self.core.step())
-                except Exception:  # keep serving: a bug in one step must not kill the thread
+                except Exception as error:  # keep serving: end what was in flight, never hang it
                     log.exception("engine step failed")
+                    outputs.extend(self.core.fail_all(f"engine step failed: {error}"))
             self._stats = self.core.stats()
             if outputs:
                 self._loop.call_soon_threadsafe(self._deliver, outputs)

@@ -29,6 +29,16 @@ class Prefilled:
 
 
 @dataclass
+class ChunkedPrefill:
+    """A long prompt prefilled over several steps in its own cache (``done`` tokens so far)."""
+
+    request: object  # the Request; typed loosely to keep the runner free of scheduling types
+    tokens: list[int]
+    done: int = 0
+    cache: DynamicCache | None = None
+
+
+@dataclass
 class SwappedRow:
     """A row split off the batch with its K/V on host memory (``swap`` preemption)."""
 
@@ -79,6 +89,24 @@ class ModelRunner:
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
         return Prefilled(request_ids, keys, values, mask, out.logits[:, -1, :])
+
+    @torch.inference_mode()
+    def prefill_chunk(self, state: ChunkedPrefill, chunk_size: int) -> Prefilled | None:
+        """Prefill the next ``chunk_size`` tokens of ``state``; returns ``Prefilled`` after the last."""
+        if state.cache is None:
+            state.cache = DynamicCache(config=self.model.config)
+        start, stop = state.done, min(state.done + chunk_size, len(state.tokens))
+        input_ids = torch.tensor([state.tokens[start:stop]], device=self.device)
+        positions = torch.arange(start, stop, device=self.device)[None, :]
+        mask = torch.ones(1, stop, dtype=torch.long, device=self.device)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+        state.done = stop
+        if stop < len(state.tokens):
+            return None
+        layers = state.cache.layers
+        return Prefilled([state.request.request_id], [layer.keys for layer in layers],
+                         [layer.values for layer in layers], mask.bool(), out.logits[:, -1, :])
 
     @torch.inference_mode()
     def embed(self, prefilled: Prefilled, rows: list[int], next_tokens: list[int]) -> None:
@@ -155,6 +183,11 @@ class ModelRunner:
     @torch.inference_mode()
     def shrink_if_sparse(self, min_utilisation: float) -> bool:
         return self.cache.shrink_if_sparse(min_utilisation)
+
+    def reset(self) -> None:
+        """Drop every row and the cache buffers."""
+        self.cache.release()
+        self.row_ids, self.next_tokens, self.positions = [], [], []
 
     # --- accounting ---------------------------------------------------------------------------
 

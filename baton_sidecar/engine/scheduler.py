@@ -99,6 +99,7 @@ class BatchView:
     rows: int = 0
     length: int = 0  # live columns
     real_tokens: int = 0
+    prefill_reserved: int = 0  # prefill tokens this step already owes to a chunked prompt
 
 
 class Scheduler:
@@ -140,12 +141,12 @@ class Scheduler:
         running = list(self.running.values())
         rows = [(r.num_tokens, r.params.max_tokens - len(r.output_token_ids)) for r in running]
         batch_rows, batch_len, real_tokens = batch.rows, batch.length, batch.real_tokens
-        prefill_tokens = 0
+        prefill_tokens = batch.prefill_reserved
         for candidate in self._candidates(now, batch_len):
             swapped = candidate in self.swapped
             width = candidate.num_tokens
-            cost = 0 if swapped else width
-            if plan.prefill and prefill_tokens + cost > limits.max_prefill_tokens:
+            cost = 0 if swapped else min(width, limits.max_prefill_tokens)  # long prompts are chunked
+            if prefill_tokens and prefill_tokens + cost > limits.max_prefill_tokens:
                 break  # prefill budget for this step is spent
             if self._held_back_for_padding(candidate, now, batch_rows, batch_len, real_tokens, running):
                 continue

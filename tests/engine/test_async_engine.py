@@ -140,3 +140,45 @@ async def test_policy_applies_at_run_time(engine):
 
 async def _drain(stream):
     return [o async for o in stream]
+
+
+async def test_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(tiny_model):
+    policy = PolicyConfig(limits=Limits(max_prefill_tokens=16))
+    engine = AsyncEngine(tiny_model, EngineConfig(), policy)
+    await engine.start(warmup=False)
+    try:
+        running = engine.submit([5, 6], SamplingParams(max_tokens=200, **GREEDY))
+        await wait_until(lambda: engine.stats().batch_size == 1)
+        long_prompt = [(7 * i) % 90 + 2 for i in range(100)]  # 7 chunks of 16
+        long_stream = engine.submit(long_prompt, SamplingParams(max_tokens=5, **GREEDY))
+        tokens_meanwhile = 0
+        async for out in running:
+            tokens_meanwhile += len(out.token_ids)
+            if engine.stats().batch_size == 2:
+                break
+        chunked = [o async for o in long_stream]
+        running.cancel()
+        assert tokens_meanwhile >= 6, "the batch must keep decoding while the long prompt is chunked"
+        engine.apply_policy(PolicyConfig())  # default budget: the prompt is prefilled in one piece
+        whole = await engine.generate(long_prompt, SamplingParams(max_tokens=5, **GREEDY))
+    finally:
+        await engine.shutdown(drain_timeout_s=2)
+    assert [t for o in chunked for t in o.token_ids] == list(whole.token_ids)
+
+
+async def test_an_unexpected_step_failure_ends_requests_and_the_engine_keeps_serving(engine, monkeypatch):
+    runner = engine.core.runner
+    real_embed = runner.embed
+    calls = {"n": 0}
+
+    def embed_failing_once(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("embed broke")
+        return real_embed(*args)
+
+    monkeypatch.setattr(runner, "embed", embed_failing_once)
+    failed = await engine.generate([5, 6], SamplingParams(max_tokens=5, **GREEDY))
+    assert failed.finish_reason == "error" and "embed broke" in failed.error
+    healthy = await engine.generate([5, 6], SamplingParams(max_tokens=5, **GREEDY))
+    assert healthy.finish_reason == "length" and healthy.completion_tokens == 5

@@ -154,6 +154,19 @@ async def test_urgent_request_gets_its_first_token_within_a_few_steps(real_model
     assert engine.stats().kv_bytes_allocated == 0
 
 
+async def test_chunked_prefill_matches_transformers(real_model, workload):
+    policy = PolicyConfig(limits=Limits(max_prefill_tokens=8))
+    engine = AsyncEngine(real_model, EngineConfig(), policy)
+    await engine.start()
+    try:
+        outputs = await run_staggered(engine, [(p, 12, 0) for p, _ in workload[6:9]], gap_s=0.05)
+    finally:
+        await engine.shutdown(drain_timeout_s=5)
+    for (p, _), out in zip(workload[6:9], outputs):
+        assert len(p) > 8
+        assert_same_greedy(real_model, p, list(out.token_ids), solo_generate(real_model, p, 12))
+
+
 async def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(real_model, workload):
     engine = AsyncEngine(real_model, EngineConfig(), PolicyConfig())
     await engine.start()
