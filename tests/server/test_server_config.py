@@ -77,7 +77,7 @@ def test_reloads_never_drop_in_flight_requests(make_server, tmp_path, engine, re
                                              config_file=str(path)), watch_interval_s=0.1)
 
     async def scenario():
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=240)) as s:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
             async def stream(i):
                 body = {"model": MODEL_NAME, "prompt": f"Story {i}:", "max_tokens": 8,
                         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
