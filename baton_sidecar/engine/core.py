@@ -108,7 +108,9 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         now = time.monotonic()
         cache = self.runner.cache
-        chunk = min((len(c.tokens) - c.done for c in self.chunking.values()), default=0)
+        # The oldest chunked prompt gets this step's next chunk (see _advance_chunked_prefill).
+        chunking = next(iter(self.chunking.values()), None)
+        chunk = 0 if chunking is None else len(chunking.tokens) - chunking.done
         view = BatchView(cache.rows, cache.length, cache.num_real_tokens(),
                          prefill_reserved=min(chunk, self.policy.limits.max_prefill_tokens))
         plan = self.scheduler.schedule(now, view)
