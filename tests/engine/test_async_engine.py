@@ -93,15 +93,18 @@ async def test_bad_input_raises_naming_the_field(engine):
 
 
 async def test_refusals_are_typed(tiny_model):
-    engine = AsyncEngine(tiny_model, EngineConfig(), PolicyConfig(limits=Limits(max_kv_tokens=50, max_queue=2)))
+    limits = Limits(max_kv_tokens=50, max_queue=1, max_batch_size=1)
+    engine = AsyncEngine(tiny_model, EngineConfig(), PolicyConfig(limits=limits))
     await engine.start(warmup=False)
     try:
         with pytest.raises(AdmissionError) as info:
             engine.submit([5] * 40, SamplingParams(max_tokens=20))
         assert info.value.reason == "too_large"
         engine.submit([5], SamplingParams(max_tokens=30, **GREEDY))
+        await wait_until(lambda: engine.stats().batch_size == 1)
         engine.submit([5], SamplingParams(max_tokens=30, **GREEDY))
-        with pytest.raises(AdmissionError) as info:  # both still in the inbox/queue
+        await wait_until(lambda: engine.stats().waiting == 1)
+        with pytest.raises(AdmissionError) as info:  # the one queue slot is taken
             engine.submit([5], SamplingParams(max_tokens=30, **GREEDY), priority=0)
         assert info.value.reason == "queue_full" and info.value.retry_after_s
     finally:
