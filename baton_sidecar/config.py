@@ -21,14 +21,17 @@ def _check(condition: bool, field_name: str, message: str) -> None:
 
 
 def _build(cls, data: Mapping[str, Any] | None, prefix: str):
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys by name."""
+    """Build dataclass ``cls`` from a mapping; every error names the field as ``prefix + name``."""
     if data is None:
         return cls()
-    _check(isinstance(data, Mapping), prefix or cls.__name__, "must be a mapping")
+    _check(isinstance(data, Mapping), prefix.rstrip(".") or cls.__name__, "must be a mapping")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     _check(not unknown, f"{prefix}{unknown[0] if unknown else ''}", "unknown field")
-    return cls(**dict(data))
+    try:
+        return cls(**dict(data))
+    except ValueError as error:
+        raise ValueError(f"{prefix}{error}") from None
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,9 @@ class PreemptionPolicy:
     max_preemptions_per_request: int = 4
 
     def __post_init__(self) -> None:
-        _check(self.mode in PREEMPTION_MODES, "preemption.mode", f"must be one of {PREEMPTION_MODES}")
+        _check(self.mode in PREEMPTION_MODES, "mode", f"must be one of {PREEMPTION_MODES}")
         _check(isinstance(self.max_preemptions_per_request, int) and self.max_preemptions_per_request >= 0,
-               "preemption.max_preemptions_per_request", "must be an integer >= 0")
+               "max_preemptions_per_request", "must be an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,9 @@ class PaddingPolicy:
     def __post_init__(self) -> None:
         for name in ("compaction_threshold", "max_padding_ratio"):
             value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, f"padding.{name}",
+            _check(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, name,
                    "must be a number in [0, 1]")
-        _check(isinstance(self.bucketing, bool), "padding.bucketing", "must be a boolean")
+        _check(isinstance(self.bucketing, bool), "bucketing", "must be a boolean")
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class Limits:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                   f"limits.{f.name}", "must be an integer >= 1")
+                   f.name, "must be an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -168,10 +171,17 @@ class RouterConfig:
     incumbent_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.baton_weight, (int, float)) and 0 <= self.baton_weight <= 100,
+        _check(isinstance(self.baton_weight, (int, float)) and not isinstance(self.baton_weight, bool)
+               and 0 <= self.baton_weight <= 100,
                "baton_weight", "must be a number in [0, 100]")
-        _check(self.incumbent_url is None or str(self.incumbent_url).startswith(("http://", "https://")),
+        _check(self.incumbent_url is None or (isinstance(self.incumbent_url, str)
+                                              and self.incumbent_url.startswith(("http://", "https://"))),
                "incumbent_url", "must be an http(s) URL")
+        _check(isinstance(self.sticky_header, str) and bool(self.sticky_header), "sticky_header",
+               "must be a non-empty header name")
+        _check(isinstance(self.fallback_to_baton, bool), "fallback_to_baton", "must be a boolean")
+        _check(isinstance(self.incumbent_timeout_s, (int, float)) and not isinstance(self.incumbent_timeout_s, bool)
+               and self.incumbent_timeout_s > 0, "incumbent_timeout_s", "must be a positive number")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "RouterConfig":

@@ -60,10 +60,10 @@ class SamplingParams:
             bad("temperature", "must be a number >= 0")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be a number in (0, 1]")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            bad("top_k", "must be an integer >= 0")
-        if self.seed is not None and not _is_int(self.seed):
-            bad("seed", "must be an integer")
+        if not _is_int(self.top_k) or not 0 <= self.top_k < 2**31:
+            bad("top_k", "must be an integer in [0, 2**31)")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            bad("seed", "must be an integer in [0, 2**63)")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be non-empty strings")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):

@@ -75,7 +75,7 @@ def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[SampledToke
 def _filtered_probs(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Softmax of ``scaled [m, V]`` after per-row top-k and top-p filtering."""
     vocab = scaled.shape[-1]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=scaled.device)
+    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=scaled.device)
     top_p = torch.tensor([p.top_p for p in params], device=scaled.device, dtype=scaled.dtype)
     sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=scaled.device)[None, :]
