@@ -195,5 +195,6 @@ class ServerConfig:
     served_model_name: str = "baton-default"
     max_body_bytes: int = 1 << 20
     config_file: str | None = None  # sidecar file with `policy:` and `router:` sections, hot-reloaded
+    policy_file: str | None = None  # a file with only the policy section; hot-reloaded when no config_file
     admin_token: str | None = None  # bearer token for /admin; None disables admin endpoints
     drain_timeout_s: float = 30.0

@@ -107,8 +107,12 @@ def init_app(engine: Any | None, server_config: ServerConfig, router_config: Rou
     app[CONFIG] = manager
     app[TRACING] = tracing if tracing is not None else Tracing.from_env()
     app[EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-tokenize")
-    if server_config.config_file:
-        watcher = FileWatcher(server_config.config_file, manager, interval_s=watch_interval_s)
+    if server_config.config_file or server_config.policy_file:
+        # One watched file: the full config file if given, else the --policy file.
+        watcher = (FileWatcher(server_config.config_file, manager, interval_s=watch_interval_s)
+                   if server_config.config_file else
+                   FileWatcher(server_config.policy_file, manager, interval_s=watch_interval_s,
+                               section="policy"))
         watcher.load_initial()
         app[WATCHER] = watcher
 

@@ -120,9 +120,11 @@ class ConfigManager:
         log.info("configuration applied from %s", source)
         return new
 
-    def apply_file_text(self, text: str | bytes) -> LiveConfig:
+    def apply_file_text(self, text: str | bytes, section: str | None = None) -> LiveConfig:
+        """Apply a watched file over the start-up configuration (``section``: the file holds only it)."""
         try:
-            new = merge(self.startup, parse_document(text))
+            document = parse_document(text)
+            new = merge(self.startup, {section: document} if section else document)
         except ValueError:
             self._on_result("file", False)
             raise
@@ -140,8 +142,10 @@ class ConfigManager:
 class FileWatcher:
     """Polls a config file's content (robust to ConfigMap symlink swaps and coarse mtimes)."""
 
-    def __init__(self, path: str, manager: ConfigManager, interval_s: float = 1.0) -> None:
+    def __init__(self, path: str, manager: ConfigManager, interval_s: float = 1.0,
+                 section: str | None = None) -> None:
         self.path = Path(path)
+        self.section = section  # "policy" for a --policy file, None for a full config file
         self.manager = manager
         self.interval_s = interval_s
         self._digest: bytes | None = None
@@ -158,7 +162,7 @@ class FileWatcher:
         data = self._read()
         if data is None:
             raise ValueError(f"config: file {self.path} does not exist")
-        self.manager.apply_file_text(data)
+        self.manager.apply_file_text(data, self.section)
         self._digest = hashlib.sha256(data).digest()
 
     async def check(self) -> bool:
@@ -171,7 +175,7 @@ class FileWatcher:
             return False
         self._digest = digest
         try:
-            self.manager.apply_file_text(data)
+            self.manager.apply_file_text(data, self.section)
         except ValueError as exc:
             log.error("config file %s refused, previous configuration kept: %s", self.path, exc)
             return False

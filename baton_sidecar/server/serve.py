@@ -95,6 +95,7 @@ def build_configs(args: argparse.Namespace, environ: Any = os.environ
     token = read_admin_token(environ.get(ADMIN_TOKEN_ENV), args.admin_token_file)
     server = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
                           max_body_bytes=args.max_body_bytes, config_file=args.config,
+                          policy_file=args.policy,
                           admin_token=token, drain_timeout_s=args.drain_timeout)
     return engine, policy, router, server
 

@@ -114,3 +114,23 @@ def test_bearer_check_and_token_sources(tmp_path):
     assert read_admin_token("from-env", str(f)) == "from-file"
     assert read_admin_token("from-env", None) == "from-env"
     assert read_admin_token("  ", None) is None and read_admin_token(None, None) is None
+
+
+def test_policy_file_watcher_reloads_the_policy_section(tmp_path):
+    """``--policy FILE`` holds only the policy section and is hot-reloaded like the config file."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("preemption: {mode: swap}\nlimits: {max_batch_size: 4}\n")
+    m, applied = manager()
+    w = FileWatcher(str(path), m, interval_s=0.01, section="policy")
+    w.load_initial()
+    assert m.current.policy.limits.max_batch_size == 4 and applied["policy"][-1].preemption.mode == "swap"
+
+    async def scenario():
+        path.write_text("preemption: {mode: recompute}\nlimits: {max_batch_size: 6}\n")
+        assert await w.check()
+        path.write_text("preemption: {mode: sometimes}\n")
+        assert not await w.check()  # refused: the previous policy stays in force
+
+    asyncio.run(scenario())
+    assert m.current.policy.preemption.mode == "recompute" and m.current.policy.limits.max_batch_size == 6
+    assert m.current.router == BASE.router
