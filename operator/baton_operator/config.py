@@ -20,6 +20,9 @@ class OperatorConfig:
     image_pull_policy: str = "IfNotPresent"
     default_policy: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_POLICY))  # config shape
     rollout_poll_s: float = 10.0  # how often a sidecar rollout that has not finished is re-checked
+    rollout_tick_s: float = 5.0  # how often the rollout controller looks at each progressive rollout
+    report_timeout_s: float = 10.0  # for one sidecar's /ab/report or /metrics
+    allow_report_urls: bool = False  # honour the baton.dev/report-urls annotation (else: pod IPs only)
 
     def __post_init__(self) -> None:
         if not self.sidecar_image:
@@ -28,6 +31,10 @@ class OperatorConfig:
             raise ValueError(f"BATON_SIDECAR_PULL_POLICY: must be one of {PULL_POLICIES}")
         if not self.rollout_poll_s > 0:
             raise ValueError("BATON_ROLLOUT_POLL_SECONDS: must be > 0")
+        if not self.rollout_tick_s > 0:
+            raise ValueError("BATON_ROLLOUT_TICK_SECONDS: must be > 0")
+        if not self.report_timeout_s > 0:
+            raise ValueError("BATON_ROLLOUT_REPORT_TIMEOUT_SECONDS: must be > 0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -46,4 +53,7 @@ class OperatorConfig:
             image_pull_policy=env.get("BATON_SIDECAR_PULL_POLICY", "IfNotPresent"),
             default_policy=default_policy,
             rollout_poll_s=float(env.get("BATON_ROLLOUT_POLL_SECONDS", "10")),
+            rollout_tick_s=float(env.get("BATON_ROLLOUT_TICK_SECONDS", "5")),
+            report_timeout_s=float(env.get("BATON_ROLLOUT_REPORT_TIMEOUT_SECONDS", "10")),
+            allow_report_urls=env.get("BATON_ROLLOUT_ALLOW_REPORT_URLS", "").lower() in ("1", "true", "yes"),
         )

@@ -5,10 +5,10 @@ Triggers that reconcile one BatonDeployment:
 - a BatonPolicy of its namespace is created, changed or deleted (every BatonDeployment there);
 - a Deployment labelled ``baton.dev/deployment=<name>`` changes (its child, or its sidecar target).
 
-Seam for the rollout controller (issue 7): a ``@kopf.timer`` on batondeployments with ``spec.rollout``
-that reads the sidecars' ``/ab/report``, writes the ConfigMap's ``router.baton_weight`` and the status
-fields ``traffic.weight`` and ``rollout.*``. ``reconcile`` keeps whatever weight it finds while
-``spec.rollout`` is set, so the two never fight.
+The progressive rollout runs beside these, as a daemon per BatonDeployment with ``spec.rollout``
+(``rollout_controller``): it writes the ConfigMap's ``router.baton_weight`` and ``status.rollout``, and has
+phase and conditions recomputed through ``reconcile_and_write_status``. ``reconcile`` keeps whatever weight
+it finds while ``spec.rollout`` is set, so the two never fight.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _propagate(memo: kopf.Memo, namespace: str, policies: dict[str, Any], baton_
     for bd in list(baton_deployments.get(namespace, [])):
         if bd["metadata"].get("deletionTimestamp"):
             continue
-        error = _reconcile_and_write_status(memo, bd, policies, "policy-change", logger)
+        error = reconcile_and_write_status(memo, bd, policies, "policy-change", logger)
         if isinstance(error, kopf.TemporaryError) and "Conflict" in str(error):
             retry = error  # a concurrent writer won; go round again with fresh reads
     if retry is not None:
@@ -149,7 +149,7 @@ def deployment_event(type: str, body: kopf.Body, namespace: str, memo: kopf.Memo
     if bd is None or bd["metadata"].get("deletionTimestamp"):
         return
     policies = rec.policies_in(baton_policies.get(namespace, []))
-    _reconcile_and_write_status(memo, bd, policies, f"deployment-{(type or 'listed').lower()}", logger)
+    reconcile_and_write_status(memo, bd, policies, f"deployment-{(type or 'listed').lower()}", logger)
 
 
 # --- shared plumbing ---------------------------------------------------------------------------
@@ -189,9 +189,10 @@ def _reconcile(memo: kopf.Memo, bd: dict[str, Any], policies: dict[str, Any], tr
     return build_status(obs, previous), events, error
 
 
-def _reconcile_and_write_status(memo: kopf.Memo, bd: dict[str, Any], policies: dict[str, Any], trigger: str,
+def reconcile_and_write_status(memo: kopf.Memo, bd: dict[str, Any], policies: dict[str, Any], trigger: str,
                                 logger: logging.Logger) -> Exception | None:
-    """Reconcile outside the BatonDeployment's own handler: status goes through the API."""
+    """Reconcile outside the BatonDeployment's own handler (a policy or Deployment event, the rollout
+    controller): status goes through the API."""
     meta = bd["metadata"]
     previous = bd.get("status") or {}
     new_status, events, error = _reconcile(memo, bd, policies, trigger, previous)

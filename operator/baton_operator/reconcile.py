@@ -18,7 +18,8 @@ from typing import Any, Mapping
 from baton_operator import resources as res
 from baton_operator.config import OperatorConfig
 from baton_operator.kube import ApiError, Kube, path
-from baton_operator.policy import effective_policy, policy_hash, select_policy
+from baton_operator.policy import deep_merge, effective_policy, policy_hash, select_policy
+from baton_operator.rollout import tuned_padding
 from baton_operator.status import Observation, Problem, deployment_rollout
 
 Event = tuple[str, str, str]  # (type, reason, message)
@@ -140,6 +141,8 @@ def _apply_config(kube: Kube, cfg: OperatorConfig, bd: Mapping[str, Any],
     current_weight = (res.parse_config(observed).get("router") or {}).get("baton_weight")
     choice = select_policy(policies, (spec.get("policyRef") or {}).get("name"))
     policy = effective_policy(cfg.default_policy, choice.spec, spec)
+    if tuned := tuned_padding(spec.get("rollout"), (bd.get("status") or {}).get("rollout")):
+        policy = deep_merge(policy, {"padding": tuned})  # the rollout's auto-tune, recorded in status
     digest = policy_hash(policy)
     weight = res.desired_weight(spec, incumbent_url, current_weight)
     config = res.sidecar_config(policy, res.router_config(spec, incumbent_url, weight))

@@ -3,9 +3,11 @@
 Pure. ``Observation`` is everything one reconcile learnt; ``build_status`` turns it into the
 ``status`` stanza, keeping ``lastTransitionTime`` of conditions whose status did not change.
 
-Fields owned by the rollout controller (issue 7), which this module never writes: ``status.rollout``
-(``step``, ``phase``, ``message``, ``lastAnalysisTime``). ``status.traffic.weight`` mirrors the
-ConfigMap's ``router.baton_weight``, whoever set it.
+``status.rollout`` belongs to the rollout controller (``rollout.py``); this module never writes it, but
+reads its ``phase`` so that every writer derives the same conditions from it: a rollout under way keeps
+``Progressing`` true (reason ``TrafficShifting``), a promoted one turns it false (``Promoted``), a rolled
+back or aborted one sets ``Degraded`` (reason ``RolledBack``/``Aborted``, phase ``Degraded``).
+``status.traffic.weight`` mirrors the ConfigMap's ``router.baton_weight``, whoever set it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from typing import Any, Iterable, Mapping
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
 PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
+# status.rollout.phase values, as rollout.py writes them.
+TRAFFIC_ACTIVE = ("Progressing", "Paused", "AwaitingApproval")
+TRAFFIC_FAILED = ("RolledBack", "Aborted")
+TRAFFIC_PROMOTED = "Promoted"
+TRAFFIC_SHIFTING = "TrafficShifting"
 
 
 @dataclass(frozen=True)
@@ -84,10 +91,12 @@ def _condition(kind: str, ok: bool, reason: str, message: str, generation: int |
     return cond
 
 
-def conditions_for(obs: Observation) -> list[dict[str, Any]]:
+def conditions_for(obs: Observation, traffic: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Ready/Progressing/Degraded; ``traffic`` is ``status.rollout`` (the rollout controller's state)."""
     gen = obs.generation
     blocking = obs.problem
     rollout = obs.rollout
+    traffic_phase, traffic_message = _traffic(traffic)
     if blocking is not None:
         ready = _condition(READY, False, blocking.reason, blocking.message, gen)
         progressing = _condition(PROGRESSING, False, blocking.reason, blocking.message, gen)
@@ -97,10 +106,22 @@ def conditions_for(obs: Observation) -> list[dict[str, Any]]:
     else:
         ready = _condition(READY, rollout.done, rollout.reason, rollout.message, gen)
         progressing = _condition(PROGRESSING, not rollout.done, rollout.reason, rollout.message, gen)
-    trouble = blocking or obs.warning
-    degraded = (_condition(DEGRADED, True, trouble.reason, trouble.message, gen) if trouble
-                else _condition(DEGRADED, False, "AsExpected", "", gen))
+        if rollout.done and traffic_phase in TRAFFIC_ACTIVE:
+            progressing = _condition(PROGRESSING, True, TRAFFIC_SHIFTING, traffic_message, gen)
+        elif rollout.done and traffic_phase == TRAFFIC_PROMOTED:
+            progressing = _condition(PROGRESSING, False, TRAFFIC_PROMOTED, traffic_message, gen)
+    if blocking is None and traffic_phase in TRAFFIC_FAILED:
+        degraded = _condition(DEGRADED, True, traffic_phase, traffic_message, gen)
+    elif trouble := blocking or obs.warning:
+        degraded = _condition(DEGRADED, True, trouble.reason, trouble.message, gen)
+    else:
+        degraded = _condition(DEGRADED, False, "AsExpected", "", gen)
     return [ready, progressing, degraded]
+
+
+def _traffic(traffic: Mapping[str, Any] | None) -> tuple[str | None, str]:
+    traffic = traffic or {}
+    return traffic.get("phase"), str(traffic.get("message") or "")
 
 
 def merge_conditions(previous: Iterable[Mapping[str, Any]] | None, current: list[dict[str, Any]],
@@ -115,22 +136,42 @@ def merge_conditions(previous: Iterable[Mapping[str, Any]] | None, current: list
     return merged
 
 
-def phase_of(obs: Observation) -> str:
+def phase_of(obs: Observation, traffic: Mapping[str, Any] | None = None) -> str:
     if obs.problem is not None:
         return "Failed" if obs.problem.permanent else "Degraded"
     if obs.rollout is None:
         return "Pending"
     if not obs.rollout.done:
         return "Progressing"
-    return "Degraded" if obs.warning is not None else "Ready"
+    traffic_phase, _ = _traffic(traffic)
+    if obs.warning is not None or traffic_phase in TRAFFIC_FAILED:
+        return "Degraded"
+    return "Progressing" if traffic_phase in TRAFFIC_ACTIVE else "Ready"
+
+
+def traffic_conditions_stale(status: Mapping[str, Any] | None) -> bool:
+    """Whether phase and conditions lag behind ``status.rollout.phase`` (a concurrent writer built them
+    from an older rollout state); the rollout controller then has them recomputed."""
+    status = status or {}
+    traffic_phase, _ = _traffic(status.get("rollout"))
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    degraded, progressing = conditions.get(DEGRADED) or {}, conditions.get(PROGRESSING) or {}
+    if traffic_phase in TRAFFIC_FAILED:
+        return degraded.get("status") != "True"
+    if traffic_phase in TRAFFIC_ACTIVE:
+        return degraded.get("reason") in TRAFFIC_FAILED or progressing.get("status") != "True"
+    if traffic_phase == TRAFFIC_PROMOTED:
+        return degraded.get("reason") in TRAFFIC_FAILED or progressing.get("reason") == TRAFFIC_SHIFTING
+    return False
 
 
 def build_status(obs: Observation, previous: Mapping[str, Any] | None, now: str | None = None) -> dict[str, Any]:
     """The ``status`` stanza to merge-patch in; fields not observed this time are left out (kept)."""
     previous = previous or {}
+    traffic = previous.get("rollout")
     status: dict[str, Any] = {
-        "phase": phase_of(obs),
-        "conditions": merge_conditions(previous.get("conditions"), conditions_for(obs), now or now_iso()),
+        "phase": phase_of(obs, traffic),
+        "conditions": merge_conditions(previous.get("conditions"), conditions_for(obs, traffic), now or now_iso()),
     }
     if obs.generation is not None:
         status["observedGeneration"] = obs.generation

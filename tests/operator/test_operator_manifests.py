@@ -58,7 +58,8 @@ def test_deployment_policy_overrides_have_the_policy_schema() -> None:
 def test_rollout_schema_is_defined_for_the_rollout_controller() -> None:
     rollout = BD.openapi["properties"]["spec"]["properties"]["rollout"]["properties"]
     assert set(rollout) == {"steps", "pauseSeconds", "analysisIntervalSeconds", "minSamplesPerArm", "gates",
-                            "failureThreshold", "paused", "abort"}
+                            "failureThreshold", "paused", "abort", "manualGates", "approvedWeight", "attempt",
+                            "autoTune"}
     assert rollout["steps"]["items"] == {"type": "integer", "minimum": 0, "maximum": 100}
     assert set(rollout["gates"]["properties"]) == {"p95LatencyMarginPct", "ttftMarginPct", "maxErrorRate",
                                                    "minSlaAttainment"}

@@ -1,0 +1,172 @@
+"""The rollout controller: one kopf daemon per BatonDeployment with ``spec.rollout``; a thin adapter.
+
+Every ``BATON_ROLLOUT_TICK_SECONDS`` it reads the rollout state from ``status.rollout``, gathers the
+sidecars' ``/ab/report`` when an analysis is due, asks ``rollout.decide`` what to do, and applies the
+decision: the weight into the ConfigMap the sidecars read (first), ``status.rollout`` and
+``status.traffic.weight`` (then), a Kubernetes Event and a ``baton.rollout`` span. Phase and conditions
+are recomputed by the same reconcile that every other trigger runs (``status.build_status`` reads the
+rollout's phase), so the two writers agree. Nothing lives in memory between ticks: an operator restarted
+mid-rollout resumes at the recorded step.
+
+Where the reports come from: the ready endpoints of the Service in front of the sidecars (standalone:
+the BatonDeployment's own Service; sidecar mode: the target Service), from its EndpointSlices, at
+``http://<podIP>:<spec.port>``. With
+``BATON_ROLLOUT_ALLOW_REPORT_URLS=true`` the annotation ``baton.dev/report-urls`` (comma-separated base
+URLs) replaces the EndpointSlices: for sidecars the operator cannot reach by pod IP, and for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Mapping
+
+import kopf
+
+from baton_operator import handlers
+from baton_operator import reconcile as rec
+from baton_operator import resources as res
+from baton_operator import rollout as ro
+from baton_operator import tracing
+from baton_operator.kube import ApiError, Kube, path
+from baton_operator.status import traffic_conditions_stale
+
+
+def _has_rollout(spec: kopf.Spec, **_: Any) -> bool:
+    return bool(spec.get("rollout"))
+
+
+@kopf.daemon(*handlers.BD, id="rollout", when=_has_rollout, cancellation_timeout=10)
+async def rollout_daemon(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo,
+                         baton_policies: kopf.Index, logger: logging.Logger, **_: Any) -> None:
+    meta = body.get("metadata") or {}
+    bd_path = path(res.API_VERSION, "batondeployments", meta.get("namespace"), meta.get("name"))
+    while not stopped:
+        try:
+            # Read afresh, not from the watch: the last tick's own status write must be seen.
+            fresh = await asyncio.to_thread(memo.kube.get, bd_path)
+            if fresh is None or (fresh.get("metadata") or {}).get("deletionTimestamp"):
+                return
+            await tick(memo, fresh, baton_policies, logger)
+        except ApiError as exc:  # a conflict or an unreachable API: the next tick starts afresh
+            logger.warning(f"rollout tick: {exc}")
+        except Exception:
+            logger.exception("rollout tick failed")
+        await stopped.wait(memo.config.rollout_tick_s)
+
+
+async def tick(memo: kopf.Memo, body: Mapping[str, Any], baton_policies: Any, logger: logging.Logger,
+               now: float | None = None) -> ro.Decision | None:
+    bd = rec.snapshot(body)
+    annotations = dict((body.get("metadata") or {}).get("annotations") or {})
+    meta, spec = bd["metadata"], bd["spec"]
+    kube: Kube = memo.kube
+    previous = dict(bd["status"].get("rollout") or {})
+    try:
+        rspec = ro.RolloutSpec.from_spec(spec.get("rollout"))
+    except ValueError as exc:
+        await _write_rollout_status(kube, meta, previous, {**previous, "message": str(exc)}, None)
+        return None
+    cm_path = path("v1", "configmaps", meta["namespace"], res.config_map_name(meta["name"]))
+    config_map = await asyncio.to_thread(kube.get, cm_path)
+    if config_map is None or not (res.parse_config(config_map).get("router") or {}).get("incumbent_url"):
+        why = ("waiting for the ConfigMap" if config_map is None
+               else "no incumbent: Baton serves all traffic, there is nothing to roll out")
+        await _write_rollout_status(kube, meta, previous, {**previous, "message": why}, None)
+        return None
+
+    now = time.time() if now is None else now
+    state = ro.RolloutState.from_status(previous)
+    rev = ro.revision(spec)
+    urls: list[str] | None = None
+    measurement = None
+    if ro.wants_measurement(rspec, state, rev, now):
+        urls = await _report_urls(memo, bd, annotations, logger)
+        measurement = await ro.measure(urls, memo.config.report_timeout_s)
+    decision = ro.decide(rspec, state, rev, now, measurement)
+    tuned = await _auto_tune(memo, rspec, decision, previous, urls, bd, annotations, now, logger)
+
+    new = decision.state.to_status()
+    new["analysis"] = decision.analysis_status(previous.get("analysis"))
+    last = previous.get("lastDecision") or {}
+    if decision.action == "wait":
+        new["lastDecision"] = last or None
+    else:
+        same = last.get("action") == decision.action and last.get("reason") == decision.reason
+        new["lastDecision"] = {"action": decision.action, "reason": decision.reason,
+                               "time": last.get("time") if same else ro.iso(now)}
+    new["autoTune"] = tuned.status if tuned else previous.get("autoTune")
+
+    with tracing.span("rollout", namespace=meta["namespace"], resource_name=meta["name"],
+                      generation=meta.get("generation"), action=decision.action, step=decision.state.step,
+                      weight=decision.weight, phase=decision.state.phase,
+                      result=(new["analysis"] or {}).get("result") if decision.checks else None,
+                      failed_checks=",".join((new["analysis"] or {}).get("failedChecks") or []) or None,
+                      tuned=tuned.change["knob"] if tuned and tuned.change else None):
+        weight_changed = ro.config_weight(config_map) != decision.weight
+        if weight_changed:  # first the sidecars' file, then the record of it
+            await asyncio.to_thread(kube.merge_patch, cm_path, ro.config_map_weight_patch(config_map, decision.weight))
+        await _write_rollout_status(kube, meta, previous, new, decision.weight)
+    if decision.event is not None:
+        kopf.event(dict(body), type=decision.event[0], reason=decision.event[1], message=decision.event[2])
+    if tuned and tuned.change:
+        change = tuned.change
+        kopf.event(dict(body), type="Normal", reason="PolicyTuned",
+                   message=f"padding.{change['knob']} {change['from']} -> {change['to']}: {change['reason']}")
+    fresh_status = {**bd["status"], "rollout": new}
+    if (weight_changed or decision.state.phase != previous.get("phase") or (tuned and tuned.change)
+            or traffic_conditions_stale(fresh_status)):
+        # Phase and conditions (and the tuned policy) come from the one reconcile every trigger runs.
+        policies = rec.policies_in(baton_policies.get(meta["namespace"], []))
+        await asyncio.to_thread(handlers.reconcile_and_write_status, memo, {**bd, "status": fresh_status},
+                                policies, "rollout", logger)
+    if decision.action != "wait":
+        logger.info(f"rollout {decision.action} at {decision.weight}%: {decision.reason}")
+    return decision
+
+
+async def _write_rollout_status(kube: Kube, meta: Mapping[str, Any], previous: Mapping[str, Any],
+                                new: Mapping[str, Any], weight: float | None) -> None:
+    if dict(new) == dict(previous):
+        return
+    status: dict[str, Any] = {"rollout": res.with_removals(dict(new), dict(previous))}
+    if weight is not None:
+        status["traffic"] = {"weight": weight}
+    await asyncio.to_thread(kube.merge_patch, path(res.API_VERSION, "batondeployments", meta["namespace"],
+                                                   meta["name"], "status"), {"status": status})
+
+
+async def _report_urls(memo: kopf.Memo, bd: Mapping[str, Any], annotations: Mapping[str, str],
+                       logger: logging.Logger) -> list[str]:
+    explicit = ro.report_urls_from_annotation({"metadata": {"annotations": annotations}})
+    if explicit is not None:
+        if memo.config.allow_report_urls:
+            return explicit
+        logger.warning(f"ignoring the {ro.ANN_REPORT_URLS} annotation (BATON_ROLLOUT_ALLOW_REPORT_URLS is off)")
+    meta, spec = bd["metadata"], bd["spec"]
+    slices = await asyncio.to_thread(memo.kube.list, path("discovery.k8s.io/v1", "endpointslices", meta["namespace"]),
+                                     f"kubernetes.io/service-name={ro.service_name(bd)}")
+    return ro.endpoint_report_urls(slices, res.baton_port(spec))
+
+
+async def _auto_tune(memo: kopf.Memo, rspec: ro.RolloutSpec, decision: ro.Decision, previous: Mapping[str, Any],
+                     urls: list[str] | None, bd: Mapping[str, Any], annotations: Mapping[str, str], now: float,
+                     logger: logging.Logger) -> ro.TuneResult | None:
+    """One auto-tune round per analysis interval while Baton takes traffic (off unless enabled)."""
+    if not rspec.auto_tune.enabled or decision.weight <= 0 or decision.state.phase in (ro.ROLLED_BACK, ro.ABORTED):
+        return None
+    last = ro.from_iso((previous.get("autoTune") or {}).get("lastTime"))
+    if last is not None and now - last < rspec.interval_s:
+        return None
+    if urls is None:
+        urls = await _report_urls(memo, bd, annotations, logger)
+    pages, errors = await ro.fetch_all(urls, "/metrics", memo.config.report_timeout_s, as_json=False)
+    sample = ro.engine_sample(pages, now) if pages and not errors else None
+    if sample is None:
+        return None
+    config_map = await asyncio.to_thread(memo.kube.get, path("v1", "configmaps", bd["metadata"]["namespace"],
+                                                             res.config_map_name(bd["metadata"]["name"])))
+    padding = (res.parse_config(config_map).get("policy") or {}).get("padding") or {}
+    current = {camel: float(padding.get(snake, 0.5)) for camel, snake in ro.KNOBS}
+    return ro.auto_tune(rspec.auto_tune, current, previous.get("autoTune"), sample)
