@@ -42,14 +42,19 @@ class LiveConfig:
         return {"policy": self.policy.to_dict(), "router": dataclasses.asdict(self.router)}
 
 
-def parse_document(text: str | bytes) -> dict[str, Any]:
-    """A YAML or JSON document with optional ``policy`` and ``router`` sections."""
+def parse_document(text: str | bytes, section: str | None = None) -> dict[str, Any]:
+    """A YAML or JSON document with optional ``policy`` and ``router`` sections.
+
+    With ``section``, the document is that section's content alone (a ``--policy`` file).
+    """
     try:
         data = yaml.safe_load(text) if text else None
     except yaml.YAMLError as exc:
         raise ValueError(f"config: not valid YAML/JSON: {exc}") from None
     if data is None:
         return {}
+    if section is not None:
+        data = {section: data}
     if not isinstance(data, dict):
         raise ValueError("config: must be a mapping with `policy` and/or `router` sections")
     unknown = sorted(set(data) - set(SECTIONS))
@@ -123,8 +128,7 @@ class ConfigManager:
     def apply_file_text(self, text: str | bytes, section: str | None = None) -> LiveConfig:
         """Apply a watched file over the start-up configuration (``section``: the file holds only it)."""
         try:
-            document = parse_document(text)
-            new = merge(self.startup, {section: document} if section else document)
+            new = merge(self.startup, parse_document(text, section))
         except ValueError:
             self._on_result("file", False)
             raise
