@@ -1,0 +1,189 @@
+"""The rollout's other pure parts: the ConfigMap weight patch, where reports come from, status conditions,
+metric parsing, auto-tune, and the operator settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+import rollout_testlib  # noqa: F401  (sys.path)
+
+from baton_operator import resources as res
+from baton_operator import rollout as ro
+from baton_operator.config import OperatorConfig
+from baton_operator.policy import DEFAULT_POLICY
+from baton_operator.status import (Observation, Problem, Rollout, build_status, conditions_for, phase_of,
+                                   traffic_conditions_stale)
+
+BD = {"apiVersion": res.API_VERSION, "kind": res.KIND,
+      "metadata": {"name": "b", "namespace": "ns", "uid": "u-1", "generation": 1},
+      "spec": {"mode": "standalone", "router": {"incumbentUrl": "http://inc:8000"}, "rollout": {"steps": [5, 100]}}}
+
+
+def observed_config_map(weight: float) -> dict:
+    config = res.sidecar_config(DEFAULT_POLICY, res.router_config(BD["spec"], "http://inc:8000", weight))
+    cm = res.desired_config_map(BD, config, "hash")
+    cm["metadata"]["resourceVersion"] = "42"
+    return cm
+
+
+def test_weight_patch_changes_only_the_weight_and_the_reconciler_sees_nothing_to_undo() -> None:
+    cm = observed_config_map(5)
+    patch = ro.config_map_weight_patch(cm, 25)
+    assert patch["metadata"]["resourceVersion"] == "42"  # conditional on what was read
+    after = {**cm, "data": patch["data"],
+             "metadata": {**cm["metadata"], "annotations": {**cm["metadata"]["annotations"],
+                                                            **patch["metadata"]["annotations"]}}}
+    before, now = res.parse_config(cm), res.parse_config(after)
+    assert now["router"]["baton_weight"] == 25 and ro.config_weight(after) == 25
+    assert now["policy"] == before["policy"] and {k: v for k, v in now["router"].items() if k != "baton_weight"} \
+        == {k: v for k, v in before["router"].items() if k != "baton_weight"}
+    # What reconcile would build now (it keeps the ConfigMap's weight while spec.rollout is set).
+    weight = res.desired_weight(BD["spec"], "http://inc:8000", ro.config_weight(after))
+    desired = res.desired_config_map(BD, res.sidecar_config(DEFAULT_POLICY, res.router_config(
+        BD["spec"], "http://inc:8000", weight)), "hash")
+    assert res.update_body(desired, after) is None
+
+
+def test_report_urls_from_endpoint_slices() -> None:
+    slices = [
+        {"addressType": "IPv4", "endpoints": [
+            {"addresses": ["10.0.0.2"], "conditions": {"ready": True}},
+            {"addresses": ["10.0.0.3"], "conditions": {"ready": False}},  # not ready: left out
+            {"addresses": ["10.0.0.4"]}]},  # readiness unknown counts as ready (the API's own rule)
+        {"addressType": "IPv6", "endpoints": [{"addresses": ["fd00::5"], "conditions": {"ready": True}}]},
+        {"addressType": "FQDN", "endpoints": [{"addresses": ["x.example"]}]},
+    ]
+    assert ro.endpoint_report_urls(slices, 8080) == ["http://10.0.0.2:8080", "http://10.0.0.4:8080",
+                                                     "http://[fd00::5]:8080"]
+    assert ro.service_name(BD) == "b"
+    sidecar = {"metadata": {"name": "b"}, "spec": {"mode": "sidecar", "targetDeployment": "llm"}}
+    assert ro.service_name(sidecar) == "llm"
+    assert ro.service_name({**sidecar, "spec": {**sidecar["spec"], "targetService": "svc"}}) == "svc"
+
+
+def test_report_urls_annotation() -> None:
+    bd = {"metadata": {"annotations": {ro.ANN_REPORT_URLS: "http://127.0.0.1:1/, http://127.0.0.1:2"}}}
+    assert ro.report_urls_from_annotation(bd) == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    assert ro.report_urls_from_annotation({"metadata": {}}) is None
+
+
+DONE = Rollout(True, "DeploymentAvailable", "ok")
+
+
+@pytest.mark.parametrize("traffic, phase, conditions", [
+    (None, "Ready", {"Ready": ("True", "DeploymentAvailable"), "Progressing": ("False", "DeploymentAvailable"),
+                     "Degraded": ("False", "AsExpected")}),
+    ("Progressing", "Progressing", {"Progressing": ("True", "TrafficShifting"), "Degraded": ("False", "AsExpected")}),
+    ("AwaitingApproval", "Progressing", {"Progressing": ("True", "TrafficShifting")}),
+    ("Promoted", "Ready", {"Ready": ("True", "DeploymentAvailable"), "Progressing": ("False", "Promoted")}),
+    ("RolledBack", "Degraded", {"Ready": ("True", "DeploymentAvailable"), "Degraded": ("True", "RolledBack")}),
+    ("Aborted", "Degraded", {"Degraded": ("True", "Aborted")}),
+])
+def test_conditions_follow_the_rollout_phase(traffic, phase, conditions) -> None:
+    rollout = {"phase": traffic, "message": "m"} if traffic else None
+    obs = Observation(3, rollout=DONE)
+    assert phase_of(obs, rollout) == phase
+    got = {c["type"]: (c["status"], c["reason"]) for c in conditions_for(obs, rollout)}
+    assert {k: got[k] for k in conditions} == conditions
+    status = build_status(obs, {"rollout": rollout} if rollout else None, now="T")
+    assert status["phase"] == phase and not traffic_conditions_stale({**status, "rollout": rollout})
+
+
+def test_a_blocking_problem_still_wins_and_stale_conditions_are_noticed() -> None:
+    obs = Observation(3, problem=Problem("TargetNotFound", "gone"))
+    assert phase_of(obs, {"phase": "RolledBack"}) == "Degraded"
+    degraded = next(c for c in conditions_for(obs, {"phase": "RolledBack"}) if c["type"] == "Degraded")
+    assert degraded["reason"] == "TargetNotFound"
+    before = build_status(Observation(3, rollout=DONE), {"rollout": {"phase": "Progressing"}}, now="T")
+    assert traffic_conditions_stale({**before, "rollout": {"phase": "RolledBack"}})
+    assert traffic_conditions_stale({**before, "rollout": {"phase": "Promoted"}})
+    assert not traffic_conditions_stale({**before, "rollout": {"phase": "Paused"}})
+
+
+METRICS = """# HELP baton_engine_padding_ratio Masked / all KV slots in the running batch
+# TYPE baton_engine_padding_ratio gauge
+baton_engine_padding_ratio 0.6
+baton_tokens_total{arm="baton",kind="completion"} 1200.0
+baton_tokens_total{arm="baton",kind="prompt"} 900.0
+baton_tokens_total{arm="incumbent",kind="completion"} 5000.0
+"""
+
+
+def test_metric_parsing() -> None:
+    assert ro.metric_sum(METRICS, "baton_tokens_total", {"arm": "baton", "kind": "completion"}) == 1200.0
+    assert ro.metric_sum(METRICS, "baton_tokens_total", {"kind": "completion"}) == 6200.0
+    assert ro.metric_sum(METRICS, "nope") is None
+    sample = ro.engine_sample([METRICS, METRICS.replace("0.6", "0.2")], 100.0)
+    assert sample == ro.EngineSample(pytest.approx(0.4), 2400.0, 100.0)
+    assert ro.engine_sample(["garbage"], 1.0) is None
+
+
+TUNE = ro.AutoTuneSpec(enabled=True, compaction_threshold=ro.Bounds(0.3, 0.6), max_padding_ratio=ro.Bounds(0.6, 0.95),
+                       step=0.1)
+CURRENT = {"compactionThreshold": 0.5, "maxPaddingRatio": 0.9}
+
+
+def tune_rounds(samples):
+    """Run auto_tune over (padding ratio, tokens) samples 10 s apart; returns the results."""
+    status, results = None, []
+    for i, (padding, tokens) in enumerate(samples):
+        result = ro.auto_tune(TUNE, CURRENT, status, ro.EngineSample(padding, tokens, 1000.0 + 10 * i))
+        status = result.status
+        results.append(result)
+    return results
+
+
+def test_auto_tune_nudges_within_bounds_and_records_every_change() -> None:
+    # 1st round: no throughput yet. Then padding 0.8 > threshold 0.5: compact sooner, one step a round,
+    # each kept while throughput holds, never below the bound 0.3.
+    results = tune_rounds([(0.8, 0), (0.8, 100), (0.8, 200), (0.8, 300), (0.8, 400), (0.8, 500),
+                           (0.8, 600), (0.8, 700), (0.8, 800)])
+    assert results[0].change is None
+    changes = [r.change for r in results if r.change]
+    compaction = [c["to"] for c in changes if c["knob"] == "compactionThreshold"]
+    assert compaction == [0.4, 0.3]  # stops at the bound
+    assert all(0.3 <= r.values["compactionThreshold"] <= 0.6 for r in results)
+    assert results[-1].status["changes"] == changes and all("padding ratio" in c["reason"] for c in changes)
+    assert ro.tuned_padding({"autoTune": {"enabled": True}}, {"autoTune": results[-1].status}) == {
+        "compaction_threshold": results[-1].values["compactionThreshold"],
+        "max_padding_ratio": results[-1].values["maxPaddingRatio"]}
+    assert ro.tuned_padding({"autoTune": {"enabled": False}}, {"autoTune": results[-1].status}) == {}
+
+
+def test_auto_tune_reverts_a_nudge_that_cost_throughput_and_does_not_retry_it() -> None:
+    # Throughput 10 tokens/s, then after the nudge only 5: undone, and that direction is blocked.
+    results = tune_rounds([(0.8, 0), (0.8, 100), (0.8, 150), (0.8, 250), (0.8, 350)])
+    first, revert = results[1].change, results[2].change
+    assert first["knob"] == "compactionThreshold" and first["to"] == 0.4
+    assert revert["to"] == 0.5 and revert["reason"].startswith("reverted")
+    assert results[2].values["compactionThreshold"] == 0.5
+    assert "compactionThreshold:down" in results[-1].status["blocked"]
+    assert all(r.change is None or r.change["knob"] != "compactionThreshold" for r in results[3:])
+
+
+def test_auto_tune_low_padding_raises_the_threshold() -> None:
+    results = tune_rounds([(0.1, 0), (0.1, 100)])
+    assert results[1].change["knob"] == "compactionThreshold" and results[1].change["to"] == 0.6
+
+
+def test_operator_settings_for_the_rollout() -> None:
+    cfg = OperatorConfig.from_env({"BATON_ROLLOUT_TICK_SECONDS": "0.5", "BATON_ROLLOUT_ALLOW_REPORT_URLS": "true",
+                                   "BATON_ROLLOUT_REPORT_TIMEOUT_SECONDS": "3"})
+    assert (cfg.rollout_tick_s, cfg.allow_report_urls, cfg.report_timeout_s) == (0.5, True, 3.0)
+    assert OperatorConfig.from_env({}).allow_report_urls is False
+    with pytest.raises(ValueError, match="BATON_ROLLOUT_TICK_SECONDS"):
+        OperatorConfig.from_env({"BATON_ROLLOUT_TICK_SECONDS": "0"})
+
+
+def test_status_rollout_fields_are_in_the_crd() -> None:
+    crd = yaml.safe_load((rollout_testlib.ROOT / "manifests" / "crds" / "baton.dev_batondeployments.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["rollout"]
+    state = ro.decide(ro.RolloutSpec.from_spec({}), ro.RolloutState(), "rev", 1000.0).state.to_status()
+    written = set(state) | {"analysis", "lastDecision", "autoTune"}
+    assert written <= set(schema["properties"]), written - set(schema["properties"])
+    assert set(schema["properties"]["phase"]["enum"]) == {ro.PROGRESSING, ro.PAUSED, ro.AWAITING_APPROVAL,
+                                                          ro.PROMOTED, ro.ROLLED_BACK, ro.ABORTED}
+    json.dumps(state)  # plain JSON
