@@ -168,7 +168,7 @@ def test_admin_rejections(make_server):
     ok = {"Authorization": "Bearer t0k"}
     bad = requests.put(url + "/admin/config", json={"router": {"baton_weight": 150}}, headers=ok,
                        timeout=5)
-    assert_error(bad, 400, "baton_weight", "invalid_config")
+    assert_error(bad, 400, "router.baton_weight", "invalid_config")
     bad = requests.put(url + "/admin/config", data=b"{{", headers=ok, timeout=5)
     assert_error(bad, 400, code="invalid_config")
     assert requests.get(url + "/admin/config", headers=ok, timeout=5).status_code == 200
