@@ -6,11 +6,20 @@ namespace. Puts ``operator/`` and ``tests/operator/`` (the API emulator harness)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import requests
+import yaml
+from aiohttp import web
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -21,6 +30,7 @@ for extra in (ROOT / "operator", ROOT / "tests" / "operator"):
 from baton_sidecar.server.abstats import ABStats, Outcome, SLATargets  # noqa: E402
 
 from baton_operator import rollout as ro  # noqa: E402
+from operator_testlib import Cluster, wait_for  # noqa: E402,F401  (wait_for is re-exported for the tests)
 
 SLA = {"interactive": SLATargets(ttft_ms=1000.0, e2e_ms=2000.0)}
 
@@ -57,3 +67,178 @@ def state_at(step: int, weight: float, rev: str = "rev", failures: int = 0, appl
     return ro.RolloutState(revision=rev, phase=phase, step=step, weight=weight, step_started_at=applied_at,
                            applied_at=applied_at, last_analysis_at=applied_at, failures=failures,
                            baseline=baseline or ro.Counts({a: 0 for a in ro.ARMS}, {a: 0 for a in ro.ARMS}))
+
+
+# --- the emulated cluster, the operator, and what stands in for kubelet ---------------------------
+
+
+@contextlib.contextmanager
+def running_operator(cluster: Cluster, env: dict[str, str] | None = None) -> Iterator[Any]:
+    """The real operator (``kopf run -m baton_operator``) in a background thread, watching the cluster's
+    namespace, with a fast rollout tick; leaving the block stops it (a restart is two blocks)."""
+    import kopf
+    from kopf.testing import KopfRunner
+
+    settings_env = {"BATON_ROLLOUT_POLL_SECONDS": "0.5", "BATON_ROLLOUT_TICK_SECONDS": "0.5",
+                    "BATON_ROLLOUT_ALLOW_REPORT_URLS": "true", **(env or {})}
+    saved = {k: os.environ.get(k) for k in [*settings_env, "OTEL_EXPORTER_OTLP_ENDPOINT",
+                                            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]}
+    os.environ.update(settings_env)
+    os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    os.environ.pop("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None)
+    args = ["run", "--standalone", f"--namespace={cluster.namespace}", "--verbose", "-m", "baton_operator"]
+    settings = kopf.OperatorSettings()
+    settings.queueing.exit_timeout = 0.5
+    try:
+        with KopfRunner(args, timeout=60, settings=settings) as runner:
+            yield runner
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class ConfigMirror:
+    """Plays kubelet: copies the ConfigMap's ``baton.yaml`` to ``on_change`` whenever it changes, and
+    records the sequence of ``router.baton_weight`` values it saw."""
+
+    def __init__(self, cluster: Cluster, bd_name: str, on_change: Callable[[str], None],
+                 interval_s: float = 0.2) -> None:
+        self._url = (f"{cluster.url}/api/v1/namespaces/{cluster.namespace}/configmaps/"
+                     f"{bd_name}-baton-config")
+        self._on_change = on_change
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.weights: list[float] = []
+        self._last: str | None = None
+        self._thread = threading.Thread(target=self._run, name="config-mirror", daemon=True)
+
+    def __enter__(self) -> "ConfigMirror":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                resp = requests.get(self._url, timeout=5)
+            except requests.RequestException:
+                continue
+            if resp.status_code != 200:
+                continue
+            text = (resp.json().get("data") or {}).get("baton.yaml")
+            if not text or text == self._last:
+                continue
+            self._last = text
+            weight = ((yaml.safe_load(text) or {}).get("router") or {}).get("baton_weight")
+            if not self.weights or self.weights[-1] != weight:
+                self.weights.append(weight)
+            self._on_change(text)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` in one step, as kubelet's symlink swap does for a mounted ConfigMap."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rollout_status(cluster: Cluster, name: str) -> dict[str, Any]:
+    bd = cluster.get("bd", name) or {}
+    return (bd.get("status") or {}).get("rollout") or {}
+
+
+def events_for(cluster: Cluster, name: str) -> list[dict[str, Any]]:
+    return [e for e in cluster.list("events") if e["involvedObject"].get("name") == name]
+
+
+def batondeployment(name: str, incumbent_url: str, report_url: str, rollout: dict[str, Any],
+                    **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "baton.dev/v1alpha1", "kind": "BatonDeployment",
+            "metadata": {"name": name, "annotations": {ro.ANN_REPORT_URLS: report_url}},
+            "spec": {"mode": "standalone", "router": {"incumbentUrl": incumbent_url}, "rollout": rollout, **spec}}
+
+
+def apply_object(cluster: Cluster, obj: dict[str, Any], tmp: Path) -> None:
+    path = tmp / f"{obj['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    cluster.apply(path)
+
+
+# --- a scripted sidecar: /ab/report and /metrics from synthetic traffic ----------------------------
+
+class StubSidecar:
+    """Serves ``/ab/report`` as a sidecar would under steady traffic of ``rate`` requests/s split by
+    ``weight`` (set it as the sidecar would apply its config): Baton's e2e latency ~ N(baton_mean, 10%),
+    the incumbent's ~ N(1 s, 10%), both streamed (TTFT known). Runs on its own event-loop thread."""
+
+    def __init__(self, baton_mean: float = 0.6, rate: float = 60.0, weight: float = 0.0) -> None:
+        self.baton_mean, self.rate, self.weight = baton_mean, rate, weight
+        self.padding_ratio = 0.3
+        self.reports = 0
+        self._stats = ABStats()
+        self._rng = np.random.default_rng(0)
+        self._last = time.monotonic()
+        self._carry = 0.0
+        self._tokens = 0
+        self._lock = threading.Lock()
+        app = web.Application()
+        app.router.add_get("/ab/report", self._report)
+        app.router.add_get("/metrics", self._metrics)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="stub-sidecar", daemon=True)
+        self._thread.start()
+        self._runner = web.AppRunner(app, access_log=None)
+        self._call(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._call(site.start())
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
+
+    def apply_config(self, text: str) -> None:
+        self.weight = float(((yaml.safe_load(text) or {}).get("router") or {}).get("baton_weight", 0))
+
+    def _traffic(self) -> None:
+        now = time.monotonic()
+        self._carry += (now - self._last) * self.rate
+        self._last = now
+        n, self._carry = int(self._carry), self._carry - int(self._carry)
+        n_baton = int(self._rng.binomial(n, self.weight / 100.0)) if n else 0
+        baton = np.clip(self._rng.normal(self.baton_mean, self.baton_mean * 0.1, n_baton), 0.01, None)
+        incumbent = np.clip(self._rng.normal(1.0, 0.1, n - n_baton), 0.01, None)
+        for outcome in [*arm_outcomes("baton", baton), *arm_outcomes("incumbent", incumbent)]:
+            self._stats.record(outcome)
+        self._tokens += 8 * n_baton
+
+    async def _report(self, request: web.Request) -> web.Response:
+        with self._lock:
+            self._traffic()
+            self.reports += 1
+            body = self._stats.report(SLA, "interactive", resamples=200)
+        body["router"] = {"incumbent_url": "http://incumbent", "baton_weight": self.weight, "sticky_header": "",
+                          "fallback_to_baton": False}
+        return web.json_response(body)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        with self._lock:
+            self._traffic()
+            text = (f"baton_engine_padding_ratio {self.padding_ratio}\n"
+                    f'baton_tokens_total{{arm="baton",kind="completion"}} {float(self._tokens)}\n')
+        return web.Response(text=text)
+
+    def close(self) -> None:
+        self._call(self._runner.cleanup())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True, default=str)

@@ -1,0 +1,131 @@
+"""The rollout controller under kopf against the emulated API, reading scripted sidecars (no model):
+promotion through every step, a restart mid-rollout, rollback, abort and auto-tune."""
+
+from __future__ import annotations
+
+import pytest
+
+from rollout_testlib import (ConfigMirror, StubSidecar, apply_object, batondeployment, events_for,
+                             rollout_status, running_operator, wait_for)
+
+pytestmark = [pytest.mark.operator_e2e, pytest.mark.timeout(180)]
+
+WAIT = 60  # seconds; generous for a busy 2-core machine, reached only on failure
+ROLLOUT = {"steps": [10, 50, 100], "analysisIntervalSeconds": 1, "minSamplesPerArm": 10, "failureThreshold": 2,
+           "gates": {"p95LatencyMarginPct": 10, "ttftMarginPct": 10, "maxErrorRate": 0.05}}
+
+
+@pytest.fixture
+def stub():
+    sidecar = StubSidecar()
+    yield sidecar
+    sidecar.close()
+
+
+def _deployment_available(cluster, name) -> None:
+    """Play the Deployment controller for the standalone children (the stub stands in for the pods)."""
+    wait_for(lambda: cluster.get("deployments", name), WAIT, f"Deployment {name}")
+    cluster.play_deployment_controller(name)
+
+
+def _condition(cluster, name, kind):
+    bd = cluster.get("bd", name)
+    return next((c for c in (bd.get("status") or {}).get("conditions") or [] if c["type"] == kind), {})
+
+
+def test_promotes_through_every_step_and_resumes_after_a_restart(cluster, stub, tmp_path) -> None:
+    rollout = {**ROLLOUT, "manualGates": [100]}  # holds at 50% until approved: a fixed point to restart at
+    with ConfigMirror(cluster, "canary", stub.apply_config) as mirror:
+        with running_operator(cluster):
+            apply_object(cluster, batondeployment("canary", "http://127.0.0.1:9", stub.url, rollout), tmp_path)
+            _deployment_available(cluster, "canary")
+            wait_for(lambda: rollout_status(cluster, "canary").get("phase") == "AwaitingApproval", WAIT,
+                     "the rollout to pass 50% and wait for approval")
+        state = rollout_status(cluster, "canary")
+        assert (state["step"], state["weight"]) == (1, 50)
+        assert [h["weight"] for h in state["history"]] == [10, 50]
+        analysis = state["analysis"]
+        assert analysis["result"] == "pass" and analysis["failedChecks"] == []
+        for arm in ("baton", "incumbent"):
+            p95 = analysis["arms"][arm]["p95LatencySeconds"]
+            assert p95["ci95"][0] <= p95["value"] <= p95["ci95"][1]
+            assert analysis["arms"][arm]["requests"] >= 10
+        assert "approvedWeight" in state["message"]
+
+        # The operator was stopped mid-rollout; a new one resumes at the recorded step, not from 10%.
+        reports_before = stub.reports
+        with running_operator(cluster):
+            wait_for(lambda: stub.reports > reports_before + 2, WAIT, "the restarted operator to analyse again")
+            state = rollout_status(cluster, "canary")
+            assert (state["step"], state["weight"], state["phase"]) == (1, 50, "AwaitingApproval")
+            cluster.kubectl("patch", "bd", "canary", "--type=merge",
+                            "-p", '{"spec": {"rollout": {"approvedWeight": 100}}}')
+            wait_for(lambda: rollout_status(cluster, "canary").get("phase") == "Promoted", WAIT, "promotion")
+            wait_for(lambda: _condition(cluster, "canary", "Progressing").get("reason") == "Promoted", WAIT,
+                     "Progressing=False/Promoted")
+        wait_for(lambda: mirror.weights[-1:] == [100], WAIT, "the ConfigMap at 100%")
+    assert mirror.weights == [10, 50, 100]
+    bd = cluster.get("bd", "canary")
+    assert [h["weight"] for h in bd["status"]["rollout"]["history"]] == [10, 50, 100]
+    assert bd["status"]["traffic"]["weight"] == 100
+    assert bd["status"]["rollout"]["lastDecision"]["action"] == "promote"
+    reasons = [e["reason"] for e in events_for(cluster, "canary")]
+    assert {"RolloutStarted", "RolloutAdvanced", "RolloutAwaitingApproval", "RolloutPromoted"} <= set(reasons)
+    assert reasons.count("RolloutStarted") == 1  # the restart did not start it over
+
+
+def test_rolls_back_when_baton_is_slower(cluster, tmp_path) -> None:
+    stub = StubSidecar(baton_mean=2.0)  # twice the incumbent's latency
+    try:
+        with ConfigMirror(cluster, "slow", stub.apply_config) as mirror, running_operator(cluster):
+            apply_object(cluster, batondeployment("slow", "http://127.0.0.1:9", stub.url, ROLLOUT), tmp_path)
+            _deployment_available(cluster, "slow")
+            wait_for(lambda: rollout_status(cluster, "slow").get("phase") == "RolledBack", WAIT, "the rollback")
+            wait_for(lambda: _condition(cluster, "slow", "Degraded").get("status") == "True", WAIT, "Degraded=True")
+            wait_for(lambda: mirror.weights[-1:] == [0], WAIT, "the ConfigMap at 0%")
+        assert mirror.weights == [10, 0]
+        bd = cluster.get("bd", "slow")
+        state = bd["status"]["rollout"]
+        assert state["failedAnalyses"] == 2 and state["weight"] == 0
+        assert {"p95Latency", "ttft"} <= set(state["analysis"]["failedChecks"])
+        assert bd["status"]["phase"] == "Degraded" and bd["status"]["traffic"]["weight"] == 0
+        assert _condition(cluster, "slow", "Degraded")["reason"] == "RolledBack"
+        warnings = {e["reason"] for e in events_for(cluster, "slow") if e["type"] == "Warning"}
+        assert {"AnalysisFailed", "RolledBack"} <= warnings
+    finally:
+        stub.close()
+
+
+def test_abort_and_auto_tune(cluster, stub, tmp_path) -> None:
+    stub.padding_ratio = 0.8  # above the compaction threshold (0.5): auto-tune lowers it
+    rollout = {**ROLLOUT, "manualGates": [50], "autoTune": {"enabled": True, "stepSize": 0.1,
+                                                            "compactionThreshold": {"min": 0.3, "max": 0.6}}}
+    with ConfigMirror(cluster, "tuned", stub.apply_config) as mirror, running_operator(cluster):
+        apply_object(cluster, batondeployment("tuned", "http://127.0.0.1:9", stub.url, rollout), tmp_path)
+        wait_for(lambda: (rollout_status(cluster, "tuned").get("autoTune") or {}).get("changes"), WAIT,
+                 "an auto-tune change")
+        change = rollout_status(cluster, "tuned")["autoTune"]["changes"][0]
+        assert change["knob"] == "compactionThreshold" and change["from"] == 0.5 and change["to"] == 0.4
+        config = wait_for(lambda: (c := _config(cluster, "tuned")) and
+                          c["policy"]["padding"]["compaction_threshold"] == 0.4 and c, WAIT,
+                          "the tuned threshold in the ConfigMap")
+        assert config["router"]["baton_weight"] == 10  # the weight is untouched by tuning
+        assert "PolicyTuned" in {e["reason"] for e in events_for(cluster, "tuned")}
+
+        cluster.kubectl("patch", "bd", "tuned", "--type=merge", "-p", '{"spec": {"rollout": {"abort": true}}}')
+        wait_for(lambda: rollout_status(cluster, "tuned").get("phase") == "Aborted", WAIT, "the abort")
+        wait_for(lambda: mirror.weights[-1:] == [0], WAIT, "the ConfigMap at 0%")
+        wait_for(lambda: _condition(cluster, "tuned", "Degraded").get("reason") == "Aborted", WAIT,
+                 "Degraded=True/Aborted")
+        cluster.kubectl("patch", "bd", "tuned", "--type=merge", "-p", '{"spec": {"rollout": {"abort": false}}}')
+        wait_for(lambda: rollout_status(cluster, "tuned").get("phase") in ("Progressing", "AwaitingApproval"),
+                 WAIT, "the rollout to start again")
+        wait_for(lambda: mirror.weights[-1:] == [10], WAIT, "the ConfigMap back at the first step")
+    assert mirror.weights[:3] == [10, 0, 10]
+
+
+def _config(cluster, name):
+    import yaml
+
+    cm = cluster.get("configmaps", f"{name}-baton-config")
+    return yaml.safe_load(cm["data"]["baton.yaml"]) if cm else None
