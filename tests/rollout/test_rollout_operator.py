@@ -11,7 +11,7 @@ from rollout_testlib import (ConfigMirror, StubSidecar, apply_object, batondeplo
 pytestmark = [pytest.mark.operator_e2e, pytest.mark.timeout(180)]
 
 WAIT = 60  # seconds; generous for a busy 2-core machine, reached only on failure
-ROLLOUT = {"steps": [10, 50, 100], "analysisIntervalSeconds": 1, "minSamplesPerArm": 10, "failureThreshold": 2,
+ROLLOUT = {"steps": [10, 50, 100], "analysisIntervalSeconds": 5, "minSamplesPerArm": 10, "failureThreshold": 2,
            "gates": {"p95LatencyMarginPct": 10, "ttftMarginPct": 10, "maxErrorRate": 0.05}}
 
 
