@@ -41,6 +41,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length (default: the model's own)")
     g.add_argument("--batching", default="rebatch", choices=BATCHING_MODES)
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: all cores but one, which the event loop keeps)")
     g.add_argument("--max-batch-size", type=int, default=None)
     g.add_argument("--max-kv-tokens", type=int, default=None)
     g.add_argument("--max-queue", type=int, default=None)
@@ -162,6 +164,14 @@ async def serve(engine_cfg: EngineConfig, policy: PolicyConfig, router_cfg: Rout
         log.info("stopped")
 
 
+def set_cpu_threads(requested: int | None) -> None:
+    """Leave one core to the event loop: OpenMP workers that spin on every core starve it, and
+    oversubscribed spinning slows the model itself several-fold on a small machine."""
+    import torch
+
+    torch.set_num_threads(requested if requested and requested > 0 else max(1, (os.cpu_count() or 2) - 1))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     level = str(getattr(args, "log_level", "INFO")).upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO),
@@ -171,6 +181,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"baton-sidecar serve: {exc}", file=sys.stderr)
         return 2
+    set_cpu_threads(args.threads)
     try:
         return asyncio.run(serve(*configs))
     except ValueError as exc:  # a bad --config file at start-up
