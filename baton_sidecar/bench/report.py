@@ -11,6 +11,7 @@ from .metrics import RequestRecord
 
 TABLE_COLUMNS = (
     ("output tok/s", "output_tokens_per_s", "{:.1f}"),
+    ("tok/CPU-s", "output_tokens_per_cpu_s", "{:.1f}"),
     ("req/s", "requests_per_s", "{:.3f}"),
     ("goodput req/s", "goodput_req_per_s", "{:.3f}"),
     ("TTFT p50 s", "ttft_p50_s", "{:.3f}"),

@@ -127,8 +127,10 @@ def fake_server():
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{port}", seen
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
+    loop.close()
 
 
 def test_url_system_streams_and_counts(fake_server):
@@ -175,3 +177,36 @@ def test_tiny_real_model_run_writes_documented_keys(tmp_path, real_model, monkey
     assert result["workload"]["num_requests"] == 4 and "slo" in result
     for name in ("result.json", "report.md", "requests.json", "steps.json", "latency_cdf.png"):
         assert (out / name).is_file(), name
+
+
+class _FakeSystem:
+    """Finishes every request after ``delays.pop(0)`` seconds (no model)."""
+
+    def __init__(self, name, delays, order):
+        self.name, self.delays, self.order = name, delays, order
+
+    def run(self, workload, progress):
+        from baton_sidecar.bench.systems import SystemRun
+
+        self.order.append(self.name)
+        delay = self.delays.pop(0)
+        records = []
+        for r in workload.requests:
+            rec = RequestRecord(r.index, 0.0, r.prompt_len, r.max_tokens)
+            rec.token_times_s = [delay] * r.max_tokens
+            rec.finished_s, rec.output_tokens = delay, r.max_tokens
+            records.append(rec)
+        return SystemRun(self.name, records, cpu_s=1.0, wall_s=delay)
+
+
+def test_repeat_rotates_the_order_and_keeps_the_median_run():
+    bench = cli.Bench(parse("--repeat", "3", "--no-progress"))
+    order: list[str] = []
+    fakes = {"a": _FakeSystem("a", [1.0, 4.0, 2.0], order), "b": _FakeSystem("b", [1.0, 1.0, 1.0], order)}
+    bench.system = lambda name: fakes[name]
+    workload = Workload("w", [BenchRequest(0, (1, 2), 4)])
+    out = bench.run_rounds(["a", "b"], workload)
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert out["a"]["repeats"] == [4.0, 1.0, 2.0]
+    assert out["a"]["output_tokens_per_s"] == 2.0  # the median run
+    assert set(bench.runs) == {"a", "b"}
