@@ -159,6 +159,9 @@ def _reconcile(memo: kopf.Memo, bd: dict[str, Any], policies: dict[str, Any], tr
     """Run one reconcile in a span; returns (status to write, events to post, kopf error to raise)."""
     meta = bd["metadata"]
     generation = meta.get("generation")
+    ended = not bd["spec"].get("rollout") and previous.get("rollout") is not None
+    if ended:  # spec.rollout was removed: its state no longer shapes the conditions, and is cleared
+        previous = {k: v for k, v in previous.items() if k != "rollout"}
     error: Exception | None = None
     events: list[rec.Event] = []
     try:
@@ -186,7 +189,10 @@ def _reconcile(memo: kopf.Memo, bd: dict[str, Any], policies: dict[str, Any], tr
                                             else "waiting", delay=outcome.retry_after)
     except (kopf.PermanentError, kopf.TemporaryError) as exc:
         error = exc
-    return build_status(obs, previous), events, error
+    status = build_status(obs, previous)
+    if ended:
+        status["rollout"] = None
+    return status, events, error
 
 
 def reconcile_and_write_status(memo: kopf.Memo, bd: dict[str, Any], policies: dict[str, Any], trigger: str,

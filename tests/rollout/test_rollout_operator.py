@@ -4,7 +4,11 @@ promotion through every step, a restart mid-rollout, rollback, abort and auto-tu
 from __future__ import annotations
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from baton_operator import tracing
 from rollout_testlib import (ConfigMirror, StubSidecar, apply_object, batondeployment, events_for,
                              rollout_status, running_operator, wait_for)
 
@@ -13,6 +17,16 @@ pytestmark = [pytest.mark.operator_e2e, pytest.mark.timeout(180)]
 WAIT = 60  # seconds; generous for a busy 2-core machine, reached only on failure
 ROLLOUT = {"steps": [10, 50, 100], "analysisIntervalSeconds": 5, "minSamplesPerArm": 10, "failureThreshold": 2,
            "gates": {"p95LatencyMarginPct": 10, "ttftMarginPct": 10, "maxErrorRate": 0.05}}
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
+    """Spans of the operator running in this process (until it shuts the provider down on exit)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "_provider", provider)
+    return exporter
 
 
 @pytest.fixture
@@ -74,7 +88,7 @@ def test_promotes_through_every_step_and_resumes_after_a_restart(cluster, stub, 
     assert reasons.count("RolloutStarted") == 1  # the restart did not start it over
 
 
-def test_rolls_back_when_baton_is_slower(cluster, tmp_path) -> None:
+def test_rolls_back_when_baton_is_slower(cluster, tmp_path, spans) -> None:
     stub = StubSidecar(baton_mean=2.0)  # twice the incumbent's latency
     try:
         with ConfigMirror(cluster, "slow", stub.apply_config) as mirror, running_operator(cluster):
@@ -92,6 +106,12 @@ def test_rolls_back_when_baton_is_slower(cluster, tmp_path) -> None:
         assert _condition(cluster, "slow", "Degraded")["reason"] == "RolledBack"
         warnings = {e["reason"] for e in events_for(cluster, "slow") if e["type"] == "Warning"}
         assert {"AnalysisFailed", "RolledBack"} <= warnings
+        decisions = [dict(s.attributes) for s in spans.get_finished_spans() if s.name == "baton.rollout"]
+        rollback = next(a for a in decisions if a["baton.action"] == "rollback")
+        assert rollback["baton.name"] == "slow" and rollback["baton.weight"] == 0
+        assert rollback["baton.phase"] == "RolledBack" and rollback["baton.result"] == "fail"
+        assert "p95Latency" in rollback["baton.failed_checks"] and rollback["baton.outcome"] == "ok"
+        assert [a["baton.action"] for a in decisions if a["baton.action"] != "wait"][0] == "start"
     finally:
         stub.close()
 
@@ -129,3 +149,33 @@ def _config(cluster, name):
 
     cm = cluster.get("configmaps", f"{name}-baton-config")
     return yaml.safe_load(cm["data"]["baton.yaml"]) if cm else None
+
+
+def test_finds_sidecars_through_endpoint_slices_and_removing_the_rollout_ends_it(cluster, stub, tmp_path) -> None:
+    port = int(stub.url.rsplit(":", 1)[1])  # the stub plays a pod at 127.0.0.1 serving Baton on spec.port
+    bd = batondeployment("sliced", "http://127.0.0.1:9", stub.url, {**ROLLOUT, "manualGates": [50]}, port=port)
+    del bd["metadata"]["annotations"]
+    endpoint_slice = {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "sliced-abcde", "labels": {"kubernetes.io/service-name": "sliced"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}},
+                      {"addresses": ["127.0.0.2"], "conditions": {"ready": False}}]}
+    apply_object(cluster, endpoint_slice, tmp_path)
+    with ConfigMirror(cluster, "sliced", stub.apply_config), \
+            running_operator(cluster, env={"BATON_ROLLOUT_ALLOW_REPORT_URLS": "false"}):
+        apply_object(cluster, bd, tmp_path)
+        _deployment_available(cluster, "sliced")
+        wait_for(lambda: rollout_status(cluster, "sliced").get("phase") == "AwaitingApproval", WAIT,
+                 "an analysis of the sidecar found through the EndpointSlice")
+        assert rollout_status(cluster, "sliced")["analysis"]["pods"] == 1  # the unready endpoint is left out
+
+        # Without spec.rollout the reconciler owns the weight again (spec.router.weight) and the state goes.
+        cluster.kubectl("patch", "bd", "sliced", "--type=json", "-p",
+                        '[{"op": "remove", "path": "/spec/rollout"},'
+                        ' {"op": "add", "path": "/spec/router/weight", "value": 100}]')
+        wait_for(lambda: "rollout" not in (cluster.get("bd", "sliced").get("status") or {}), WAIT,
+                 "status.rollout to be cleared")
+        wait_for(lambda: _config(cluster, "sliced")["router"]["baton_weight"] == 100, WAIT, "spec.router.weight")
+        bd = cluster.get("bd", "sliced")
+        assert bd["status"]["phase"] == "Ready" and _condition(cluster, "sliced", "Progressing")["status"] == "False"
