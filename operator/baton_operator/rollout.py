@@ -415,6 +415,7 @@ class Decision:
     checks: tuple[Check, ...] = ()
     measurement: Measurement | None = None
     event: Event | None = None
+    baseline: Counts | None = None  # what the checks counted from (the step's start)
 
     @property
     def weight(self) -> float:
@@ -424,7 +425,7 @@ class Decision:
         """``status.rollout.analysis``: the last analysis (kept from ``previous`` when none ran now)."""
         if not self.checks:
             return dict(previous) if previous else None
-        m, base = self.measurement, self.state.baseline
+        m, base = self.measurement, self.baseline
         arms: dict[str, Any] = {}
         if m is not None and m.problem is None:
             for name in ARMS:
@@ -524,7 +525,8 @@ def decide(spec: RolloutSpec, state: RolloutState, rev: str, now: float,
         return Decision("hold", replace(state, baseline=Counts.of(m), applied_at=now, last_analysis_at=now,
                                         message=msg), msg, measurement=m)
 
-    checks = tuple(evaluate(spec, state.weight, m, state.baseline))
+    base = state.baseline
+    checks = tuple(evaluate(spec, state.weight, m, base))
     state = replace(state, last_analysis_at=now)
     failed = [c for c in checks if c.result == FAIL]
     waiting = [c for c in checks if c.result == WAIT]
@@ -535,31 +537,32 @@ def decide(spec: RolloutSpec, state: RolloutState, rev: str, now: float,
         if failures >= spec.failure_threshold:
             msg = f"rolled back after {failures} failed analyses at {at}: {why}"
             new = replace(_start_step(state, state.step, 0, ROLLED_BACK, "rollback", msg, now), failures=failures)
-            return Decision("rollback", new, msg, checks, m, ("Warning", "RolledBack", msg))
+            return Decision("rollback", new, msg, checks, m, event=("Warning", "RolledBack", msg), baseline=base)
         msg = f"analysis failed ({failures} of {spec.failure_threshold}) at {at}: {why}"
         return Decision("hold", replace(state, failures=failures, message=msg), msg, checks, m,
-                        ("Warning", "AnalysisFailed", msg))
+                        event=("Warning", "AnalysisFailed", msg), baseline=base)
     if waiting:
         msg = f"holding at {at}: " + "; ".join(f"{c.name} inconclusive: {c.detail}" for c in waiting)
-        return Decision("hold", replace(state, message=msg), msg, checks, m)
+        return Decision("hold", replace(state, message=msg), msg, checks, m, baseline=base)
 
     state = replace(state, failures=0)
     if now - state.applied_at < spec.pause_s:
         msg = f"analysis passed at {at}; pausing until {iso(state.applied_at + spec.pause_s)} (pauseSeconds)"
-        return Decision("hold", replace(state, message=msg), msg, checks, m)
+        return Decision("hold", replace(state, message=msg), msg, checks, m, baseline=base)
     nxt = steps[state.step + 1]
     if nxt in spec.manual_gates and spec.approved_weight < nxt:
         msg = (f"analysis passed at {at}; awaiting approval to go to {nxt}% "
                f"(set spec.rollout.approvedWeight to {nxt} or more)")
         event = None if state.phase == AWAITING_APPROVAL else ("Normal", "RolloutAwaitingApproval", msg)
-        return Decision("hold", replace(state, phase=AWAITING_APPROVAL, message=msg), msg, checks, m, event)
+        return Decision("hold", replace(state, phase=AWAITING_APPROVAL, message=msg), msg, checks, m, event,
+                        baseline=base)
     if nxt == 100:
         msg = f"promoted: analysis passed at {at}; all traffic to Baton"
         new = _start_step(state, state.step + 1, 100, PROMOTED, "promote", msg, now)
-        return Decision("promote", new, msg, checks, m, ("Normal", "RolloutPromoted", msg))
+        return Decision("promote", new, msg, checks, m, event=("Normal", "RolloutPromoted", msg), baseline=base)
     msg = f"analysis passed at {at}; advanced to step {state.step + 2} of {len(steps)} ({nxt}%)"
     new = _start_step(state, state.step + 1, nxt, PROGRESSING, "advance", msg, now)
-    return Decision("advance", new, msg, checks, m, ("Normal", "RolloutAdvanced", msg))
+    return Decision("advance", new, msg, checks, m, event=("Normal", "RolloutAdvanced", msg), baseline=base)
 
 
 def config_map_weight_patch(config_map: Mapping[str, Any], weight: float) -> dict[str, Any]:

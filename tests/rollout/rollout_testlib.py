@@ -153,6 +153,21 @@ def rollout_status(cluster: Cluster, name: str) -> dict[str, Any]:
     return (bd.get("status") or {}).get("rollout") or {}
 
 
+def wait_for_phase(cluster: Cluster, name: str, phase: str, timeout: float) -> dict[str, Any]:
+    """Wait for ``status.rollout.phase``; on timeout, say where the rollout stood and why."""
+    seen: dict[str, Any] = {}
+
+    def check() -> dict[str, Any] | None:
+        seen.update(rollout_status(cluster, name))
+        return dict(seen) if seen.get("phase") == phase else None
+
+    try:
+        return wait_for(check, timeout, f"rollout phase {phase}")
+    except AssertionError as exc:
+        where = {k: seen.get(k) for k in ("phase", "weight", "failedAnalyses", "message", "history")}
+        raise AssertionError(f"{exc}; the rollout stood at {dump(where)}") from None
+
+
 def events_for(cluster: Cluster, name: str) -> list[dict[str, Any]]:
     return [e for e in cluster.list("events") if e["involvedObject"].get("name") == name]
 

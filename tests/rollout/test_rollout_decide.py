@@ -53,6 +53,8 @@ def test_decision_table(name, samples, failures, action, weight, phase, failed, 
         assert decision.event[0] == "Warning" and all(f in decision.reason for f in failed)
     analysis = decision.analysis_status(None)
     assert analysis["failedChecks"] == [c.name for c in decision.checks if c.result == ro.FAIL]
+    counted = len(samples[0])  # the baseline was 0: every request counts, also once the step has moved on
+    assert analysis["arms"]["baton"]["requests"] == counted
     assert set(analysis["arms"]) == {"baton", "incumbent"}
     p95 = analysis["arms"]["baton"]["p95LatencySeconds"]
     assert p95["ci95"][0] <= p95["value"] <= p95["ci95"][1] and p95["n"] > 0
@@ -79,7 +81,9 @@ def test_advance_records_the_step_and_a_new_baseline_is_taken_once_the_sidecars_
 
 
 def test_last_step_promotes_to_100() -> None:
-    decision = ro.decide(SPEC, state_at(2, 50), "rev", NOW, measure(*WIN, weight=50))
+    base = ro.Counts({"baton": 100, "incumbent": 100}, {"baton": 0, "incumbent": 0})
+    decision = ro.decide(SPEC, state_at(2, 50, baseline=base), "rev", NOW, measure(*WIN, weight=50))
+    assert decision.analysis_status(None)["arms"]["baton"]["requests"] == 200  # counted from the step's start
     assert (decision.action, decision.weight, decision.state.phase) == ("promote", 100, ro.PROMOTED)
     assert decision.event[1] == "RolloutPromoted"
     assert not ro.wants_measurement(SPEC, decision.state, "rev", NOW + 1000)

@@ -30,7 +30,7 @@ import requests
 import yaml
 
 from rollout_testlib import (ROOT, ConfigMirror, apply_object, batondeployment, events_for, rollout_status,
-                             running_operator, wait_for, write_atomically)
+                             running_operator, wait_for, wait_for_phase, write_atomically)
 
 sys.path.insert(0, str(ROOT / "tests" / "server"))
 from server_helpers import SidecarProcess  # noqa: E402  (the server tests' process launcher)
@@ -141,7 +141,7 @@ def test_promotes_to_100_and_resumes_after_an_operator_restart(cluster, incumben
             assert (stopped_at["step"], stopped_at["weight"]) == (1, 50)
 
             with running_operator(cluster):  # a new operator process: it resumes at 50%, not from 25%
-                wait_for(lambda: rollout_status(cluster, "canary").get("phase") == "Promoted", WAIT, "promotion")
+                wait_for_phase(cluster, "canary", "Promoted", WAIT)
             wait_for(lambda: report(baton)["router"]["baton_weight"] == 100, 30, "the sidecar to apply 100%")
             applied = time.monotonic()
             wait_for(lambda: any(t > applied for t, _ in load.served), 60, "requests sent at 100%")
@@ -180,7 +180,7 @@ def test_rolls_back_when_baton_is_worse(cluster, incumbent, tmp_path) -> None:
             apply_object(cluster, bd, tmp_path)
             wait_for(lambda: cluster.get("deployments", "worse"), 30, "the standalone Deployment")
             cluster.play_deployment_controller("worse")
-            wait_for(lambda: rollout_status(cluster, "worse").get("phase") == "RolledBack", WAIT, "the rollback")
+            wait_for_phase(cluster, "worse", "RolledBack", WAIT)
             wait_for(lambda: report(baton)["router"]["baton_weight"] == 0, 30, "the sidecar to apply 0%")
             wait_for(lambda: (cluster.get("bd", "worse")["status"].get("phase") == "Degraded"), 30, "phase Degraded")
         final = cluster.get("bd", "worse")

@@ -4,13 +4,14 @@ promotion through every step, a restart mid-rollout, rollback, abort and auto-tu
 from __future__ import annotations
 
 import pytest
+import yaml
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from baton_operator import tracing
 from rollout_testlib import (ConfigMirror, StubSidecar, apply_object, batondeployment, events_for,
-                             rollout_status, running_operator, wait_for)
+                             rollout_status, running_operator, wait_for, wait_for_phase)
 
 pytestmark = [pytest.mark.operator_e2e, pytest.mark.timeout(180)]
 
@@ -53,8 +54,7 @@ def test_promotes_through_every_step_and_resumes_after_a_restart(cluster, stub, 
         with running_operator(cluster):
             apply_object(cluster, batondeployment("canary", "http://127.0.0.1:9", stub.url, rollout), tmp_path)
             _deployment_available(cluster, "canary")
-            wait_for(lambda: rollout_status(cluster, "canary").get("phase") == "AwaitingApproval", WAIT,
-                     "the rollout to pass 50% and wait for approval")
+            wait_for_phase(cluster, "canary", "AwaitingApproval", WAIT)
         state = rollout_status(cluster, "canary")
         assert (state["step"], state["weight"]) == (1, 50)
         assert [h["weight"] for h in state["history"]] == [10, 50]
@@ -74,7 +74,7 @@ def test_promotes_through_every_step_and_resumes_after_a_restart(cluster, stub, 
             assert (state["step"], state["weight"], state["phase"]) == (1, 50, "AwaitingApproval")
             cluster.kubectl("patch", "bd", "canary", "--type=merge",
                             "-p", '{"spec": {"rollout": {"approvedWeight": 100}}}')
-            wait_for(lambda: rollout_status(cluster, "canary").get("phase") == "Promoted", WAIT, "promotion")
+            wait_for_phase(cluster, "canary", "Promoted", WAIT)
             wait_for(lambda: _condition(cluster, "canary", "Progressing").get("reason") == "Promoted", WAIT,
                      "Progressing=False/Promoted")
         wait_for(lambda: mirror.weights[-1:] == [100], WAIT, "the ConfigMap at 100%")
@@ -94,7 +94,7 @@ def test_rolls_back_when_baton_is_slower(cluster, tmp_path, spans) -> None:
         with ConfigMirror(cluster, "slow", stub.apply_config) as mirror, running_operator(cluster):
             apply_object(cluster, batondeployment("slow", "http://127.0.0.1:9", stub.url, ROLLOUT), tmp_path)
             _deployment_available(cluster, "slow")
-            wait_for(lambda: rollout_status(cluster, "slow").get("phase") == "RolledBack", WAIT, "the rollback")
+            wait_for_phase(cluster, "slow", "RolledBack", WAIT)
             wait_for(lambda: _condition(cluster, "slow", "Degraded").get("status") == "True", WAIT, "Degraded=True")
             wait_for(lambda: mirror.weights[-1:] == [0], WAIT, "the ConfigMap at 0%")
         assert mirror.weights == [10, 0]
@@ -133,7 +133,7 @@ def test_abort_and_auto_tune(cluster, stub, tmp_path) -> None:
         assert "PolicyTuned" in {e["reason"] for e in events_for(cluster, "tuned")}
 
         cluster.kubectl("patch", "bd", "tuned", "--type=merge", "-p", '{"spec": {"rollout": {"abort": true}}}')
-        wait_for(lambda: rollout_status(cluster, "tuned").get("phase") == "Aborted", WAIT, "the abort")
+        wait_for_phase(cluster, "tuned", "Aborted", WAIT)
         wait_for(lambda: mirror.weights[-1:] == [0], WAIT, "the ConfigMap at 0%")
         wait_for(lambda: _condition(cluster, "tuned", "Degraded").get("reason") == "Aborted", WAIT,
                  "Degraded=True/Aborted")
@@ -145,8 +145,6 @@ def test_abort_and_auto_tune(cluster, stub, tmp_path) -> None:
 
 
 def _config(cluster, name):
-    import yaml
-
     cm = cluster.get("configmaps", f"{name}-baton-config")
     return yaml.safe_load(cm["data"]["baton.yaml"]) if cm else None
 
@@ -166,8 +164,7 @@ def test_finds_sidecars_through_endpoint_slices_and_removing_the_rollout_ends_it
             running_operator(cluster, env={"BATON_ROLLOUT_ALLOW_REPORT_URLS": "false"}):
         apply_object(cluster, bd, tmp_path)
         _deployment_available(cluster, "sliced")
-        wait_for(lambda: rollout_status(cluster, "sliced").get("phase") == "AwaitingApproval", WAIT,
-                 "an analysis of the sidecar found through the EndpointSlice")
+        wait_for_phase(cluster, "sliced", "AwaitingApproval", WAIT)
         assert rollout_status(cluster, "sliced")["analysis"]["pods"] == 1  # the unready endpoint is left out
 
         # Without spec.rollout the reconciler owns the weight again (spec.router.weight) and the state goes.
