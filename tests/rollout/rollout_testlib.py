@@ -172,6 +172,17 @@ def events_for(cluster: Cluster, name: str) -> list[dict[str, Any]]:
     return [e for e in cluster.list("events") if e["involvedObject"].get("name") == name]
 
 
+def wait_for_events(cluster: Cluster, name: str, reasons: set[str], timeout: float,
+                    kind: str | None = None) -> list[str]:
+    """Wait until the object's Events include ``reasons`` (of type ``kind``, if given): kopf posts Events
+    in the background, so they can trail the change they report, and a stopped operator drops the rest."""
+    def check() -> list[str] | None:
+        got = [e["reason"] for e in events_for(cluster, name) if kind is None or e["type"] == kind]
+        return got if reasons <= set(got) else None
+
+    return wait_for(check, timeout, f"Events {sorted(reasons)} on {name}")
+
+
 def batondeployment(name: str, incumbent_url: str, report_url: str, rollout: dict[str, Any],
                     **spec: Any) -> dict[str, Any]:
     return {"apiVersion": "baton.dev/v1alpha1", "kind": "BatonDeployment",
