@@ -196,7 +196,7 @@ def _reconcile(memo: kopf.Memo, bd: dict[str, Any], policies: dict[str, Any], tr
 
 
 def reconcile_and_write_status(memo: kopf.Memo, bd: dict[str, Any], policies: dict[str, Any], trigger: str,
-                                logger: logging.Logger) -> Exception | None:
+                               logger: logging.Logger) -> Exception | None:
     """Reconcile outside the BatonDeployment's own handler (a policy or Deployment event, the rollout
     controller): status goes through the API."""
     meta = bd["metadata"]
