@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -rs -m "not model and not operator_e2e and not rollout_e2e" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(VENV)/bin/baton-sidecar bench --workload offline --json bench-results.json
+	$(VENV)/bin/baton-sidecar bench offline --threads 1 --out bench-out --json bench-results.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
