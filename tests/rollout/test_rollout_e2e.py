@@ -121,7 +121,11 @@ def run_baton(tmp_path: Path, incumbent: SidecarProcess, *args: str) -> tuple[Si
     config = tmp_path / "baton.yaml"  # what kubelet would mount; replaced by the operator's ConfigMap
     config.write_text(yaml.safe_dump({"router": {"incumbent_url": incumbent.url, "baton_weight": 0}}))
     baton = start_sidecar("--config", str(config), *args)
-    wait_ready(incumbent, baton)
+    try:
+        wait_ready(incumbent, baton)
+    except BaseException:
+        baton.stop()
+        raise
     return baton, config
 
 
