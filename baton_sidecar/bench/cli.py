@@ -595,7 +595,8 @@ def plan_padding(bench: Bench) -> dict[str, Any]:
         workload = with_time_scale(base, args.time_scale)
         capacity = None
     else:
-        load = (_loads(args, "0.8") or [0.8])[0]
+        # At 0.8 of rtc capacity the trace keeps ~2 rows running: too few to pad. 1.5 keeps a batch.
+        load = (_loads(args, "1.5") or [1.5])[0]
         capacity = bench.measure_capacity(base)
         rate = load * capacity["requests_per_s"]
         workload = with_time_scale(base, time_scale_for_rate(base, rate), load=load, offered_rate_req_per_s=rate)
@@ -605,7 +606,8 @@ def plan_padding(bench: Bench) -> dict[str, Any]:
     rebatch = replace(bench.engine_config, batching="rebatch")
     scenario: dict[str, Any] = {"name": "padding", "variants": {}}
     for value, bucketing in settings:
-        label = f"pad{value:g}" + ("_bucket" if bucketing else "")
+        shown = f"{value:.1f}" if round(value, 1) == value else f"{value:g}"
+        label = f"pad{shown}" + ("_bucket" if bucketing else "_nobucket")
         policy = replace(bench.policy, padding=replace(bench.policy.padding, max_padding_ratio=value,
                                                        bucketing=bucketing))
         summary = bench.run_system(label, EngineSystem(label, bench.loaded, rebatch, policy), workload)
