@@ -74,8 +74,9 @@ class PreemptionPolicy:
 class PaddingPolicy:
     """Trades attention work wasted on padding against the copies that remove it.
 
-    ``compaction_threshold``: when masked slots / all slots in the running batch exceed
-    this, rows are re-packed to drop padding (an O(B*L) copy).
+    ``compaction_threshold``: when the live window uses less than this fraction of the
+    allocated cache buffers (long rows have left), the buffers are re-packed tighter (one
+    O(B*L) copy) to return memory.
     ``max_padding_ratio``: a newcomer whose insertion would push the ratio above this
     waits for a better-fitting moment unless it is urgent (length-aware admission).
     ``bucketing``: order admissions by prompt length so similar lengths run together.
