@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -105,6 +106,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-kv-tokens", type=int, help="engine KV-token budget (default 65536)")
     g.add_argument("--max-prefill-tokens", type=int, help="engine prefill tokens per step (default 2048)")
     g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    g.add_argument("--settle-load", type=float,
+                   help="before each system, wait until the 1-minute load average is at most this")
+    g.add_argument("--settle-timeout", type=float, default=300.0,
+                   help="longest wait for --settle-load, seconds (default 300)")
 
     g = parser.add_argument_group("goodput SLO")
     g.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT objective, s (default 2.0; 0 = none)")
@@ -184,13 +189,14 @@ class Bench:
         """Run one system on one workload; return its summary (and keep the run for plots)."""
         from tqdm import tqdm
 
+        waited = self.settle()
         with tqdm(total=workload.total_output_tokens, desc=f"{label:>14}", unit="tok", file=sys.stderr,
                   disable=not self.progress, dynamic_ncols=True, leave=True) as bar:
             run = system.run(workload, bar.update)
         self.runs[label] = run
         summary = summarize(run.records, self.slo)
         summary.update(cpu_s=run.cpu_s, wall_s=run.wall_s, load_avg_before=run.load_avg_before,
-                       load_avg_after=run.load_avg_after, config=run.info)
+                       load_avg_after=run.load_avg_after, settle_wait_s=waited, config=run.info)
         # Less sensitive to other processes on a shared CPU than wall-clock throughput.
         summary["output_tokens_per_cpu_s"] = ratio(summary["output_tokens"], run.cpu_s)
         if run.steps:
@@ -200,6 +206,24 @@ class Bench:
         tps = summary.get("output_tokens_per_s")
         log.info("%s: %s output tok/s, e2e p95 %s s", label, _num(tps), _num(summary.get("e2e_p95_s")))
         return summary
+
+    def settle(self) -> float:
+        """With ``--settle-load X``: wait until the 1-minute load average is <= X (bounded wait).
+
+        Load from other processes on a shared machine moves wall-clock numbers far more than
+        anything under test; starting every system in similar conditions keeps them comparable.
+        """
+        limit = self.args.settle_load
+        if limit is None or not hasattr(os, "getloadavg"):
+            return 0.0
+        start = time.monotonic()
+        deadline = start + self.args.settle_timeout
+        while os.getloadavg()[0] > limit and time.monotonic() < deadline:
+            time.sleep(5)
+        if os.getloadavg()[0] > limit:
+            self.notes.append(f"load average stayed above {limit} for {self.args.settle_timeout:.0f} s; "
+                              "a system started anyway")
+        return time.monotonic() - start
 
     def run_rounds(self, systems: list[str], workload: Workload, suffix: str = "") -> dict[str, dict[str, Any]]:
         """Every system ``--repeat`` times, the order rotated each round; keep each one's median run.
