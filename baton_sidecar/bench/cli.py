@@ -198,7 +198,9 @@ class Bench:
         summary.update(cpu_s=run.cpu_s, wall_s=run.wall_s, load_avg_before=run.load_avg_before,
                        load_avg_after=run.load_avg_after, settle_wait_s=waited, config=run.info)
         # Less sensitive to other processes on a shared CPU than wall-clock throughput.
-        summary["output_tokens_per_cpu_s"] = ratio(summary["output_tokens"], run.cpu_s)
+        # (None for a remote server: this process's CPU time is only the load generator's.)
+        local = getattr(system, "local", True)
+        summary["output_tokens_per_cpu_s"] = ratio(summary["output_tokens"], run.cpu_s) if local else None
         if run.steps:
             summary["engine"] = summarize_steps(run.steps)
         if any(r.priority is not None for r in run.records):

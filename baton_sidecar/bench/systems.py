@@ -386,6 +386,8 @@ class HFContinuousSystem:
 class URLSystem:
     """Load generator for an OpenAI-compatible server (``/v1/completions``, streaming)."""
 
+    local = False  # the work happens in another process: no CPU-time accounting
+
     def __init__(self, url: str, model: str | None = None, name: str = "url", timeout_s: float = 600.0) -> None:
         self.name = name
         self.url = url.rstrip("/")
