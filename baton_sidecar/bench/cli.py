@@ -227,28 +227,30 @@ class Bench:
                               "a system started anyway")
         return time.monotonic() - start
 
-    def run_rounds(self, systems: list[str], workload: Workload, suffix: str = "") -> dict[str, dict[str, Any]]:
+    def run_rounds(self, systems: dict[str, Any], workload: Workload, suffix: str = "") -> dict[str, dict[str, Any]]:
         """Every system ``--repeat`` times, the order rotated each round; keep each one's median run.
 
-        Rotation spreads slow and fast periods of a shared machine over all systems; the
-        kept run is the one with the median output tokens/s (``repeats`` lists them all).
+        ``systems`` maps labels to system objects. Rotation spreads slow and fast periods of a
+        shared machine over all systems; the kept run is the one with the median output
+        tokens/s (``repeats`` lists them all).
         """
         repeat = self.args.repeat
-        results: dict[str, list[tuple[dict[str, Any], Any]]] = {name: [] for name in systems}
+        labels = list(systems)
+        results: dict[str, list[tuple[dict[str, Any], Any]]] = {label: [] for label in labels}
         for round_index in range(repeat):
-            order = systems[round_index % len(systems):] + systems[: round_index % len(systems)]
-            for name in order:
-                label = f"{name}{suffix}" + (f"#{round_index + 1}" if repeat > 1 else "")
-                summary = self.run_system(label, self.system(name), workload)
-                results[name].append((summary, self.runs.pop(label)))
+            shift = round_index % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                run_label = f"{label}{suffix}" + (f"#{round_index + 1}" if repeat > 1 else "")
+                summary = self.run_system(run_label, systems[label], workload)
+                results[label].append((summary, self.runs.pop(run_label)))
         out = {}
-        for name in systems:
-            ranked = sorted(results[name], key=lambda sr: sr[0].get("output_tokens_per_s") or 0.0)
+        for label in labels:
+            ranked = sorted(results[label], key=lambda sr: sr[0].get("output_tokens_per_s") or 0.0)
             summary, run = ranked[(len(ranked) - 1) // 2]
             if repeat > 1:
-                summary["repeats"] = [s.get("output_tokens_per_s") for s, _ in results[name]]
-            self.runs[f"{name}{suffix}"] = run
-            out[name] = summary
+                summary["repeats"] = [s.get("output_tokens_per_s") for s, _ in results[label]]
+            self.runs[f"{label}{suffix}"] = run
+            out[label] = summary
         return out
 
     def measure_capacity(self, workload: Workload) -> dict[str, Any]:
@@ -457,7 +459,8 @@ def plan_systems(bench: Bench, kind: str) -> dict[str, Any]:
             rate = load * capacity["requests_per_s"]
             workload = with_time_scale(base, time_scale_for_rate(base, rate), load=load,
                                        offered_rate_req_per_s=rate)
-        summaries = bench.run_rounds(systems, workload, "" if load is None or len(loads) == 1 else f"@{load}")
+        suffix = "" if load is None or len(loads) == 1 else f"@{load}"
+        summaries = bench.run_rounds({name: bench.system(name) for name in systems}, workload, suffix)
         points.append((load, workload, summaries))
 
     result["workload"] = points[0][1].summary()
@@ -564,8 +567,7 @@ def plan_priority(bench: Bench) -> dict[str, Any]:
         "preempt_swap": engine("swap", True),
         "preempt_recompute": engine("recompute", True),
     }
-    for label, system in variants.items():
-        result["systems"][label] = bench.run_system(label, system, workload)
+    result["systems"] = bench.run_rounds(variants, workload)
     urgent_key = "priority_0"
     fifo = result["systems"]["fifo"]
     fifo_urgent = fifo["by_priority"].get(urgent_key, {}).get("ttft_p95_s")
@@ -631,13 +633,17 @@ def plan_padding(bench: Bench) -> dict[str, Any]:
         result["capacity"] = capacity
     rebatch = replace(bench.engine_config, batching="rebatch")
     scenario: dict[str, Any] = {"name": "padding", "variants": {}}
+    variants, settings_by_label = {}, {}
     for value, bucketing in settings:
         shown = f"{value:.1f}" if round(value, 1) == value else f"{value:g}"
         label = f"pad{shown}" + ("_bucket" if bucketing else "_nobucket")
         policy = replace(bench.policy, padding=replace(bench.policy.padding, max_padding_ratio=value,
                                                        bucketing=bucketing))
-        summary = bench.run_system(label, EngineSystem(label, bench.loaded, rebatch, policy), workload)
-        result["systems"][label] = summary
+        variants[label] = EngineSystem(label, bench.loaded, rebatch, policy)
+        settings_by_label[label] = (value, bucketing)
+    result["systems"] = bench.run_rounds(variants, workload)
+    for label, summary in result["systems"].items():
+        value, bucketing = settings_by_label[label]
         engine = summary.get("engine", {})
         scenario["variants"][label] = {
             "max_padding_ratio": value, "bucketing": bucketing,

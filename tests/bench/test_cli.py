@@ -204,10 +204,36 @@ def test_repeat_rotates_the_order_and_keeps_the_median_run():
     bench = cli.Bench(parse("--repeat", "3", "--no-progress"))
     order: list[str] = []
     fakes = {"a": _FakeSystem("a", [1.0, 4.0, 2.0], order), "b": _FakeSystem("b", [1.0, 1.0, 1.0], order)}
-    bench.system = lambda name: fakes[name]
     workload = Workload("w", [BenchRequest(0, (1, 2), 4)])
-    out = bench.run_rounds(["a", "b"], workload)
+    out = bench.run_rounds(fakes, workload)
     assert order == ["a", "b", "b", "a", "a", "b"]
     assert out["a"]["repeats"] == [4.0, 1.0, 2.0]
     assert out["a"]["output_tokens_per_s"] == 2.0  # the median run
     assert set(bench.runs) == {"a", "b"}
+
+
+@pytest.mark.model
+def test_tiny_scenarios_write_their_summaries(tmp_path, real_model, monkeypatch):
+    from baton_sidecar.bench import cli as bench_cli
+
+    monkeypatch.setattr("baton_sidecar.model.load_model", lambda *a, **k: real_model)
+    path = tmp_path / "priority.json"
+    assert bench_cli.main(["--scenario", "priority", "-n", "5", "--output-len", "2:3", "--prompt-len", "8:12",
+                           "--capacity", "3", "--no-progress", "--no-plots", "--out", str(tmp_path / "p"),
+                           "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert set(result["systems"]) == {"fifo", "priority_no_preempt", "preempt_swap", "preempt_recompute"}
+    for variant in result["scenario"]["variants"].values():
+        assert {"urgent_ttft_p95_s", "urgent_ttft_p95_vs_fifo", "throughput_cost_vs_fifo"} <= set(variant)
+    assert result["capacity"]["requests_per_s"] == 3
+    assert len(result["floors"]) == 4
+
+    path = tmp_path / "padding.json"
+    assert bench_cli.main(["--scenario", "padding", "-n", "4", "--max-output", "3", "--max-prompt", "32",
+                           "--capacity", "1", "--no-progress", "--no-plots", "--out", str(tmp_path / "d"),
+                           "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert set(result["scenario"]["variants"]) == {"pad1.0_nobucket", "pad0.6_bucket", "pad0.3_bucket"}
+    for variant in result["scenario"]["variants"].values():
+        assert {"padding_ratio_time_weighted", "output_tokens_per_s", "e2e_p95_s"} <= set(variant)
+    assert result["workload"]["prompt_token_scale"] == 8.0 and result["workload"]["load"] == 1.5
