@@ -219,7 +219,7 @@ def test_tiny_scenarios_write_their_summaries(tmp_path, real_model, monkeypatch)
     monkeypatch.setattr("baton_sidecar.model.load_model", lambda *a, **k: real_model)
     path = tmp_path / "priority.json"
     assert bench_cli.main(["--scenario", "priority", "-n", "5", "--output-len", "2:3", "--prompt-len", "8:12",
-                           "--capacity", "3", "--no-progress", "--no-plots", "--out", str(tmp_path / "p"),
+                           "--capacity", "3", "--no-progress", "--no-plots", "--synthetic-fallback", "--out", str(tmp_path / "p"),
                            "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     assert set(result["systems"]) == {"fifo", "priority_no_preempt", "preempt_swap", "preempt_recompute"}
@@ -230,10 +230,25 @@ def test_tiny_scenarios_write_their_summaries(tmp_path, real_model, monkeypatch)
 
     path = tmp_path / "padding.json"
     assert bench_cli.main(["--scenario", "padding", "-n", "4", "--max-output", "3", "--max-prompt", "32",
-                           "--capacity", "1", "--no-progress", "--no-plots", "--out", str(tmp_path / "d"),
+                           "--capacity", "1", "--no-progress", "--no-plots", "--synthetic-fallback", "--out", str(tmp_path / "d"),
                            "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     assert set(result["scenario"]["variants"]) == {"pad1.0_nobucket", "pad0.6_bucket", "pad0.3_bucket"}
     for variant in result["scenario"]["variants"].values():
         assert {"padding_ratio_time_weighted", "output_tokens_per_s", "e2e_p95_s"} <= set(variant)
     assert result["workload"]["prompt_token_scale"] == 8.0 and result["workload"]["load"] == 1.5
+
+
+def test_synthetic_fallback_when_the_data_is_absent(tmp_path, capsys):
+    from tiny import tiny_tokenizer
+
+    bench = cli.Bench(parse("trace", "--data-dir", str(tmp_path), "--synthetic-fallback", "-n", "10"))
+    bench.tokenizer = tiny_tokenizer()
+    source = cli._token_source(bench)
+    workload = cli.build_workload(bench, "trace", source)
+    assert len(workload.requests) == 10 and workload.description["source"].startswith("synthetic")
+    assert any("absent" in note for note in bench.notes) and "warning" in capsys.readouterr().err
+    strict = cli.Bench(parse("trace", "--data-dir", str(tmp_path)))
+    strict.tokenizer = tiny_tokenizer()
+    with pytest.raises(cli.BenchError, match="--synthetic-fallback"):
+        cli._token_source(strict)
