@@ -82,7 +82,7 @@ class PaddingPolicy:
     ``bucketing``: order admissions by prompt length so similar lengths run together.
     """
 
-    compaction_threshold: float = 0.5
+    compaction_threshold: float = 0.25
     max_padding_ratio: float = 0.9
     bucketing: bool = False
 
@@ -99,7 +99,7 @@ class Limits:
     max_batch_size: int = 32
     max_kv_tokens: int = 65536  # counts padded slots: what the cache really holds
     max_queue: int = 256
-    max_prefill_tokens: int = 2048  # prefill budget per engine step
+    max_prefill_tokens: int = 512  # prefill tokens per engine step (padded); bounds how long a step stalls running rows
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -154,9 +154,13 @@ class EngineConfig:
     dtype: str = "float32"
     batching: str = "rebatch"  # rebatch | run_to_completion
     max_model_len: int | None = None  # None = the model's own context length
+    # auto: on CPU, run 2- or 3-row decode steps at the row count the matmuls are fastest at
+    # (measured at start-up, see engine/row_padding.py); off: never add dummy rows.
+    decode_row_padding: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.batching in BATCHING_MODES, "batching", f"must be one of {BATCHING_MODES}")
+        _check(self.decode_row_padding in ("auto", "off"), "decode_row_padding", "must be auto or off")
         _check(self.dtype in ("float32", "float16", "bfloat16", "auto"), "dtype",
                "must be float32, float16, bfloat16 or auto")
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..config import EngineConfig, PolicyConfig
 from ..model import LoadedModel
+from . import row_padding
 from .detokenizer import IncrementalDetokenizer
 from .request import Request, RequestOutput, RequestStatus, TokenLogprob
 from .runner import ChunkedPrefill, ModelRunner, Prefilled, SwappedRow
@@ -63,7 +64,8 @@ class EngineCore:
         self.loaded = loaded
         self.config = config
         self.run_to_completion = config.batching == "run_to_completion"
-        self.runner = ModelRunner(loaded)
+        padded_rows = row_padding.calibrate(loaded.model, loaded.device) if config.decode_row_padding == "auto" else {}
+        self.runner = ModelRunner(loaded, padded_rows)
         self.scheduler = Scheduler(policy, run_to_completion=self.run_to_completion)
         self.tracked: dict[str, _Tracked] = {}
         self.swapped_kv: dict[str, SwappedRow] = {}

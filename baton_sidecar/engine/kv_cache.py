@@ -14,8 +14,11 @@ Invariants
 - A decode step writes one column (``end``) for every row, in place: no copy of the cache.
 - Removing a row moves the last row into its slot (O(L) per layer, not O(B*L)); trimming
   leading all-padding columns only advances ``start``.
-- Copies of the whole live window happen only when capacity runs out (amortised by
-  doubling) or when the padding policy asks for compaction.
+- Copies of the whole live window happen only when capacity runs out (amortised: buffers
+  grow to ``GROWTH`` times the need) or when the padding policy asks for compaction.
+- Every slot of rows ``[0, B)`` inside ``[start, end)`` holds a finite value, masked or not
+  (attention multiplies masked values by zero, and 0 * NaN is NaN); slots outside are
+  never read, so buffers are allocated uninitialised.
 - With no rows left, the buffers are released, so idle memory returns to its baseline.
 
 ``update`` follows the ``transformers`` cache protocol (``update(k, v, layer_idx)``), so the
@@ -27,7 +30,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
+
+GROWTH = 1.5  # buffers grow (and shrink) to this multiple of the rows and columns needed
+MIN_ROWS, MIN_COLS = 4, 64
 
 
 @dataclass
@@ -60,6 +68,8 @@ class BatchKVCache:
         self.start = 0
         self.end = 0
         self._write_col: int | None = None  # the column a decode step writes, set by begin_step
+        self._step_rows = 0  # rows in this decode step's forward pass, dummy rows included
+        self.poison: float | None = None  # tests fill new buffers with NaN to prove unread slots stay unread
 
     # --- sizes ---------------------------------------------------------------------------
 
@@ -98,6 +108,15 @@ class BatchKVCache:
 
     # --- capacity --------------------------------------------------------------------------
 
+    def _new_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        # Uninitialised: zero-filling gigabytes of capacity costs seconds on CPU (page faults).
+        # Only slots inside the live window are ever read, and those are always written
+        # (copied, inserted, or zeroed where masked), see ``insert``.
+        buffer = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self.poison is not None:
+            buffer.fill_(self.poison)
+        return buffer
+
     def _reallocate(self, row_cap: int, col_cap: int, left_room: int) -> None:
         """New buffers; the live window is copied to start at column ``left_room``."""
         shape = (row_cap, self.num_kv_heads, col_cap, self.head_dim)
@@ -105,8 +124,7 @@ class BatchKVCache:
         new_keys, new_values = [], []
         length, rows = self.length, self.rows
         for layer in range(self.num_layers):
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            k, v = self._new_buffer(shape), self._new_buffer(shape)
             if rows and length:
                 k[:rows, :, left_room: left_room + length] = self.keys[layer][:rows, :, self.start: self.end]
                 v[:rows, :, left_room: left_room + length] = self.values[layer][:rows, :, self.start: self.end]
@@ -117,22 +135,28 @@ class BatchKVCache:
         self.keys, self.values, self.mask = new_keys, new_values, new_mask
         self.start, self.end = left_room, left_room + length
 
+    def _reshape_buffers(self, row_cap: int, col_cap: int, left: int, need_cols: int) -> None:
+        # A quarter of the spare columns go to the left, for newcomers longer than the
+        # batch; the rest to the right, for decode steps.
+        self._reallocate(row_cap, col_cap, left_room=left + (col_cap - need_cols) // 4)
+
     def ensure_capacity(self, rows: int, left: int = 0, right: int = 0) -> None:
-        """Make room for ``rows`` rows, ``left`` extra columns before ``start`` and ``right`` after ``end``."""
+        """Make room for ``rows`` rows, ``left`` extra columns before ``start`` and ``right`` after ``end``.
+
+        Capacity grows to ``GROWTH`` times what is needed (amortised O(1) copies per row or
+        column added, without doubling's overshoot: the buffers are the biggest allocation).
+        """
         need_cols = self.length + left + right
         if (rows <= self.row_capacity and left <= self.start
                 and self.end + right <= self.col_capacity):
             return
-        row_cap = max(rows, self.row_capacity)
-        if rows > self.row_capacity:
-            row_cap = max(rows, 2 * self.row_capacity, 4)
+        row_cap = self.row_capacity
+        if rows > row_cap:
+            row_cap = max(MIN_ROWS, math.ceil(rows * GROWTH))
         col_cap = self.col_capacity
-        if need_cols > col_cap:
-            col_cap = max(need_cols, 2 * col_cap, 64)
-        elif need_cols > col_cap // 2:
-            col_cap = 2 * col_cap  # shifting alone would run out again soon; grow to amortise
-        # Place the window so that what must fit on the left fits, with the rest of the room on the right.
-        self._reallocate(row_cap, col_cap, left_room=left)
+        if need_cols * GROWTH > col_cap:  # (a window that only needs moving keeps its buffers' size)
+            col_cap = max(MIN_COLS, math.ceil(need_cols * GROWTH))
+        self._reshape_buffers(row_cap, col_cap, left, need_cols)
 
     def release(self) -> None:
         """Drop the buffers (called when the batch empties)."""
@@ -142,17 +166,24 @@ class BatchKVCache:
 
     # --- the transformers cache protocol (decode step) ------------------------------------
 
-    def begin_step(self) -> torch.Tensor:
-        """Reserve column ``end`` for this step's token of every row; return the 4-D mask."""
-        self.ensure_capacity(self.rows, right=1)
-        self._write_col = self.end
-        self.mask[: self.rows, self.end] = True
-        return self.mask[: self.rows, self.start: self.end + 1][:, None, None, :]  # [B, 1, 1, L+1]
+    def begin_step(self, step_rows: int | None = None) -> torch.Tensor:
+        """Reserve column ``end`` for this step's token of every row; return the 4-D mask.
+
+        ``step_rows`` (>= B) adds dummy rows ``[B, step_rows)`` to the forward pass (see
+        ``row_padding``): each attends only to its own new column, and ``end_step`` masks
+        them out again, so the live rows never see them.
+        """
+        step_rows = max(self.rows, step_rows or 0)
+        self.ensure_capacity(step_rows, right=1)
+        self._write_col, self._step_rows = self.end, step_rows
+        self.mask[self.rows: step_rows, self.start: self.end] = False
+        self.mask[:step_rows, self.end] = True
+        return self.mask[:step_rows, self.start: self.end + 1][:, None, None, :]  # [B', 1, 1, L+1]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's ``[B, H_kv, 1, D]`` K/V in place; return views ``[B, H_kv, L+1, D]``."""
-        col, rows = self._write_col, self.rows
+        """Write this step's ``[B', H_kv, 1, D]`` K/V in place; return views ``[B', H_kv, L+1, D]``."""
+        col, rows = self._write_col, self._step_rows
         assert col is not None, "begin_step() must precede the forward pass"
         self.keys[layer_idx][:rows, :, col] = key_states[:, :, 0]
         self.values[layer_idx][:rows, :, col] = value_states[:, :, 0]
@@ -162,10 +193,11 @@ class BatchKVCache:
     def abort_step(self) -> None:
         """Undo ``begin_step`` after a failed forward pass."""
         if self._write_col is not None:
-            self.mask[: self.rows, self._write_col] = False
+            self.mask[: self._step_rows, self._write_col] = False
             self._write_col = None
 
     def end_step(self) -> None:
+        self.mask[self.rows: self._step_rows, self._write_col] = False  # dummy rows leave no trace
         self.end = self._write_col + 1
         self._write_col = None
 
@@ -187,22 +219,31 @@ class BatchKVCache:
         if self.rows == 0:
             self.release()  # nothing live: start afresh at column 0
             self.ensure_capacity(n, right=width)
-            self.end = width
+            self.end = self.start + width
         else:
             grow_left = max(0, width - self.length)
             self.ensure_capacity(self.rows + n, left=grow_left)
             if grow_left:  # old rows are masked in the new leading columns
                 self.start -= grow_left
                 self.mask[: self.rows, self.start: self.start + grow_left] = False
+                self._zero(slice(0, self.rows), slice(self.start, self.start + grow_left))
         lo, hi = self.rows, self.rows + n
         col = self.end - width
         self.mask[lo:hi, self.start: col] = False
+        self._zero(slice(lo, hi), slice(self.start, col))
         self.mask[lo:hi, col: self.end] = mask.to(self.device)
         for layer in range(self.num_layers):
             self.keys[layer][lo:hi, :, col: self.end] = keys[layer]
             self.values[layer][lo:hi, :, col: self.end] = values[layer]
         self.rows = hi
         return range(lo, hi)
+
+    def _zero(self, rows: slice, cols: slice) -> None:
+        """Masked slots inside the live window are still read by attention: keep them finite."""
+        if cols.stop > cols.start and rows.stop > rows.start:
+            for layer in range(self.num_layers):
+                self.keys[layer][rows, :, cols].zero_()
+                self.values[layer][rows, :, cols].zero_()
 
     def insert_row(self, row: RowKV) -> int:
         """Embed one unpadded row (e.g. swapped back in from host memory)."""
@@ -254,12 +295,14 @@ class BatchKVCache:
         """Re-allocate tighter buffers when the live window uses too little of them.
 
         After long rows leave, the buffers keep their peak size; when live slots / allocated
-        slots drops below ``min_utilisation``, one O(B*L) copy returns the memory.
+        slots drops below ``min_utilisation``, one O(B*L) copy returns the memory. The new
+        buffers keep ``GROWTH`` room, so growth right after a shrink does not undo it.
         """
         allocated = self.row_capacity * self.col_capacity
         if self.rows == 0 or allocated == 0 or self.num_slots() / allocated >= min_utilisation:
             return False
-        self._reallocate(max(self.rows, 4), max(2 * self.length, 64), left_room=0)
+        self._reshape_buffers(max(MIN_ROWS, math.ceil(self.rows * GROWTH)),
+                              max(MIN_COLS, math.ceil(self.length * GROWTH)), 0, self.length)
         return True
 
 

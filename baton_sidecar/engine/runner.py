@@ -48,7 +48,8 @@ class SwappedRow:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, padded_rows: dict[int, int] | None = None) -> None:
+        """``padded_rows``: ``{B: B'}``, decode steps at B rows run with B' - B dummy rows."""
         self.model = loaded.model
         self.device = loaded.device
         config = loaded.model.config
@@ -62,6 +63,7 @@ class ModelRunner:
         self.row_ids: list[str] = []
         self.next_tokens: list[int] = []  # the token each row feeds at the next decode step
         self.positions: list[int] = []  # that token's position (= real tokens before it)
+        self.padded_rows = dict(padded_rows or {})
 
     @property
     def num_rows(self) -> int:
@@ -134,9 +136,12 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self) -> torch.Tensor:
         """One step for every row; returns logits ``[B, V]``."""
-        attention_mask = self.cache.begin_step()  # [B, 1, 1, L+1]
-        input_ids = torch.tensor(self.next_tokens, device=self.device)[:, None]  # [B, 1]
-        position_ids = torch.tensor(self.positions, device=self.device)[:, None]  # [B, 1]
+        rows = self.num_rows
+        step_rows = self.padded_rows.get(rows, rows)  # B' >= B, see row_padding
+        attention_mask = self.cache.begin_step(step_rows)  # [B', 1, 1, L+1]
+        dummies = step_rows - rows
+        input_ids = torch.tensor(self.next_tokens + [self.pad_token_id] * dummies, device=self.device)[:, None]
+        position_ids = torch.tensor(self.positions + [0] * dummies, device=self.device)[:, None]  # [B', 1]
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=self.cache, use_cache=True)
@@ -145,7 +150,7 @@ class ModelRunner:
             raise
         self.cache.end_step()
         self.positions = [p + 1 for p in self.positions]
-        return out.logits[:, -1, :]
+        return out.logits[:rows, -1, :]
 
     def set_next_tokens(self, tokens: list[int]) -> None:
         assert len(tokens) == self.num_rows

@@ -102,6 +102,40 @@ class BatchView:
     prefill_reserved: int = 0  # prefill tokens this step already owes to a chunked prompt
 
 
+class PrefillBudget:
+    """Tokens one step may prefill, counted as the forward pass really costs them.
+
+    Prompts that fit the budget are prefilled together, left-padded to the longest, so a
+    group costs ``rows * width``; a longer prompt is chunked and costs one chunk. The first
+    prompt of a step is always admitted, so nothing waits forever behind the budget.
+    """
+
+    def __init__(self, limit: int, reserved: int = 0) -> None:
+        self.limit = limit
+        self.chunk_tokens = reserved  # owed to chunked prompts this step
+        self.group_rows = 0
+        self.group_width = 0
+
+    @property
+    def spent(self) -> int:
+        return self.chunk_tokens + self.group_rows * self.group_width
+
+    def cost_with(self, width: int) -> int:
+        if width > self.limit:
+            return self.spent + self.limit
+        return self.chunk_tokens + (self.group_rows + 1) * max(self.group_width, width)
+
+    def admits(self, width: int) -> bool:
+        return self.spent == 0 or self.cost_with(width) <= self.limit
+
+    def add(self, width: int) -> None:
+        if width > self.limit:
+            self.chunk_tokens += self.limit
+        else:
+            self.group_rows += 1
+            self.group_width = max(self.group_width, width)
+
+
 class Scheduler:
     def __init__(self, policy: PolicyConfig, run_to_completion: bool = False) -> None:
         self.policy = policy
@@ -141,12 +175,11 @@ class Scheduler:
         running = list(self.running.values())
         rows = [(r.num_tokens, r.params.max_tokens - len(r.output_token_ids)) for r in running]
         batch_rows, batch_len, real_tokens = batch.rows, batch.length, batch.real_tokens
-        prefill_tokens = batch.prefill_reserved
+        budget = PrefillBudget(limits.max_prefill_tokens, batch.prefill_reserved)
         for candidate in self._candidates(now, batch_len):
             swapped = candidate in self.swapped
             width = candidate.num_tokens
-            cost = 0 if swapped else min(width, limits.max_prefill_tokens)  # long prompts are chunked
-            if prefill_tokens and prefill_tokens + cost > limits.max_prefill_tokens:
+            if not swapped and not budget.admits(width):
                 break  # prefill budget for this step is spent
             if self._held_back_for_padding(candidate, now, batch_rows, batch_len, real_tokens, running):
                 continue
@@ -167,7 +200,8 @@ class Scheduler:
             (plan.resume if swapped else plan.prefill).append(candidate)
             running.append(candidate)
             rows.append(entry)
-            prefill_tokens += cost
+            if not swapped:
+                budget.add(width)
             batch_rows, batch_len = batch_rows + 1, max(batch_len, width)
             real_tokens += width
         return plan

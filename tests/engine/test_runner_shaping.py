@@ -7,6 +7,7 @@ row's tokens alone (no cache, no padding).
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from baton_sidecar.engine.runner import ModelRunner
@@ -21,9 +22,10 @@ def reference_logits(model, tokens: list[int]) -> torch.Tensor:
 class Driver:
     """Keeps each row's token history beside the runner and checks logits after each step."""
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, padded_rows=None):
         self.model = loaded.model
-        self.runner = ModelRunner(loaded)
+        self.runner = ModelRunner(loaded, padded_rows)
+        self.runner.cache.poison = float("nan")  # any read of a never-written slot would show
         self.tokens: dict[str, list[int]] = {}
 
     def admit(self, prompts: dict[str, list[int]]) -> None:
@@ -58,11 +60,13 @@ class Driver:
             assert self.runner.positions[row] == in_cache
         if cache.rows:
             assert bool(mask[:, 0].any()), "leading all-padding columns must be trimmed"
+        assert not cache.mask[cache.rows:].any(), "rows past B (dummy decode rows included) hold nothing"
 
 
-def test_inserts_removals_and_swaps_keep_rows_exact(tiny_model):
+@pytest.mark.parametrize("padded_rows", [None, {1: 5, 2: 4, 3: 4}], ids=["unpadded", "dummy-rows"])
+def test_inserts_removals_and_swaps_keep_rows_exact(tiny_model, padded_rows):
     prompts = random_prompts(6, 3, 40, seed=1)
-    drive = Driver(tiny_model)
+    drive = Driver(tiny_model, padded_rows)
     drive.admit({"a": prompts[0], "b": prompts[1]})
     for _ in range(3):
         drive.step()

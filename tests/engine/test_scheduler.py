@@ -133,6 +133,27 @@ def test_prefill_budget_splits_admissions_across_steps():
     assert len(scheduler.schedule(now=3.0, batch=BatchView()).prefill) == 2
 
 
+def test_prefill_budget_counts_the_padded_group_not_real_tokens():
+    # 30 + 5 real tokens fit a budget of 40, but prefilled together they cost 2 x 30 padded.
+    scheduler = Scheduler(policy(max_prefill_tokens=40))
+    long, short = make(prompt=30, arrival=0.0), make(prompt=5, arrival=1.0)
+    scheduler.add(long)
+    scheduler.add(short)
+    assert scheduler.schedule(now=2.0, batch=BatchView()).prefill == [long]
+
+
+def test_prefill_budget_admits_one_chunked_prompt_and_charges_one_chunk():
+    scheduler = Scheduler(policy(max_prefill_tokens=16))
+    huge, tiny = make(prompt=100, arrival=0.0), make(prompt=4, arrival=1.0)
+    scheduler.add(huge)
+    scheduler.add(tiny)
+    assert scheduler.schedule(now=2.0, batch=BatchView()).prefill == [huge]  # its first chunk fills the step
+    # A step that already owes a chunk admits nothing more.
+    scheduler = Scheduler(policy(max_prefill_tokens=16))
+    scheduler.add(make(prompt=4))
+    assert scheduler.schedule(now=2.0, batch=BatchView(prefill_reserved=16)).empty
+
+
 def test_run_to_completion_admits_nothing_while_a_batch_runs():
     scheduler = Scheduler(policy(), run_to_completion=True)
     scheduler.on_running(make())
