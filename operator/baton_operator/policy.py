@@ -16,13 +16,13 @@ from typing import Any, Mapping
 # The sidecar's own defaults (baton_sidecar.config.PolicyConfig); a test keeps the two in step.
 DEFAULT_POLICY: dict[str, Any] = {
     "preemption": {"mode": "swap", "max_preemptions_per_request": 4},
-    "padding": {"compaction_threshold": 0.5, "max_padding_ratio": 0.9, "bucketing": False},
+    "padding": {"compaction_threshold": 0.25, "max_padding_ratio": 0.9, "bucketing": False},
     "sla_classes": {
         "interactive": {"priority": 0, "ttft_ms": 1000.0, "tpot_ms": 200.0},
         "batch": {"priority": 10},
     },
     "aging_s": 30.0,
-    "limits": {"max_batch_size": 32, "max_kv_tokens": 65536, "max_queue": 256, "max_prefill_tokens": 2048},
+    "limits": {"max_batch_size": 32, "max_kv_tokens": 65536, "max_queue": 256, "max_prefill_tokens": 512},
 }
 
 # camelCase (custom resource) -> snake_case (baton.yaml), per section.

@@ -35,7 +35,7 @@ def test_layers_apply_in_order_and_only_what_each_sets() -> None:
                        "engine": {"limits": {"maxBatchSize": 8}}}
     policy = effective_policy(DEFAULT_POLICY, NAMESPACE_POLICY, deployment_spec)
     assert policy["preemption"] == {"mode": "off", "max_preemptions_per_request": 2}  # deployment > namespace
-    assert policy["padding"] == {"compaction_threshold": 0.5, "max_padding_ratio": 0.6, "bucketing": True}
+    assert policy["padding"] == {"compaction_threshold": 0.25, "max_padding_ratio": 0.6, "bucketing": True}
     assert policy["aging_s"] == 10
     assert policy["limits"] == {**DEFAULT_POLICY["limits"], "max_batch_size": 8}
     # SLA classes merge by name; null removes an inherited class.
