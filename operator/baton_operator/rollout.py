@@ -75,10 +75,14 @@ class Bounds:
 
 @dataclass(frozen=True)
 class AutoTuneSpec:
-    """Nudges ``padding.compaction_threshold`` and ``padding.max_padding_ratio`` within bounds."""
+    """Nudges ``padding.max_padding_ratio`` within bounds.
+
+    ``padding.compaction_threshold`` is not tuned: it compares live KV slots with the allocated cache
+    buffers (memory), not the batch's padding, so the padding ratio says nothing about it.
+    ``spec.rollout.autoTune.compactionThreshold`` is still accepted, and ignored.
+    """
 
     enabled: bool = False
-    compaction_threshold: Bounds = Bounds(0.3, 0.7)
     max_padding_ratio: Bounds = Bounds(0.6, 0.95)
     step: float = 0.05
     min_throughput_change: float = 0.05  # a nudge that cost more throughput than this is reverted
@@ -153,7 +157,6 @@ def _auto_tune(t: Mapping[str, Any]) -> AutoTuneSpec:
 
     return AutoTuneSpec(
         enabled=bool(t.get("enabled", False)),
-        compaction_threshold=bounds("compactionThreshold", d.compaction_threshold),
         max_padding_ratio=bounds("maxPaddingRatio", d.max_padding_ratio),
         step=_number("autoTune.stepSize", t.get("stepSize", d.step), 0.001, 0.5),
         min_throughput_change=d.min_throughput_change,
@@ -591,7 +594,10 @@ def config_weight(config_map: Mapping[str, Any] | None) -> float | None:
 
 # --- policy auto-tune ----------------------------------------------------------------------------
 
-KNOBS = (("compactionThreshold", "compaction_threshold"), ("maxPaddingRatio", "max_padding_ratio"))
+KNOBS = (("maxPaddingRatio", "max_padding_ratio"),)  # (status / custom resource, baton.yaml)
+# The cap is raised only while the padding ratio sits more than this many steps under it: after the
+# raise it is still two steps under the new cap, one clear of the rule that lowers it again.
+RAISE_MARGIN_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -613,25 +619,30 @@ class TuneResult:
 
 def auto_tune(spec: AutoTuneSpec, current: Mapping[str, float], previous: Mapping[str, Any] | None,
               sample: EngineSample) -> TuneResult:
-    """One tuning round: at most one knob moves by ``spec.step``, within its bounds. Pure.
+    """One tuning round: ``maxPaddingRatio`` moves by at most ``spec.step``, within its bounds. Pure.
 
     Throughput is completion tokens per second over the round. A nudge that cost more than
-    ``min_throughput_change`` of the throughput measured before it is undone, and that knob is then
-    left alone in that direction. Otherwise: a padding ratio above the compaction threshold lowers the
-    threshold (compact sooner); one under half of it raises the threshold (fewer copies); a padding
-    ratio at the admission cap lowers ``maxPaddingRatio`` (hold back padding-heavy newcomers).
+    ``min_throughput_change`` of the throughput measured before it is undone, and the knob is then
+    left alone in that direction. Otherwise: a padding ratio within one step of the admission cap
+    lowers the cap (hold back padding-heavy newcomers); one more than ``RAISE_MARGIN_STEPS`` steps
+    under it raises the cap back toward its upper bound (admit more freely), unless throughput fell
+    over the last round.
     """
     prev = dict(previous or {})
     values = {k: float((prev.get("padding") or {}).get(k, current[k])) for k, _ in KNOBS}
     changes = list(prev.get("changes") or [])
-    blocked = set(prev.get("blocked") or [])
+    # Entries for knobs no longer tuned (compactionThreshold, before) are dropped.
+    blocked = {b for b in prev.get("blocked") or [] if b.split(":")[0] in values}
     last_tokens, last_time = prev.get("lastTokens"), from_iso(prev.get("lastTime"))
+    last_throughput = prev.get("lastThroughput")
     throughput = None
     if last_tokens is not None and last_time is not None and sample.time > last_time \
             and sample.completion_tokens >= last_tokens:
         throughput = (sample.completion_tokens - last_tokens) / (sample.time - last_time)
     change: dict[str, Any] | None = None
     pending = prev.get("pending")  # the last nudge, awaiting its throughput verdict
+    if pending and pending.get("knob") not in values:
+        pending = None
 
     def nudge(knob: str, to: float, reason: str) -> dict[str, Any]:
         return {"time": iso(sample.time), "knob": knob, "from": round(values[knob], 4), "to": round(to, 4),
@@ -647,21 +658,18 @@ def auto_tune(spec: AutoTuneSpec, current: Mapping[str, float], previous: Mappin
             blocked.add(f"{knob}:{'down' if pending['to'] < pending['from'] else 'up'}")
         pending = None
     elif throughput is not None and pending is None:
-        ct, mpr = values["compactionThreshold"], values["maxPaddingRatio"]
-        b_ct, b_mpr = spec.compaction_threshold, spec.max_padding_ratio
-        p = sample.padding_ratio
+        mpr, b_mpr, p = values["maxPaddingRatio"], spec.max_padding_ratio, sample.padding_ratio
+        falling = last_throughput is not None and throughput < last_throughput * (1 - spec.min_throughput_change)
         options = [
-            (p > ct, "compactionThreshold", max(b_ct.low, ct - spec.step),
-             f"padding ratio {p:.2f} above the compaction threshold: compact sooner"),
-            (p < ct / 2, "compactionThreshold", min(b_ct.high, ct + spec.step),
-             f"padding ratio {p:.2f} under half the compaction threshold: fewer copies"),
-            (p >= mpr - spec.step, "maxPaddingRatio", max(b_mpr.low, mpr - spec.step),
+            (p >= mpr - spec.step, max(b_mpr.low, mpr - spec.step),
              f"padding ratio {p:.2f} at the admission cap: hold back padding-heavy newcomers"),
+            (p < mpr - RAISE_MARGIN_STEPS * spec.step and not falling, min(b_mpr.high, mpr + spec.step),
+             f"padding ratio {p:.2f} well under the admission cap: admit more freely"),
         ]
-        for wanted, knob, to, reason in options:
-            direction = "down" if to < values[knob] else "up"
-            if wanted and abs(to - values[knob]) > 1e-9 and f"{knob}:{direction}" not in blocked:
-                change = nudge(knob, to, reason)
+        for wanted, to, reason in options:
+            direction = "down" if to < mpr else "up"
+            if wanted and abs(to - mpr) > 1e-9 and f"maxPaddingRatio:{direction}" not in blocked:
+                change = nudge("maxPaddingRatio", to, reason)
                 break
     if change is not None:
         values[change["knob"]] = float(change["to"])

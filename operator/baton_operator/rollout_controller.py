@@ -30,6 +30,7 @@ from baton_operator import resources as res
 from baton_operator import rollout as ro
 from baton_operator import tracing
 from baton_operator.kube import ApiError, Kube, path
+from baton_operator.policy import DEFAULT_POLICY
 from baton_operator.status import traffic_conditions_stale
 
 
@@ -168,5 +169,6 @@ async def _auto_tune(memo: kopf.Memo, rspec: ro.RolloutSpec, decision: ro.Decisi
     config_map = await asyncio.to_thread(memo.kube.get, path("v1", "configmaps", bd["metadata"]["namespace"],
                                                              res.config_map_name(bd["metadata"]["name"])))
     padding = (res.parse_config(config_map).get("policy") or {}).get("padding") or {}
-    current = {camel: float(padding.get(snake, 0.5)) for camel, snake in ro.KNOBS}
+    defaults = DEFAULT_POLICY["padding"]
+    current = {camel: float(padding.get(snake, defaults[snake])) for camel, snake in ro.KNOBS}
     return ro.auto_tune(rspec.auto_tune, current, previous.get("autoTune"), sample)

@@ -65,6 +65,21 @@ def test_rollout_schema_is_defined_for_the_rollout_controller() -> None:
                                                    "minSlaAttainment"}
 
 
+def test_padding_descriptions_match_the_engine() -> None:
+    # compactionThreshold governs cache memory (live window / allocated buffers), not the padding
+    # ratio; auto-tune only moves maxPaddingRatio and keeps accepting compactionThreshold bounds.
+    for padding in (BP.openapi["properties"]["spec"]["properties"]["padding"]["properties"],
+                    BD.openapi["properties"]["spec"]["properties"]["policy"]["properties"]["padding"]["properties"]):
+        text = padding["compactionThreshold"]["description"]
+        assert "masked/all" not in text and "buffers" in text and "0.25" in text
+    auto_tune = BD.openapi["properties"]["spec"]["properties"]["rollout"]["properties"]["autoTune"]
+    assert set(auto_tune["properties"]) == {"enabled", "compactionThreshold", "maxPaddingRatio", "stepSize"}
+    assert "maxPaddingRatio" in auto_tune["description"] and "thresholds" not in auto_tune["description"]
+    assert auto_tune["properties"]["compactionThreshold"]["description"].startswith("Deprecated and ignored")
+    example = next(d for d in docs(EXAMPLES / "batonpolicy.yaml") if d["kind"] == "BatonPolicy")
+    assert example["spec"]["padding"]["compactionThreshold"] < 0.5  # near 0.5 the buffers would thrash
+
+
 def test_cel_rules_are_where_the_schema_alone_cannot_say_it() -> None:
     rules = {(where, rule["rule"]) for where, rule in cel_rules(BD.openapi)}
     messages = {rule["message"] for _, rule in cel_rules(BD.openapi)}

@@ -230,7 +230,8 @@ def test_merging_pods() -> None:
     ({"steps": [5, 101]}, "spec.rollout.steps"),
     ({"minSamplesPerArm": 0}, "spec.rollout.minSamplesPerArm"),
     ({"gates": {"maxErrorRate": "low"}}, "spec.rollout.gates.maxErrorRate"),
-    ({"autoTune": {"compactionThreshold": {"min": 0.8, "max": 0.2}}}, "spec.rollout.autoTune.compactionThreshold"),
+    ({"autoTune": {"maxPaddingRatio": {"min": 0.8, "max": 0.2}}}, "spec.rollout.autoTune.maxPaddingRatio"),
+    ({"autoTune": {"maxPaddingRatio": {"max": 1.5}}}, "spec.rollout.autoTune.maxPaddingRatio.max"),
 ])
 def test_bad_specs_name_the_field(rollout, field) -> None:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -241,3 +242,12 @@ def test_defaults() -> None:
     spec = ro.RolloutSpec.from_spec({})
     assert spec.steps == (5, 10, 25, 50, 100) and spec.failure_threshold == 3 and spec.min_samples == 50
     assert spec.gates == ro.Gates(10.0, 10.0, 0.01, None) and not spec.auto_tune.enabled
+
+
+def test_auto_tune_spec_accepts_and_ignores_compaction_bounds() -> None:
+    # compactionThreshold is not auto-tuned (it governs cache memory, not padding); older specs still parse.
+    spec = ro.RolloutSpec.from_spec({"autoTune": {"enabled": True, "stepSize": 0.1,
+                                                  "compactionThreshold": {"min": 0.8, "max": 0.2},
+                                                  "maxPaddingRatio": {"min": 0.5, "max": 0.9}}})
+    assert spec.auto_tune == ro.AutoTuneSpec(enabled=True, max_padding_ratio=ro.Bounds(0.5, 0.9), step=0.1)
+    assert ro.KNOBS == (("maxPaddingRatio", "max_padding_ratio"),)

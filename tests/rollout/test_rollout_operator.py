@@ -10,6 +10,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from baton_operator import tracing
+from baton_operator.policy import DEFAULT_POLICY
 from rollout_testlib import (ConfigMirror, StubSidecar, apply_object, batondeployment,
                              rollout_status, running_operator, wait_for, wait_for_events, wait_for_phase)
 
@@ -117,18 +118,20 @@ def test_rolls_back_when_baton_is_slower(cluster, tmp_path, spans) -> None:
 
 
 def test_abort_and_auto_tune(cluster, stub, tmp_path) -> None:
-    stub.padding_ratio = 0.8  # above the compaction threshold (0.5): auto-tune lowers it
-    rollout = {**ROLLOUT, "manualGates": [50], "autoTune": {"enabled": True, "stepSize": 0.1,
-                                                            "compactionThreshold": {"min": 0.3, "max": 0.6}}}
+    stub.padding_ratio = 0.85  # within a step of the admission cap (0.9): auto-tune lowers the cap
+    rollout = {**ROLLOUT, "manualGates": [50], "autoTune": {
+        "enabled": True, "stepSize": 0.1, "maxPaddingRatio": {"min": 0.6, "max": 0.95},
+        "compactionThreshold": {"min": 0.3, "max": 0.6}}}  # still accepted by the CRD, and ignored
     with ConfigMirror(cluster, "tuned", stub.apply_config) as mirror, running_operator(cluster):
         apply_object(cluster, batondeployment("tuned", "http://127.0.0.1:9", stub.url, rollout), tmp_path)
         wait_for(lambda: (rollout_status(cluster, "tuned").get("autoTune") or {}).get("changes"), WAIT,
                  "an auto-tune change")
         change = rollout_status(cluster, "tuned")["autoTune"]["changes"][0]
-        assert change["knob"] == "compactionThreshold" and change["from"] == 0.5 and change["to"] == 0.4
+        assert change["knob"] == "maxPaddingRatio" and change["from"] == 0.9 and change["to"] == 0.8
         config = wait_for(lambda: (c := _config(cluster, "tuned")) and
-                          c["policy"]["padding"]["compaction_threshold"] == 0.4 and c, WAIT,
-                          "the tuned threshold in the ConfigMap")
+                          c["policy"]["padding"]["max_padding_ratio"] == 0.8 and c, WAIT,
+                          "the tuned cap in the ConfigMap")
+        assert config["policy"]["padding"]["compaction_threshold"] == DEFAULT_POLICY["padding"]["compaction_threshold"]
         assert config["router"]["baton_weight"] == 10  # the weight is untouched by tuning
         wait_for_events(cluster, "tuned", {"PolicyTuned"}, WAIT)
 

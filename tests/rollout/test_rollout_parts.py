@@ -121,52 +121,91 @@ def test_metric_parsing() -> None:
     assert ro.engine_sample(["garbage"], 1.0) is None
 
 
-TUNE = ro.AutoTuneSpec(enabled=True, compaction_threshold=ro.Bounds(0.3, 0.6), max_padding_ratio=ro.Bounds(0.6, 0.95),
-                       step=0.1)
-CURRENT = {"compactionThreshold": 0.5, "maxPaddingRatio": 0.9}
+TUNE = ro.AutoTuneSpec(enabled=True, max_padding_ratio=ro.Bounds(0.6, 0.95), step=0.1)
 
 
-def tune_rounds(samples):
-    """Run auto_tune over (padding ratio, tokens) samples 10 s apart; returns the results."""
+def tune_rounds(samples, cap=0.9):
+    """Run auto_tune over (padding ratio, tokens) samples 10 s apart, from ``maxPaddingRatio`` ``cap``."""
     status, results = None, []
     for i, (padding, tokens) in enumerate(samples):
-        result = ro.auto_tune(TUNE, CURRENT, status, ro.EngineSample(padding, tokens, 1000.0 + 10 * i))
+        result = ro.auto_tune(TUNE, {"maxPaddingRatio": cap}, status,
+                              ro.EngineSample(padding, tokens, 1000.0 + 10 * i))
         status = result.status
         results.append(result)
     return results
 
 
-def test_auto_tune_nudges_within_bounds_and_records_every_change() -> None:
-    # 1st round: no throughput yet. Then padding 0.8 > threshold 0.5: compact sooner, one step a round,
-    # each kept while throughput holds, never below the bound 0.3.
-    results = tune_rounds([(0.8, 0), (0.8, 100), (0.8, 200), (0.8, 300), (0.8, 400), (0.8, 500),
-                           (0.8, 600), (0.8, 700), (0.8, 800)])
+def steady(padding, rounds):
+    return [(padding, 100 * i) for i in range(rounds)]  # 10 tokens/s throughout
+
+
+def test_auto_tune_lowers_the_cap_while_padding_sits_at_it_and_records_every_change() -> None:
+    # 1st round: no throughput yet. Then padding 0.85 is within a step of the cap 0.9: one step down,
+    # checked the round after (throughput held), and so on, never below the bound 0.6.
+    results = tune_rounds(steady(0.85, 9))
     assert results[0].change is None
     changes = [r.change for r in results if r.change]
-    compaction = [c["to"] for c in changes if c["knob"] == "compactionThreshold"]
-    assert compaction == [0.4, 0.3]  # stops at the bound
-    assert all(0.3 <= r.values["compactionThreshold"] <= 0.6 for r in results)
-    assert results[-1].status["changes"] == changes and all("padding ratio" in c["reason"] for c in changes)
+    assert [(c["knob"], c["from"], c["to"]) for c in changes] == [
+        ("maxPaddingRatio", 0.9, 0.8), ("maxPaddingRatio", 0.8, 0.7), ("maxPaddingRatio", 0.7, 0.6)]
+    assert all(r.change is None for r in results[2::2])  # verdict rounds move nothing
+    assert all(set(r.values) == {"maxPaddingRatio"} for r in results)  # compactionThreshold is not tuned
+    assert results[-1].status["changes"] == changes and all("at the admission cap" in c["reason"] for c in changes)
     assert ro.tuned_padding({"autoTune": {"enabled": True}}, {"autoTune": results[-1].status}) == {
-        "compaction_threshold": results[-1].values["compactionThreshold"],
-        "max_padding_ratio": results[-1].values["maxPaddingRatio"]}
+        "max_padding_ratio": 0.6}
     assert ro.tuned_padding({"autoTune": {"enabled": False}}, {"autoTune": results[-1].status}) == {}
+
+
+def test_auto_tune_raises_the_cap_back_while_padding_is_well_under_it() -> None:
+    # Padding 0.2, more than three steps under a lowered cap of 0.7: back up to the bound 0.95, and a
+    # raise is never undone by the next round at the same padding.
+    results = tune_rounds(steady(0.2, 9), cap=0.7)
+    ups = [(c["from"], c["to"]) for r in results if (c := r.change)]
+    assert ups == [(0.7, 0.8), (0.8, 0.9), (0.9, 0.95)]
+    assert all("well under the admission cap" in r.change["reason"] for r in results if r.change)
+    assert results[-1].values == {"maxPaddingRatio": 0.95}
+
+
+def test_auto_tune_leaves_the_cap_alone_between_the_two_rules() -> None:
+    # Under the cap by more than one step, but not by more than three: nothing moves either way.
+    for padding, cap in ((0.65, 0.9), (0.75, 0.9), (0.45, 0.75)):
+        results = tune_rounds(steady(padding, 5), cap=cap)
+        assert all(r.change is None for r in results), (padding, cap)
+        assert results[-1].values == {"maxPaddingRatio": cap}
+
+
+def test_auto_tune_does_not_raise_the_cap_while_throughput_falls() -> None:
+    # 10 tokens/s, a raise kept, then 5 tokens/s (falling, no nudge pending): hold; steady at 5: raise.
+    results = tune_rounds([(0.2, 0), (0.2, 100), (0.2, 200), (0.2, 250), (0.2, 300)], cap=0.7)
+    assert results[1].change["to"] == 0.8 and results[2].change is None
+    assert results[3].change is None and results[3].values["maxPaddingRatio"] == 0.8
+    assert results[4].change["to"] == 0.9
 
 
 def test_auto_tune_reverts_a_nudge_that_cost_throughput_and_does_not_retry_it() -> None:
     # Throughput 10 tokens/s, then after the nudge only 5: undone, and that direction is blocked.
-    results = tune_rounds([(0.8, 0), (0.8, 100), (0.8, 150), (0.8, 250), (0.8, 350)])
+    results = tune_rounds([(0.85, 0), (0.85, 100), (0.85, 150), (0.85, 250), (0.85, 350), (0.2, 450)])
     first, revert = results[1].change, results[2].change
-    assert first["knob"] == "compactionThreshold" and first["to"] == 0.4
-    assert revert["to"] == 0.5 and revert["reason"].startswith("reverted")
-    assert results[2].values["compactionThreshold"] == 0.5
-    assert "compactionThreshold:down" in results[-1].status["blocked"]
-    assert all(r.change is None or r.change["knob"] != "compactionThreshold" for r in results[3:])
+    assert (first["knob"], first["to"]) == ("maxPaddingRatio", 0.8)
+    assert revert["to"] == 0.9 and revert["reason"].startswith("reverted")
+    assert results[2].values["maxPaddingRatio"] == 0.9
+    assert results[-1].status["blocked"] == ["maxPaddingRatio:down"]
+    assert results[3].change is None and results[4].change is None  # still at the cap, not lowered again
+    assert results[5].change["to"] == 0.95  # the other direction is still open
 
 
-def test_auto_tune_low_padding_raises_the_threshold() -> None:
-    results = tune_rounds([(0.1, 0), (0.1, 100)])
-    assert results[1].change["knob"] == "compactionThreshold" and results[1].change["to"] == 0.6
+def test_auto_tune_drops_compaction_state_left_by_an_older_operator() -> None:
+    # An older operator tuned compactionThreshold and left a nudge of it pending; throughput has fallen
+    # since, which would have reverted it. Now: no revert, the knob and its blocks are gone.
+    old = {"padding": {"compactionThreshold": 0.4, "maxPaddingRatio": 0.9}, "lastTokens": 0,
+           "lastTime": ro.iso(1000.0), "lastThroughput": 10.0, "blocked": ["compactionThreshold:up"],
+           "pending": {"knob": "compactionThreshold", "from": 0.5, "to": 0.4, "throughputBefore": 10.0},
+           "changes": [{"knob": "compactionThreshold", "from": 0.5, "to": 0.4, "reason": "compact sooner"}]}
+    assert ro.tuned_padding({"autoTune": {"enabled": True}}, {"autoTune": old}) == {"max_padding_ratio": 0.9}
+    result = ro.auto_tune(TUNE, {"maxPaddingRatio": 0.9}, old, ro.EngineSample(0.7, 50, 1010.0))
+    assert result.change is None and result.values == {"maxPaddingRatio": 0.9}
+    assert result.status["padding"] == {"maxPaddingRatio": 0.9}
+    assert result.status["pending"] is None and result.status["blocked"] == []
+    assert result.status["changes"] == old["changes"]  # the history stays
 
 
 def test_operator_settings_for_the_rollout() -> None:
