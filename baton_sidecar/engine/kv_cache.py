@@ -28,9 +28,8 @@ boolean mask ``[B, 1, 1, L]``, which ``transformers`` uses as is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -295,14 +294,18 @@ class BatchKVCache:
         """Re-allocate tighter buffers when the live window uses too little of them.
 
         After long rows leave, the buffers keep their peak size; when live slots / allocated
-        slots drops below ``min_utilisation``, one O(B*L) copy returns the memory. The new
-        buffers keep ``GROWTH`` room, so growth right after a shrink does not undo it.
+        slots drops below ``min_utilisation``, one O(B*L) copy returns the memory (only if
+        that halves it at least). The new buffers keep ``GROWTH`` room, so growth right after
+        a shrink does not undo it.
         """
         allocated = self.row_capacity * self.col_capacity
         if self.rows == 0 or allocated == 0 or self.num_slots() / allocated >= min_utilisation:
             return False
-        self._reshape_buffers(max(MIN_ROWS, math.ceil(self.rows * GROWTH)),
-                              max(MIN_COLS, math.ceil(self.length * GROWTH)), 0, self.length)
+        row_cap = max(MIN_ROWS, math.ceil(self.rows * GROWTH))
+        col_cap = max(MIN_COLS, math.ceil(self.length * GROWTH))
+        if row_cap * col_cap > allocated // 2:
+            return False  # e.g. a tiny batch in minimum-size buffers: a copy would return nothing
+        self._reshape_buffers(row_cap, col_cap, 0, self.length)
         return True
 
 

@@ -115,3 +115,6 @@ def test_shrink_returns_memory_after_long_rows_leave(tiny_model):
     assert drive.runner.shrink_if_sparse(0.5)
     assert drive.runner.cache.allocated_bytes() < before
     drive.step()
+    # Already at the minimum size: nothing to return, so no copy, however sparse.
+    assert drive.runner.cache.num_slots() / (drive.runner.cache.row_capacity * drive.runner.cache.col_capacity) < 0.5
+    assert not drive.runner.shrink_if_sparse(0.5)
