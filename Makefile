@@ -31,8 +31,17 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -rs -m "not model and not operator_e2e and not rollout_e2e" $(PYTEST_ARGS)
 
+# Offline and trace runs, then the README's Performance section from both results.
+# On a GPU: make bench BENCH_ARGS="--device cuda --dtype bfloat16 -n 256"
+BENCH_OUT  ?= bench-out
+BENCH_ARGS ?= --threads 1
+BENCH      := $(VENV)/bin/baton-sidecar bench
+
 bench: $(STAMP)
-	$(VENV)/bin/baton-sidecar bench offline --threads 1 --out bench-out --json bench-results.json
+	$(BENCH) offline $(BENCH_ARGS) --out $(BENCH_OUT)/offline
+	$(BENCH) trace --load 0.8 --systems baton,rtc,hf_cb $(BENCH_ARGS) --out $(BENCH_OUT)/trace
+	$(PY) -m baton_sidecar.bench.readme $(BENCH_OUT)/offline/result.json $(BENCH_OUT)/trace/result.json \
+		--readme README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

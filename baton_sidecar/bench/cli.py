@@ -18,12 +18,13 @@ import argparse
 import logging
 import os
 import platform
+import shlex
 import sys
 import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..config import EngineConfig, Limits, PolicyConfig
 from . import report
@@ -407,14 +408,18 @@ def _base_result(bench: Bench, title: str, workload: Workload) -> dict[str, Any]
     import transformers
 
     loaded = bench.loaded
+    device = str(loaded.device) if loaded else None
     return {
         "schema_version": 1,
         "title": title,
         "started_at": datetime.now().isoformat(timespec="seconds"),
+        "argv": list(sys.argv),
+        "command": command_line(sys.argv),
         "model": loaded.name if loaded else bench.args.model_name,
-        "device": str(loaded.device) if loaded else None,
+        "device": device,
         "dtype": bench.engine_config.dtype,
-        "host": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "host": {"platform": platform.platform(), "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+                 "gpu": torch.cuda.get_device_name(device) if device and device.startswith("cuda") else None,
                  "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                  "transformers": transformers.__version__,
                  "load_avg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
@@ -427,6 +432,27 @@ def _base_result(bench: Bench, title: str, workload: Workload) -> dict[str, Any]
         "systems": {},
         "notes": bench.notes,
     }
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """``argv`` as one would type it: the program's name without its directory, arguments quoted.
+
+    ``python -m baton_sidecar.bench`` runs with ``argv[0]`` = that package's ``__main__.py``.
+    """
+    program = Path(argv[0]).name if argv else "baton-sidecar"
+    if program == "__main__.py":
+        program = "python -m baton_sidecar.bench"
+    return " ".join([program, *map(shlex.quote, argv[1:])])
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def plan_systems(bench: Bench, kind: str) -> dict[str, Any]:

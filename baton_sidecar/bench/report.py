@@ -63,28 +63,48 @@ def floors_table(floors: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def machine_line(result: dict[str, Any]) -> str:
+    """Model, device, dtype and the host (CPU model and count, torch threads, load average)."""
+    host = result.get("host", {})
+    gpu = f" ({host['gpu']})" if host.get("gpu") else ""
+    cpu = f"{host['cpu_model']}, " if host.get("cpu_model") else ""
+    return (f"model `{result.get('model')}` on {result.get('device')}{gpu} ({result.get('dtype')}); "
+            f"{cpu}{host.get('cpu_count')} CPUs, torch threads {host.get('torch_threads')}; "
+            f"load average at start {_fmt(host.get('load_avg_start'), '{:.2f}')}")
+
+
+def workload_line(result: dict[str, Any]) -> str:
+    return "Workload: " + ", ".join(f"{k}={_short(v)}" for k, v in result["workload"].items())
+
+
+def systems_tables(result: dict[str, Any], heading: str = "##") -> list[str]:
+    """The systems table, or one per offered load under ``heading`` titles; lines, blank-separated."""
+    baseline = result.get("baseline", "baton")
+    parts = []
+    for load in result.get("loads", {}).values():
+        parts.append(f"{heading} Offered load {load['load']} "
+                     f"({_fmt(load.get('offered_rate_req_per_s'), '{:.3f}')} req/s, "
+                     f"time scale {_fmt(load.get('time_scale'), '{:.3f}')})")
+        parts.append("")
+        parts.append(systems_table(load["systems"], baseline))
+        parts.append("")
+    if not result.get("loads"):
+        parts.append(systems_table(result["systems"], baseline))
+        parts.append("")
+    return parts
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     """The whole report as Markdown (also what the CLI prints)."""
     parts = [f"# Baton benchmark: {result.get('title', result['workload'].get('name'))}", ""]
-    host = result.get("host", {})
-    parts.append(f"model `{result.get('model')}` on {result.get('device')} ({result.get('dtype')}); "
-                 f"{host.get('cpu_count')} CPUs, torch threads {host.get('torch_threads')}; "
-                 f"load average at start {_fmt(host.get('load_avg_start'), '{:.2f}')}")
+    parts.append(machine_line(result))
     parts.append("")
-    parts.append("Workload: " + ", ".join(f"{k}={_short(v)}" for k, v in result["workload"].items()))
+    parts.append(workload_line(result))
     parts.append("")
     slo = result.get("slo") or {}
     parts.append("Goodput SLO: " + ", ".join(f"{k} <= {v}" for k, v in slo.items() if v is not None))
     parts.append("")
-    for load in result.get("loads", {}).values():
-        parts.append(f"## Offered load {load['load']} ({_fmt(load.get('offered_rate_req_per_s'), '{:.3f}')} req/s, "
-                     f"time scale {_fmt(load.get('time_scale'), '{:.3f}')})")
-        parts.append("")
-        parts.append(systems_table(load["systems"], result.get("baseline", "baton")))
-        parts.append("")
-    if not result.get("loads"):
-        parts.append(systems_table(result["systems"], result.get("baseline", "baton")))
-        parts.append("")
+    parts.extend(systems_tables(result))
     for name, by_class in (result.get("by_priority") or {}).items():
         parts.append(f"### {name} by priority class")
         parts.append("")
