@@ -38,6 +38,10 @@ class EngineStats:
     swapped_bytes: int = 0  # K/V of swapped-out rows on host memory
     steps: int = 0
     preemptions_total: int = 0
+    # Summed over decode steps: the live window's slots, and how many of them were padding
+    # (a rate of the two gives the exact padding ratio over any interval).
+    kv_slots_total: int = 0
+    kv_padding_slots_total: int = 0
     refusals_by_reason: dict[str, int] = field(default_factory=dict)
     finished_by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -73,6 +77,8 @@ class EngineCore:
         self.riding: set[str] = set()  # run-to-completion rows that are done but still in the batch
         self.steps = 0
         self.preemptions_total = 0
+        self.kv_slots_total = 0
+        self.kv_padding_slots_total = 0
         self.finished_by_reason: Counter[str] = Counter()
 
     @property
@@ -220,6 +226,9 @@ class EngineCore:
         self.runner.embed(prefilled, embed_rows, next_tokens)
 
     def _decode(self, outputs: list[RequestOutput]) -> None:
+        slots = self.runner.cache.num_slots()
+        self.kv_slots_total += slots
+        self.kv_padding_slots_total += slots - sum(self.runner.positions)  # positions = cached tokens per row
         try:
             logits = self.runner.decode()  # [B, V]
         except Exception as error:  # a batch-wide failure: every running request ends with it
@@ -364,5 +373,6 @@ class EngineCore:
             kv_bytes_allocated=cache.allocated_bytes(),
             swapped_bytes=sum(s.kv.nbytes() for s in self.swapped_kv.values()),
             steps=self.steps, preemptions_total=self.preemptions_total,
+            kv_slots_total=self.kv_slots_total, kv_padding_slots_total=self.kv_padding_slots_total,
             finished_by_reason=dict(self.finished_by_reason))
 

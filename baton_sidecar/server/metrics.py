@@ -52,6 +52,12 @@ class EngineCollector(Collector):
         yield CounterMetricFamily("baton_engine_steps", "Engine steps", value=s.steps)
         yield CounterMetricFamily("baton_engine_preemptions", "Preemptions (swap or recompute)",
                                   value=s.preemptions_total)
+        yield CounterMetricFamily("baton_engine_kv_slots", "KV slots of the live window, summed over decode steps",
+                                  value=s.kv_slots_total)
+        yield CounterMetricFamily("baton_engine_kv_padding_slots",
+                                  "Masked KV slots of the live window, summed over decode steps "
+                                  "(rate / rate of baton_engine_kv_slots = padding ratio)",
+                                  value=s.kv_padding_slots_total)
         refusals = CounterMetricFamily("baton_engine_refusals", "Admissions refused by the engine",
                                        labels=["reason"])
         for reason, n in sorted(s.refusals_by_reason.items()):

@@ -185,3 +185,21 @@ async def test_an_unexpected_step_failure_ends_requests_and_the_engine_keeps_ser
     assert failed.finish_reason == "error" and "embed broke" in failed.error
     healthy = await engine.generate([5, 6], SamplingParams(max_tokens=5, **GREEDY))
     assert healthy.finish_reason == "length" and healthy.completion_tokens == 5
+
+
+async def test_padding_counters_add_up_the_live_windows_of_decode_steps(engine):
+    def counters():
+        stats = engine.stats()
+        return stats.kv_slots_total, stats.kv_padding_slots_total
+
+    slots0, padding0 = counters()  # the start-up warm-up request decoded already
+    alone = engine.submit([5, 6, 7], SamplingParams(max_tokens=5, **GREEDY))
+    [o async for o in alone]
+    # Decode steps see windows of 3, 4, 5 and 6 real tokens (the first token comes from prefill).
+    slots1, padding1 = counters()
+    assert (slots1 - slots0, padding1 - padding0) == (18, 0)
+    short = engine.submit([5, 6], SamplingParams(max_tokens=40, **GREEDY))  # still running when long joins
+    long_one = engine.submit(list(range(7, 19)), SamplingParams(max_tokens=3, **GREEDY))
+    [o async for o in short], [o async for o in long_one]
+    slots2, padding2 = counters()
+    assert 0 < padding2 - padding1 < slots2 - slots1  # the short row is left-padded to the long one

@@ -14,6 +14,7 @@ from server_helpers import metric_value
 def fake_stats():
     return SimpleNamespace(running=3, waiting=2, swapped=1, batch_size=3, padding_ratio=0.25,
                            kv_tokens_used=100, kv_tokens_capacity=400, steps=9, preemptions_total=4,
+                           kv_slots_total=900, kv_padding_slots_total=120,
                            refusals_by_reason={"queue_full": 2}, finished_by_reason={"stop": 5})
 
 
@@ -28,6 +29,8 @@ def test_each_app_has_its_own_registry_and_engine_gauges():
     assert metric_value(text, "baton_engine_running_requests") == 3
     assert metric_value(text, "baton_engine_kv_usage_ratio") == 0.25
     assert metric_value(text, "baton_engine_preemptions_total") == 4
+    assert metric_value(text, "baton_engine_kv_slots_total") == 900
+    assert metric_value(text, "baton_engine_kv_padding_slots_total") == 120
     assert metric_value(text, "baton_engine_refusals_total", {"reason": "queue_full"}) == 2
     assert metric_value(text, "baton_engine_finished_total", {"reason": "stop"}) == 5
     assert metric_value(text, "baton_time_to_first_token_seconds_count", {"arm": "baton"}) == 1
