@@ -8,6 +8,7 @@ their final output is held until the whole batch is done.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import Counter
@@ -66,6 +67,9 @@ def _tokens_to_prefill(request: Request) -> list[int]:
 class EngineCore:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, policy: PolicyConfig) -> None:
         self.loaded = loaded
+        # The engine thread's own copy: a fast tokenizer's Rust state is not safe to share
+        # with the server threads that tokenize prompts meanwhile.
+        self.tokenizer = copy.deepcopy(loaded.tokenizer)
         self.config = config
         self.run_to_completion = config.batching == "run_to_completion"
         padded_rows = row_padding.calibrate(loaded.model, loaded.device) if config.decode_row_padding == "auto" else {}
@@ -98,7 +102,7 @@ class EngineCore:
             stop_ids |= self.loaded.eos_token_ids
         self.tracked[request.request_id] = _Tracked(
             request, RowSampler(params, self.runner.device),
-            IncrementalDetokenizer(self.loaded.tokenizer, params.stop), frozenset(stop_ids),
+            IncrementalDetokenizer(self.tokenizer, params.stop), frozenset(stop_ids),
             events=[("queued", request.times.arrival)])
         self.scheduler.add(request)
 

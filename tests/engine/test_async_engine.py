@@ -203,3 +203,11 @@ async def test_padding_counters_add_up_the_live_windows_of_decode_steps(engine):
     [o async for o in short], [o async for o in long_one]
     slots2, padding2 = counters()
     assert 0 < padding2 - padding1 < slots2 - slots1  # the short row is left-padded to the long one
+
+
+async def test_the_engine_thread_detokenizes_with_its_own_tokenizer(engine):
+    # The server tokenizes prompts on other threads; a fast tokenizer must not be shared.
+    core_tokenizer = engine.core.tokenizer
+    assert core_tokenizer is not engine.tokenizer
+    assert core_tokenizer.backend_tokenizer is not engine.tokenizer.backend_tokenizer
+    assert core_tokenizer.decode([5, 6, 7]) == engine.tokenizer.decode([5, 6, 7])
