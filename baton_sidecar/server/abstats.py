@@ -1,16 +1,25 @@
 """Per-arm A/B accounting and the GET /ab/report statistics.
 
-Each arm keeps its most recent ``window`` outcomes. Percentiles come with percentile-bootstrap 95%
-confidence intervals; the verdict compares p95 between arms with a bootstrap CI of the difference
-``p95(baton) - p95(incumbent)`` (arms resampled independently): entirely below zero -> "better",
-entirely above -> "worse", otherwise (or with too few samples) "inconclusive". Lower latency is
-better. Report computation is CPU work (numpy) and is meant to run off the event loop.
+Each arm keeps its most recent ``window`` outcomes, each stamped with a sequence number that grows
+by one per recorded outcome (both arms share one sequence). The latest number is the *cursor*; a
+report ``since`` a cursor covers only the outcomes recorded after it, so a caller that keeps the
+cursor of its last report can ask for exactly what happened in between. When outcomes after
+``since`` have already left an arm's window, that arm's selection is ``truncated`` (and says so).
+
+Percentiles come with percentile-bootstrap 95% confidence intervals; the verdict compares p95
+between arms with a bootstrap CI of the difference ``p95(baton) - p95(incumbent)`` (arms resampled
+independently): entirely below zero -> "better", entirely above -> "worse", otherwise (or with too
+few samples) "inconclusive". Lower latency is better. With ``samples=True`` the raw latencies are
+returned instead of being bootstrapped (point percentiles only, no CIs, no verdicts): the caller
+merges pods and computes its own. Report computation is CPU work (numpy) and is meant to run off
+the event loop; a computed report is cached until something new is recorded.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
+import uuid
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -20,6 +29,8 @@ ARMS = ("baton", "incumbent")
 QUANTILES = (50, 95, 99)
 DEFAULT_RESAMPLES = 1000
 MIN_SAMPLES_FOR_VERDICT = 20
+CACHED_REPORTS = 8  # distinct (since, samples, ...) reports kept; one scraper needs one or two
+SAMPLE_DECIMALS = 6  # raw samples are sent rounded to the microsecond
 
 
 @dataclass(frozen=True)
@@ -78,15 +89,19 @@ def _ci(replicates: np.ndarray) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def summarize(samples: Sequence[float], resamples: int, rng: np.random.Generator
-              ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """p50/p95/p99 with 95% CIs, plus the p95 bootstrap replicates for the verdict."""
+def summarize(samples: Sequence[float], resamples: int, rng: np.random.Generator,
+              bootstrap: bool = True) -> tuple[dict[str, Any], np.ndarray | None]:
+    """p50/p95/p99 with 95% CIs, plus the p95 bootstrap replicates for the verdict
+    (``bootstrap=False``: point values only, no CIs, no replicates)."""
     if not samples:
         return {"n": 0}, None
     x = np.asarray(samples, dtype=np.float64)
     point = np.percentile(x, QUANTILES)
-    reps = bootstrap_quantiles(x, QUANTILES, resamples, rng)
     summary: dict[str, Any] = {"n": len(x), "mean": float(x.mean())}
+    if not bootstrap:
+        summary.update({f"p{q}": {"value": float(point[k])} for k, q in enumerate(QUANTILES)})
+        return summary, None
+    reps = bootstrap_quantiles(x, QUANTILES, resamples, rng)
     for k, q in enumerate(QUANTILES):
         summary[f"p{q}"] = {"value": float(point[k]), "ci95": _ci(reps[:, k])}
     return summary, reps[:, QUANTILES.index(95)]
@@ -123,73 +138,181 @@ def combine(verdicts: Iterable[str]) -> str:
     return "better" if "better" in vs else "inconclusive"
 
 
+def parse_since(value: str | None) -> int | None:
+    """``?since=``: a cursor from an earlier report (an integer >= 0); ``ValueError`` names it."""
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > 19:
+        raise ValueError(f"since: must be a cursor from an earlier report (an integer >= 0), "
+                         f"not {value[:40]!r}")
+    return int(value)
+
+
+def parse_flag(name: str, value: str | None) -> bool:
+    """``?samples=``: true/false (also 1/0); ``ValueError`` names the field."""
+    if value is None:
+        return False
+    flag = {"true": True, "1": True, "false": False, "0": False}.get(value.lower())
+    if flag is None:
+        raise ValueError(f"{name}: must be true or false, not {value[:40]!r}")
+    return flag
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the report is computed from, taken under the lock."""
+
+    arms: Mapping[str, Sequence[tuple[int, Outcome]]]  # (sequence number, outcome), oldest first
+    totals: Mapping[str, Mapping[str, int]]
+    fallbacks: int
+    cursor: int  # the latest sequence number (0: nothing recorded yet)
+    dropped_through: Mapping[str, int]  # per arm, the newest sequence number evicted from it
+
+
 class ABStats:
-    """Thread-safe per-arm ring buffers of outcomes (recorded on the loop, read off it)."""
+    """Thread-safe per-arm ring buffers of outcomes (recorded on the loop, read off it).
+
+    Every outcome gets the next sequence number; it never goes back for the life of the object (not
+    even on ``reset``), and ``instance`` tells one object's cursors from another's (a restarted
+    sidecar starts a new sequence)."""
 
     def __init__(self, window: int = 5000) -> None:
         self._lock = threading.Lock()
+        self._compute = threading.Lock()  # one report computed at a time; the rest hit the cache
         self._window = window
-        self._arms: dict[str, deque[Outcome]] = {arm: deque(maxlen=window) for arm in ARMS}
+        self._arms: dict[str, deque[tuple[int, Outcome]]] = {
+            arm: deque(maxlen=window) for arm in ARMS}
         self._totals = {arm: {"count": 0, "errors": 0} for arm in ARMS}
         self._fallbacks = 0
+        self._seq = 0
+        self._generation = 0  # bumped by the changes that record no outcome (fallbacks, reset)
+        self._dropped = {arm: 0 for arm in ARMS}
+        self._cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self.instance = uuid.uuid4().hex[:16]
+
+    @property
+    def cursor(self) -> int:
+        with self._lock:
+            return self._seq
 
     def record(self, outcome: Outcome) -> None:
         with self._lock:
-            self._arms[outcome.arm].append(outcome)
+            self._seq += 1
+            window = self._arms[outcome.arm]
+            if len(window) == window.maxlen:
+                self._dropped[outcome.arm] = window[0][0]
+            window.append((self._seq, outcome))
             self._totals[outcome.arm]["count"] += 1
             self._totals[outcome.arm]["errors"] += 0 if outcome.ok else 1
 
     def record_fallback(self) -> None:
         with self._lock:
             self._fallbacks += 1
+            self._generation += 1
 
     def reset(self) -> None:
         with self._lock:
             for arm in ARMS:
                 self._arms[arm].clear()
                 self._totals[arm] = {"count": 0, "errors": 0}
+                self._dropped[arm] = self._seq  # everything so far is gone
             self._fallbacks = 0
+            self._generation += 1
+            self._cache.clear()
 
-    def snapshot(self) -> tuple[dict[str, list[Outcome]], dict[str, dict[str, int]], int]:
+    def snapshot(self) -> Snapshot:
         with self._lock:
-            return ({a: list(d) for a, d in self._arms.items()},
-                    {a: dict(t) for a, t in self._totals.items()}, self._fallbacks)
+            return self._snapshot_locked()
+
+    def _key(self, sla_classes: Mapping[str, SLATargets], default_sla_class: str | None,
+             resamples: int, seed: int, since: int | None, samples: bool) -> tuple:
+        # With self._lock held. The cursor and the generation change whenever the data does.
+        return (since, samples, self._seq, self._generation, tuple(sorted(sla_classes.items())),
+                default_sla_class, resamples, seed)
+
+    def cached_report(self, sla_classes: Mapping[str, SLATargets], default_sla_class: str | None,
+                      resamples: int = DEFAULT_RESAMPLES, seed: int = 0, since: int | None = None,
+                      samples: bool = False) -> dict[str, Any] | None:
+        """The report if it was computed since the last change (cheap: callable on the loop)."""
+        with self._lock:
+            hit = self._cache.get(self._key(sla_classes, default_sla_class, resamples, seed, since,
+                                            samples))
+        return dict(hit) if hit is not None else None
 
     def report(self, sla_classes: Mapping[str, SLATargets], default_sla_class: str | None,
-               resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict[str, Any]:
-        arms, totals, fallbacks = self.snapshot()
-        rng = np.random.default_rng(seed)
-        out: dict[str, Any] = {"window": self._window, "fallbacks_to_baton": fallbacks, "arms": {}}
-        reps: dict[str, dict[str, tuple[np.ndarray | None, int, float | None]]] = {}
-        for arm in ARMS:
-            outcomes = arms[arm]
-            ok = [o for o in outcomes if o.ok]
-            entry: dict[str, Any] = {
-                "count": totals[arm]["count"],
-                "errors": totals[arm]["errors"],
-                "error_rate": totals[arm]["errors"] / totals[arm]["count"] if totals[arm]["count"]
-                else None,
-                "window_count": len(outcomes),
-            }
-            reps[arm] = {}
-            for metric in ("ttft_s", "e2e_s"):
-                values = [getattr(o, metric) for o in ok if getattr(o, metric) is not None]
-                summary, p95_reps = summarize(values, resamples, rng)
-                entry[metric] = summary
-                reps[arm][metric] = (p95_reps, len(values),
-                                     summary["p95"]["value"] if values else None)
-            entry["sla"] = _attainment(outcomes, sla_classes, default_sla_class)
-            out["arms"][arm] = entry
-        verdicts = {}
+               resamples: int = DEFAULT_RESAMPLES, seed: int = 0, since: int | None = None,
+               samples: bool = False) -> dict[str, Any]:
+        """The report of the outcomes recorded after ``since`` (None: the whole windows), with the
+        raw latencies instead of bootstraps when ``samples``. A shallow copy of a cached dict: add
+        top-level keys freely, do not modify nested ones."""
+        with self._compute:
+            with self._lock:
+                key = self._key(sla_classes, default_sla_class, resamples, seed, since, samples)
+                hit = self._cache.get(key)
+                snap = None if hit is not None else self._snapshot_locked()
+            if hit is None:
+                hit = _compute_report(snap, self._window, self.instance, sla_classes,
+                                      default_sla_class, resamples, seed, since, samples)
+                with self._lock:
+                    self._cache[key] = hit
+                    while len(self._cache) > CACHED_REPORTS:
+                        self._cache.popitem(last=False)
+            return dict(hit)
+
+    def _snapshot_locked(self) -> Snapshot:
+        return Snapshot({a: list(d) for a, d in self._arms.items()},
+                        {a: dict(t) for a, t in self._totals.items()}, self._fallbacks, self._seq,
+                        dict(self._dropped))
+
+
+def _compute_report(snap: Snapshot, window: int, instance: str,
+                    sla_classes: Mapping[str, SLATargets], default_sla_class: str | None,
+                    resamples: int, seed: int, since: int | None, samples: bool) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    ahead = since is not None and since > snap.cursor  # a cursor from another sidecar process
+    out: dict[str, Any] = {"window": window, "instance": instance, "cursor": snap.cursor,
+                           "since": since, "truncated": False, "fallbacks_to_baton": snap.fallbacks,
+                           "arms": {}}
+    reps: dict[str, dict[str, tuple[np.ndarray | None, int, float | None]]] = {}
+    for arm in ARMS:
+        outcomes = [o for seq, o in snap.arms[arm] if since is None or seq > since]
+        truncated = since is not None and (ahead or snap.dropped_through[arm] > since)
+        ok = [o for o in outcomes if o.ok]
+        total = snap.totals[arm]
+        entry: dict[str, Any] = {
+            "count": total["count"],
+            "errors": total["errors"],
+            "error_rate": total["errors"] / total["count"] if total["count"] else None,
+            "window_count": len(outcomes),
+            "window_errors": len(outcomes) - len(ok),
+            "truncated": truncated,
+        }
+        reps[arm] = {}
+        raw: dict[str, list[float]] = {}
         for metric in ("ttft_s", "e2e_s"):
-            (b, nb, pb), (i, ni, pi) = reps["baton"][metric], reps["incumbent"][metric]
-            verdicts[metric] = verdict(b, i, nb, ni, pb, pi, resamples)
-        out["verdicts"] = verdicts
-        out["verdict"] = combine(v["result"] for v in verdicts.values())
-        out["verdict_basis"] = ("p95 of ttft_s and e2e_s compared by bootstrap CI of the difference; "
-                                "worse if either is worse, better if at least one is better and "
-                                "neither worse, otherwise inconclusive")
-        return out
+            values = [getattr(o, metric) for o in ok if getattr(o, metric) is not None]
+            summary, p95_reps = summarize(values, resamples, rng, bootstrap=not samples)
+            entry[metric] = summary
+            reps[arm][metric] = (p95_reps, len(values), summary["p95"]["value"] if values else None)
+            if samples:
+                raw[metric] = [round(v, SAMPLE_DECIMALS) for v in values]
+        entry["sla"] = _attainment(outcomes, sla_classes, default_sla_class)
+        if samples:
+            entry["samples"] = raw
+        out["truncated"] = out["truncated"] or truncated
+        out["arms"][arm] = entry
+    if samples:
+        return out  # no bootstrap: the caller computes CIs and verdicts from the samples
+    verdicts = {}
+    for metric in ("ttft_s", "e2e_s"):
+        (b, nb, pb), (i, ni, pi) = reps["baton"][metric], reps["incumbent"][metric]
+        verdicts[metric] = verdict(b, i, nb, ni, pb, pi, resamples)
+    out["verdicts"] = verdicts
+    out["verdict"] = combine(v["result"] for v in verdicts.values())
+    out["verdict_basis"] = ("p95 of ttft_s and e2e_s compared by bootstrap CI of the difference; "
+                            "worse if either is worse, better if at least one is better and "
+                            "neither worse, otherwise inconclusive")
+    return out
 
 
 def _attainment(outcomes: Sequence[Outcome], classes: Mapping[str, SLATargets],

@@ -12,6 +12,7 @@ Every failure a client can cause is answered with an OpenAI error body and a 4xx
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -24,7 +25,8 @@ from aiohttp import web
 
 from baton_sidecar.config import PolicyConfig, RouterConfig, ServerConfig
 from baton_sidecar.server import openai as oa
-from baton_sidecar.server.abstats import ABStats, Outcome, SLATargets
+from baton_sidecar.server.abstats import (ABStats, Outcome, SLATargets, parse_flag,
+                                          parse_since)
 from baton_sidecar.server.configwatch import (ConfigManager, FileWatcher, LiveConfig, check_bearer,
                                               decode_admin_body)
 from baton_sidecar.server.local import LocalRun
@@ -412,16 +414,29 @@ def _sla_targets(policy: PolicyConfig) -> dict[str, SLATargets]:
 
 
 async def ab_report(request: web.Request) -> web.Response:
+    """``GET /ab/report[?since=<cursor>][&samples=true]`` (see abstats and docs/server.md)."""
     app = request.app
+    try:
+        since = parse_since(request.query.get("since"))
+        samples = parse_flag("samples", request.query.get("samples"))
+    except ValueError as exc:
+        raise oa.APIError(400, str(exc), param=str(exc).split(":", 1)[0],
+                          code="invalid_value") from None
     live = app[CONFIG].current
     targets = _sla_targets(live.policy)
     default = DEFAULT_SLA_CLASS if DEFAULT_SLA_CLASS in targets else None
-    # Bootstrap resampling is CPU work: keep it off the loop.
-    report = await asyncio.to_thread(app[ABSTATS].report, targets, default)
+    stats = app[ABSTATS]
+    report = stats.cached_report(targets, default, since=since, samples=samples)
+    if report is None:  # bootstrap resampling is CPU work: keep it off the loop
+        report = await asyncio.to_thread(stats.report, targets, default, since=since,
+                                         samples=samples)
     report["router"] = {"incumbent_url": live.router.incumbent_url,
                         "baton_weight": live.router.baton_weight,
                         "sticky_header": live.router.sticky_header,
                         "fallback_to_baton": live.router.fallback_to_baton}
+    if samples:  # up to 4 x window floats: encode them off the loop too
+        body = await asyncio.to_thread(json.dumps, report)
+        return web.Response(text=body, content_type="application/json")
     return web.json_response(report)
 
 
