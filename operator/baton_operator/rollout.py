@@ -1,31 +1,34 @@
 """Progressive rollout: step Baton's traffic weight from the sidecars' A/B reports.
 
-One analysis per ``analysisIntervalSeconds`` reads every sidecar's ``GET /ab/report``, merges the pods
-into one ``Measurement`` and judges it against the gates; ``decide`` turns (spec, state in status,
-measurement, now) into a ``Decision``: advance, promote, hold or roll back. Everything except the
-gathering at the bottom is pure: the state lives in ``status.rollout`` (``RolloutState``), so an
+One analysis per ``analysisIntervalSeconds`` reads every sidecar's ``GET /ab/report``, merges the pods'
+traffic of the current step (``step_view``) and judges it against the gates; ``decide`` turns (spec, state
+in status, measurement, now) into a ``Decision``: advance, promote, hold or roll back. Everything except
+the gathering at the bottom is pure: the state lives in ``status.rollout`` (``RolloutState``), so an
 operator restarted mid-rollout resumes at the same step.
 
 At one step::
 
-    weight written ──► sidecars report it (router.baton_weight) ──► baseline counts taken
-        ──► every interval: samples since baseline >= minSamplesPerArm? ──► gates
+    weight written ──► sidecars report it (router.baton_weight) ──► baseline: per sidecar, its cursor
+        and request/error totals
+        ──► every interval: each sidecar's outcomes since its cursor, pooled;
+            requests since the baseline >= minSamplesPerArm? ──► gates
             pass (and pauseSeconds over, and approved) ─► next step (100: Promoted)
             fail ─► failures += 1 ─► failureThreshold reached: weight 0, RolledBack
             inconclusive ─► hold
 
-Latency gates compare p95 with the confidence intervals the sidecars report: Baton passes when the
-upper bound of the 95% CI of ``p95(baton) - p95(incumbent)`` is within the margin
-(``margin% x p95(incumbent)``), fails when even the lower bound exceeds it, else the analysis is
-inconclusive. A margin of 0 asks Baton to be demonstrably no slower.
+Latency gates compare p95 with confidence intervals: Baton passes when the upper bound of the 95% CI of
+``p95(baton) - p95(incumbent)`` is within the margin (``margin% x p95(incumbent)``), fails when even the
+lower bound exceeds it, else the analysis is inconclusive. A margin of 0 asks Baton to be demonstrably no
+slower. The CI of the difference combines the arms' half-widths as independent errors.
 
-Merging pods: the sidecar reports percentiles and their bootstrap CIs, not raw samples, so a merged
-p95 is the sample-weighted mean of the pods' p95s (exact for one pod; consistent when the Service
-spreads traffic evenly), and its CI half-widths combine as independent errors:
-``sqrt(sum((w_i * half_i)^2))``. The CI of the difference combines the arms' half-widths the same way.
-Request and error counts are totals since each sidecar started, so per-step counts are differences
-from the baseline; latency percentiles and SLA attainment cover each sidecar's recent window
-(``/ab/report``'s ``window`` outcomes per arm), which may reach back into earlier steps.
+Only the step's traffic counts. The baseline keeps, per sidecar, its process id (``instance``), its
+cursor (the sequence number of its last recorded outcome) and its request and error totals. Each analysis
+asks every sidecar for ``/ab/report?samples=true&since=<cursor>``: the raw latencies recorded since (at most
+the sidecar's window of them). Requests and errors are totals minus the baseline (exact); p95 and its
+bootstrap CI are computed over the samples of all pods pooled, so the merged p95 is exact across pods.
+A sidecar that is new, restarted, or too old to have cursors is based when first seen and counts from the
+next analysis; with sidecars too old to send samples the p95s fall back to a sample-weighted mean of the
+pods' own p95s over their recent windows (exact for one pod only).
 """
 
 from __future__ import annotations
@@ -205,12 +208,23 @@ class Estimate:
     def to_status(self) -> dict[str, Any]:
         return {"value": round(self.value, 6), "ci95": [round(self.low, 6), round(self.high, 6)], "n": self.n}
 
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any] | None) -> "Estimate | None":
+        """From a sidecar's percentile summary (``{"n", "p95": {"value", "ci95"}}``; no CI: a point)."""
+        if not summary or not summary.get("n") or not isinstance(summary.get("p95"), Mapping):
+            return None
+        v = float(summary["p95"]["value"])
+        lo, hi = (float(x) for x in summary["p95"].get("ci95") or (v, v))
+        return cls(v, lo, hi, int(summary["n"]))
+
 
 @dataclass(frozen=True)
 class Arm:
-    requests: int = 0  # totals since each sidecar started, summed over pods
+    """One arm over the current step, all counted sidecars together."""
+
+    requests: int = 0
     errors: int = 0
-    e2e_p95: Estimate | None = None  # over the sidecars' recent windows
+    e2e_p95: Estimate | None = None
     ttft_p95: Estimate | None = None
     sla_evaluated: int = 0
     sla_met: int = 0
@@ -220,54 +234,259 @@ class Arm:
         return self.sla_met / self.sla_evaluated if self.sla_evaluated else None
 
 
+LATENCIES = ("e2e_s", "ttft_s")  # the latency metrics of a report
+
+
+@dataclass(frozen=True)
+class PodReport:
+    """One sidecar's ``/ab/report?samples=true[&since=...]``, as far as the rollout uses it."""
+
+    url: str
+    weight: float  # router.baton_weight as the sidecar applies it
+    instance: str | None  # which sidecar process (None: an older sidecar without cursors)
+    cursor: int | None  # its latest sequence number
+    since: int | None  # the cursor the selection starts after (None: the whole windows)
+    truncated: bool  # outcomes after ``since`` already left a window
+    requests: Mapping[str, int]  # totals since the sidecar started
+    errors: Mapping[str, int]
+    samples: Mapping[str, Mapping[str, Sequence[float]]] | None  # arm -> metric -> raw latencies (s)
+    estimates: Mapping[str, Mapping[str, Estimate | None]]  # arm -> metric -> reported p95 (older sidecars)
+    sla: Mapping[str, tuple[int, int]]  # arm -> (evaluated, met) over the selection
+
+    @classmethod
+    def parse(cls, url: str, report: Mapping[str, Any]) -> "PodReport":
+        arms = {a: (report.get("arms") or {}).get(a) or {} for a in ARMS}
+        has_samples = "cursor" in report and all(isinstance(arms[a].get("samples"), Mapping) for a in ARMS)
+        return cls(
+            url=url, weight=float((report.get("router") or {}).get("baton_weight", -1)),
+            instance=report.get("instance"), cursor=report.get("cursor"), since=report.get("since"),
+            truncated=bool(report.get("truncated")),
+            requests={a: int(arms[a].get("count") or 0) for a in ARMS},
+            errors={a: int(arms[a].get("errors") or 0) for a in ARMS},
+            samples=({a: {k: [float(v) for v in arms[a]["samples"].get(k) or ()] for k in LATENCIES} for a in ARMS}
+                     if has_samples else None),
+            estimates={a: {k: Estimate.from_summary(arms[a].get(k)) for k in LATENCIES} for a in ARMS},
+            sla={a: (int((arms[a].get("sla") or {}).get("evaluated") or 0),
+                     int((arms[a].get("sla") or {}).get("met") or 0)) for a in ARMS})
+
+
 @dataclass(frozen=True)
 class Measurement:
-    """All sidecars' reports merged; ``problem`` set when they could not all be read."""
+    """Every sidecar's report; ``problem`` set when they could not all be read."""
 
-    pods: int
-    weights: tuple[float, ...] = ()  # router.baton_weight as each sidecar applies it
-    arms: Mapping[str, Arm] = field(default_factory=lambda: {a: Arm() for a in ARMS})
+    reports: tuple[PodReport, ...] = ()
     problem: str | None = None
+    unread: int = 0  # sidecars listed but not read (with ``problem``)
+
+    @property
+    def pods(self) -> int:
+        return len(self.reports) or self.unread
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(r.weight for r in self.reports)
 
     @classmethod
     def failed(cls, problem: str, pods: int = 0) -> "Measurement":
-        return cls(pods=pods, problem=problem)
+        return cls(problem=problem, unread=pods)
+
+    @classmethod
+    def of(cls, reports: Sequence[Mapping[str, Any]], urls: Sequence[str] | None = None) -> "Measurement":
+        if not reports:
+            return cls.failed("no sidecar to read /ab/report from")
+        urls = list(urls) if urls is not None else [f"pod-{i}" for i in range(len(reports))]
+        return cls(tuple(PodReport.parse(u, r) for u, r in zip(urls, reports)))
 
 
-def merge_estimates(parts: Sequence[Mapping[str, Any]]) -> Estimate | None:
-    """Merge one percentile summary per pod (``{"n", "p95": {"value", "ci95"}}``) into one estimate."""
-    parts = [p for p in parts if p and p.get("n") and isinstance(p.get("p95"), Mapping)]
-    total = sum(int(p["n"]) for p in parts)
+# Percentiles of pooled samples. numpy's default ("linear") definition, in plain Python: the operator
+# image has no numpy, and the pooled p95 must be the one the sidecar would compute over the same samples.
+
+def percentile(sorted_x: Sequence[float], q: float) -> float:
+    """The q-th percentile of ascending ``sorted_x``, interpolated as ``numpy.percentile`` does."""
+    h = (len(sorted_x) - 1) * (q / 100.0)
+    i = math.floor(h)
+    t = h - i
+    a, b = sorted_x[i], sorted_x[min(i + 1, len(sorted_x) - 1)]
+    diff = b - a
+    return b - diff * (1 - t) if t >= 0.5 else a + diff * t  # numpy's two-sided lerp
+
+
+def binomial_tail(n: int, p: float, k: int) -> float:
+    """P(Binomial(n, p) >= k), summing only the terms that matter (O(sqrt n) of them)."""
+    if k <= 0 or p >= 1:
+        return 1.0
+    if k > n or p <= 0:
+        return 0.0
+    log_p, log_q, log_nf = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+
+    def term(i: int) -> float:
+        return math.exp(log_nf - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
+
+    upper = k > n * p  # sum the smaller tail, from k outward: its terms only shrink
+    total, i, step = 0.0, (k if upper else k - 1), (1 if upper else -1)
+    while 0 <= i <= n:
+        t = term(i)
+        total += t
+        if t <= 1e-17 * total:
+            break
+        i += step
+    return total if upper else 1.0 - total
+
+
+def bootstrap_ci(sorted_x: Sequence[float], q: float, level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap CI of the q-th percentile, exactly (as with infinitely many resamples).
+
+    In a resample of n draws with replacement, the k-th smallest value (k = ceil(q% x n), the
+    nearest-rank percentile) is at most ``sorted_x[j-1]`` iff at least k draws fall among the j
+    smallest: P = P(Binomial(n, j/n) >= k). The CI's bounds are the values where that distribution
+    crosses (1 - level)/2 and (1 + level)/2: a binary search over j, no resampling.
+    """
+    n = len(sorted_x)
+    k = min(n, max(1, math.ceil(q / 100.0 * n)))
+
+    def first_at(prob: float) -> float:
+        lo, hi = 1, n  # binomial_tail(n, 1, k) == 1 >= prob
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if binomial_tail(n, mid / n, k) >= prob:
+                hi = mid
+            else:
+                lo = mid + 1
+        return sorted_x[lo - 1]
+
+    return first_at((1 - level) / 2), first_at((1 + level) / 2)
+
+
+def pooled_p95(parts: Iterable[Sequence[float]]) -> Estimate | None:
+    """p95 and its bootstrap 95% CI over every pod's raw samples together (exact across pods). Pure."""
+    x = sorted(v for part in parts for v in part)
+    if not x:
+        return None
+    low, high = bootstrap_ci(x, 95)
+    return Estimate(percentile(x, 95), low, high, len(x))
+
+
+def merge_estimates(parts: Sequence[Estimate | None]) -> Estimate | None:
+    """Older sidecars (no raw samples): the sample-weighted mean of the pods' p95s, CI half-widths
+    combined as independent errors, ``sqrt(sum((w_i * half_i)^2))``. Exact for one pod only."""
+    parts = [p for p in parts if p is not None and p.n]
+    total = sum(p.n for p in parts)
     if not total:
         return None
     value = low2 = high2 = 0.0
     for p in parts:
-        w = int(p["n"]) / total
-        v = float(p["p95"]["value"])
-        lo, hi = (float(x) for x in p["p95"].get("ci95") or (v, v))
-        value += w * v
-        low2 += (w * (v - lo)) ** 2
-        high2 += (w * (hi - v)) ** 2
+        w = p.n / total
+        value += w * p.value
+        low2 += (w * (p.value - p.low)) ** 2
+        high2 += (w * (p.high - p.value)) ** 2
     return Estimate(value, value - math.sqrt(low2), value + math.sqrt(high2), total)
 
 
-def merge_reports(reports: Sequence[Mapping[str, Any]]) -> Measurement:
-    """One ``Measurement`` from every pod's ``/ab/report`` (see the module docstring for the method)."""
-    if not reports:
-        return Measurement.failed("no sidecar to read /ab/report from")
+# --- the step's baseline: per sidecar, where the step started ------------------------------------
+
+@dataclass(frozen=True)
+class PodBaseline:
+    """One sidecar at the start of the step (or since it was first seen in it)."""
+
+    instance: str | None
+    cursor: int | None
+    requests: Mapping[str, int]
+    errors: Mapping[str, int]
+
+    @classmethod
+    def of(cls, r: PodReport) -> "PodBaseline":
+        return cls(r.instance, r.cursor, dict(r.requests), dict(r.errors))
+
+    def to_status(self) -> dict[str, Any]:
+        return {"instance": self.instance, "cursor": self.cursor,
+                **{a: {"requests": self.requests[a], "errors": self.errors[a]} for a in ARMS}}
+
+    @classmethod
+    def from_status(cls, d: Any) -> "PodBaseline | None":
+        if not isinstance(d, Mapping) or not all(isinstance(d.get(a), Mapping) for a in ARMS):
+            return None
+        cursor = d.get("cursor")
+        return cls(d.get("instance"), int(cursor) if isinstance(cursor, (int, float)) else None,
+                   {a: int(d[a].get("requests") or 0) for a in ARMS}, {a: int(d[a].get("errors") or 0) for a in ARMS})
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Per sidecar URL: its process, cursor and request/error totals where this step started for it.
+
+    Kept in ``status.rollout.baseline.pods`` (not in memory), so a restarted operator asks every
+    sidecar for the same step's outcomes; a status without it (older operators) re-bases every sidecar."""
+
+    pods: Mapping[str, PodBaseline] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, m: Measurement) -> "Baseline":
+        return cls({r.url: PodBaseline.of(r) for r in m.reports})
+
+    def since(self, url: str) -> int | None:
+        pod = self.pods.get(url)
+        return pod.cursor if pod is not None else None
+
+    def to_status(self) -> dict[str, Any]:
+        totals = {a: {"requests": sum(p.requests[a] for p in self.pods.values()),
+                      "errors": sum(p.errors[a] for p in self.pods.values())} for a in ARMS}
+        return {**totals, "pods": {url: p.to_status() for url, p in sorted(self.pods.items())}}
+
+    @classmethod
+    def from_status(cls, data: Any) -> "Baseline | None":
+        if not isinstance(data, Mapping):
+            return None
+        pods = {url: b for url, d in (data.get("pods") or {}).items() if (b := PodBaseline.from_status(d))}
+        return cls(pods)
+
+
+@dataclass(frozen=True)
+class StepView:
+    """The current step's traffic, from the sidecars known since the step's baseline."""
+
+    arms: Mapping[str, Arm]
+    baseline: Baseline  # new or restarted sidecars based from now, gone ones dropped
+    counted: tuple[str, ...]  # sidecars whose traffic counts
+    rebased: tuple[str, ...]  # sidecars based now: new to the step, restarted, or answering another cursor
+    exact: bool  # latencies from the pooled raw samples (False: some sidecar is too old to send them)
+    truncated: bool  # some counted sidecar's window no longer holds all of the step's outcomes
+
+
+def step_view(m: Measurement, base: Baseline) -> StepView:
+    """Merge the sidecars' reports into this step's figures; pure.
+
+    A sidecar counts when it is the same process that was based (``instance``), its report starts at
+    the based cursor, and its totals did not go back. Requests and errors are its totals minus the
+    baseline (exact); latencies are the raw samples since the cursor (bounded by its window), pooled
+    over the counted sidecars: p95 and its bootstrap CI over the pooled set. Any other sidecar is
+    based now and counts from the next analysis.
+    """
+    counted: list[tuple[PodReport, PodBaseline]] = []
+    rebased: list[str] = []
+    pods: dict[str, PodBaseline] = {}
+    for r in m.reports:
+        b = base.pods.get(r.url)
+        if (b is not None and b.instance == r.instance and b.cursor == r.since
+                and all(r.requests[a] >= b.requests[a] for a in ARMS)):
+            counted.append((r, b))
+            pods[r.url] = b
+        else:
+            rebased.append(r.url)
+            pods[r.url] = PodBaseline.of(r)
+    exact = all(r.samples is not None for r, _ in counted)
     arms = {}
-    for arm in ARMS:
-        entries = [((r.get("arms") or {}).get(arm) or {}) for r in reports]
-        arms[arm] = Arm(
-            requests=sum(int(e.get("count") or 0) for e in entries),
-            errors=sum(int(e.get("errors") or 0) for e in entries),
-            e2e_p95=merge_estimates([e.get("e2e_s") or {} for e in entries]),
-            ttft_p95=merge_estimates([e.get("ttft_s") or {} for e in entries]),
-            sla_evaluated=sum(int((e.get("sla") or {}).get("evaluated") or 0) for e in entries),
-            sla_met=sum(int((e.get("sla") or {}).get("met") or 0) for e in entries),
-        )
-    weights = tuple(float((r.get("router") or {}).get("baton_weight", -1)) for r in reports)
-    return Measurement(pods=len(reports), weights=weights, arms=arms)
+    for a in ARMS:
+        if exact:
+            e2e, ttft = (pooled_p95(r.samples[a][k] for r, _ in counted) for k in LATENCIES)
+        else:
+            e2e, ttft = (merge_estimates([(pooled_p95([r.samples[a][k]]) if r.samples is not None
+                                           else r.estimates[a][k]) for r, _ in counted]) for k in LATENCIES)
+        arms[a] = Arm(requests=sum(r.requests[a] - b.requests[a] for r, b in counted),
+                      errors=sum(r.errors[a] - b.errors[a] for r, b in counted),
+                      e2e_p95=e2e, ttft_p95=ttft,
+                      sla_evaluated=sum(r.sla[a][0] for r, _ in counted), sla_met=sum(r.sla[a][1] for r, _ in counted))
+    return StepView(arms, Baseline(pods), tuple(r.url for r, _ in counted), tuple(rebased), exact,
+                    any(r.truncated for r, _ in counted))
 
 
 # --- the gates ----------------------------------------------------------------------------------
@@ -280,28 +499,6 @@ class Check:
 
     def to_status(self) -> dict[str, Any]:
         return {"name": self.name, "result": self.result, "detail": self.detail}
-
-
-@dataclass(frozen=True)
-class Counts:
-    """Request and error totals per arm at the start of a step (the baseline of per-step counts)."""
-
-    requests: Mapping[str, int]
-    errors: Mapping[str, int]
-
-    @classmethod
-    def of(cls, m: Measurement) -> "Counts":
-        return cls({a: m.arms[a].requests for a in ARMS}, {a: m.arms[a].errors for a in ARMS})
-
-    def to_status(self) -> dict[str, Any]:
-        return {arm: {"requests": self.requests[arm], "errors": self.errors[arm]} for arm in ARMS}
-
-    @classmethod
-    def from_status(cls, data: Any) -> "Counts | None":
-        if not isinstance(data, Mapping) or not all(isinstance(data.get(a), Mapping) for a in ARMS):
-            return None
-        return cls({a: int(data[a].get("requests") or 0) for a in ARMS},
-                   {a: int(data[a].get("errors") or 0) for a in ARMS})
 
 
 def _ms(seconds: float) -> str:
@@ -328,23 +525,23 @@ def latency_check(name: str, baton: Estimate | None, incumbent: Estimate | None,
     return Check(name, WAIT, detail)
 
 
-def evaluate(spec: RolloutSpec, weight: float, m: Measurement, baseline: Counts) -> list[Check]:
-    """The gates for one analysis; requests and errors count from ``baseline`` (the step's start)."""
+def evaluate(spec: RolloutSpec, weight: float, arms: Mapping[str, Arm]) -> list[Check]:
+    """The gates for one analysis over this step's figures (``step_view``)."""
     if weight <= 0:
         return [Check("traffic", SKIP, "no traffic goes to Baton at 0%; nothing to compare")]
-    new = {a: m.arms[a].requests - baseline.requests[a] for a in ARMS}
+    new = {a: arms[a].requests for a in ARMS}
     samples = Check("samples", PASS if min(new.values()) >= spec.min_samples else WAIT,
                     f"requests this step: baton {new['baton']}, incumbent {new['incumbent']} "
                     f"(need {spec.min_samples} per arm)")
     if samples.result != PASS:
         return [samples]
     checks = [samples]
-    errors = m.arms["baton"].errors - baseline.errors["baton"]
+    errors = arms["baton"].errors
     rate = errors / new["baton"]
     checks.append(Check("errorRate", PASS if rate <= spec.gates.max_error_rate else FAIL,
                         f"baton error rate {rate:.2%} ({errors} of {new['baton']}); "
                         f"allowed {spec.gates.max_error_rate:.2%}"))
-    b, i = m.arms["baton"], m.arms["incumbent"]
+    b, i = arms["baton"], arms["incumbent"]
     checks.append(latency_check("p95Latency", b.e2e_p95, i.e2e_p95, spec.gates.p95_margin_pct, spec.min_samples))
     if b.ttft_p95 and i.ttft_p95 and min(b.ttft_p95.n, i.ttft_p95.n) >= spec.min_samples:
         checks.append(latency_check("ttft", b.ttft_p95, i.ttft_p95, spec.gates.ttft_margin_pct, spec.min_samples))
@@ -381,7 +578,7 @@ class RolloutState:
     weight: float | None = None
     step_started_at: float | None = None  # when the step's weight was written
     applied_at: float | None = None  # when every sidecar reported the weight (None: not yet)
-    baseline: Counts | None = None
+    baseline: Baseline | None = None  # per sidecar: where the step started
     failures: int = 0  # consecutive failed analyses
     last_analysis_at: float | None = None
     message: str = ""
@@ -393,7 +590,7 @@ class RolloutState:
         return cls(
             revision=d.get("revision"), phase=d.get("phase"), step=int(d.get("step") or 0),
             weight=d.get("weight"), step_started_at=from_iso(d.get("stepStartedAt")),
-            applied_at=from_iso(d.get("weightAppliedAt")), baseline=Counts.from_status(d.get("baseline")),
+            applied_at=from_iso(d.get("weightAppliedAt")), baseline=Baseline.from_status(d.get("baseline")),
             failures=int(d.get("failedAnalyses") or 0), last_analysis_at=from_iso(d.get("lastAnalysisTime")),
             message=d.get("message") or "", history=tuple(d.get("history") or ()))
 
@@ -418,7 +615,7 @@ class Decision:
     checks: tuple[Check, ...] = ()
     measurement: Measurement | None = None
     event: Event | None = None
-    baseline: Counts | None = None  # what the checks counted from (the step's start)
+    view: StepView | None = None  # the step's figures the checks judged
 
     @property
     def weight(self) -> float:
@@ -428,26 +625,28 @@ class Decision:
         """``status.rollout.analysis``: the last analysis (kept from ``previous`` when none ran now)."""
         if not self.checks:
             return dict(previous) if previous else None
-        m, base = self.measurement, self.baseline
+        m, view = self.measurement, self.view
         arms: dict[str, Any] = {}
-        if m is not None and m.problem is None:
+        if view is not None:
             for name in ARMS:
-                a = m.arms[name]
-                requests = a.requests - (base.requests[name] if base else 0)
-                errors = a.errors - (base.errors[name] if base else 0)
+                a = view.arms[name]
                 arms[name] = {
-                    "requests": requests, "errors": errors,
-                    "errorRate": round(errors / requests, 6) if requests > 0 else None,
+                    "requests": a.requests, "errors": a.errors,
+                    "errorRate": round(a.errors / a.requests, 6) if a.requests > 0 else None,
                     "p95LatencySeconds": a.e2e_p95.to_status() if a.e2e_p95 else None,
                     "p95TtftSeconds": a.ttft_p95.to_status() if a.ttft_p95 else None,
                     "slaAttainment": round(a.sla_attainment, 6) if a.sla_attainment is not None else None,
                 }
-        return {
+        out = {
             "time": iso(self.state.last_analysis_at), "pods": m.pods if m else 0, "arms": arms,
             "checks": [c.to_status() for c in self.checks],
             "failedChecks": [c.name for c in self.checks if c.result == FAIL],
             "result": _overall(self.checks),
         }
+        if view is not None:
+            out.update(counted=len(view.counted), rebased=list(view.rebased), truncated=view.truncated,
+                       latencyBasis="pooled samples" if view.exact else "mean of the pods' p95s (older sidecars)")
+        return out
 
 
 def _overall(checks: Iterable[Check]) -> str:
@@ -520,17 +719,18 @@ def decide(spec: RolloutSpec, state: RolloutState, rev: str, now: float,
                    f"(they report {sorted(set(stale))})")
             return Decision("hold", replace(state, message=msg), msg, measurement=m)
         msg = f"{state.weight}% applied by {m.pods} sidecar(s); collecting samples"
-        return Decision("hold", replace(state, applied_at=now, baseline=Counts.of(m), last_analysis_at=now,
+        return Decision("hold", replace(state, applied_at=now, baseline=Baseline.of(m), last_analysis_at=now,
                                         message=msg), msg, measurement=m)
 
-    if any(m.arms[a].requests < state.baseline.requests[a] for a in ARMS):
-        msg = "the sidecars' request counters went back (a restart?); collecting samples again"
-        return Decision("hold", replace(state, baseline=Counts.of(m), applied_at=now, last_analysis_at=now,
+    view = step_view(m, state.baseline)
+    if not view.counted:
+        msg = (f"none of the {m.pods} sidecar(s) is known since the step's start (new, restarted, or their "
+               f"counters went back); collecting samples again")
+        return Decision("hold", replace(state, baseline=view.baseline, applied_at=now, last_analysis_at=now,
                                         message=msg), msg, measurement=m)
 
-    base = state.baseline
-    checks = tuple(evaluate(spec, state.weight, m, base))
-    state = replace(state, last_analysis_at=now)
+    checks = tuple(evaluate(spec, state.weight, view.arms))
+    state = replace(state, last_analysis_at=now, baseline=view.baseline)
     failed = [c for c in checks if c.result == FAIL]
     waiting = [c for c in checks if c.result == WAIT]
     at = f"step {state.step + 1} of {len(steps)} ({state.weight}%)"
@@ -540,32 +740,32 @@ def decide(spec: RolloutSpec, state: RolloutState, rev: str, now: float,
         if failures >= spec.failure_threshold:
             msg = f"rolled back after {failures} failed analyses at {at}: {why}"
             new = replace(_start_step(state, state.step, 0, ROLLED_BACK, "rollback", msg, now), failures=failures)
-            return Decision("rollback", new, msg, checks, m, event=("Warning", "RolledBack", msg), baseline=base)
+            return Decision("rollback", new, msg, checks, m, event=("Warning", "RolledBack", msg), view=view)
         msg = f"analysis failed ({failures} of {spec.failure_threshold}) at {at}: {why}"
         return Decision("hold", replace(state, failures=failures, message=msg), msg, checks, m,
-                        event=("Warning", "AnalysisFailed", msg), baseline=base)
+                        event=("Warning", "AnalysisFailed", msg), view=view)
     if waiting:
         msg = f"holding at {at}: " + "; ".join(f"{c.name} inconclusive: {c.detail}" for c in waiting)
-        return Decision("hold", replace(state, message=msg), msg, checks, m, baseline=base)
+        return Decision("hold", replace(state, message=msg), msg, checks, m, view=view)
 
     state = replace(state, failures=0)
     if now - state.applied_at < spec.pause_s:
         msg = f"analysis passed at {at}; pausing until {iso(state.applied_at + spec.pause_s)} (pauseSeconds)"
-        return Decision("hold", replace(state, message=msg), msg, checks, m, baseline=base)
+        return Decision("hold", replace(state, message=msg), msg, checks, m, view=view)
     nxt = steps[state.step + 1]
     if nxt in spec.manual_gates and spec.approved_weight < nxt:
         msg = (f"analysis passed at {at}; awaiting approval to go to {nxt}% "
                f"(set spec.rollout.approvedWeight to {nxt} or more)")
         event = None if state.phase == AWAITING_APPROVAL else ("Normal", "RolloutAwaitingApproval", msg)
         return Decision("hold", replace(state, phase=AWAITING_APPROVAL, message=msg), msg, checks, m, event,
-                        baseline=base)
+                        view=view)
     if nxt == 100:
         msg = f"promoted: analysis passed at {at}; all traffic to Baton"
         new = _start_step(state, state.step + 1, 100, PROMOTED, "promote", msg, now)
-        return Decision("promote", new, msg, checks, m, event=("Normal", "RolloutPromoted", msg), baseline=base)
+        return Decision("promote", new, msg, checks, m, event=("Normal", "RolloutPromoted", msg), view=view)
     msg = f"analysis passed at {at}; advanced to step {state.step + 2} of {len(steps)} ({nxt}%)"
     new = _start_step(state, state.step + 1, nxt, PROGRESSING, "advance", msg, now)
-    return Decision("advance", new, msg, checks, m, event=("Normal", "RolloutAdvanced", msg), baseline=base)
+    return Decision("advance", new, msg, checks, m, event=("Normal", "RolloutAdvanced", msg), view=view)
 
 
 def config_map_weight_patch(config_map: Mapping[str, Any], weight: float) -> dict[str, Any]:
@@ -602,12 +802,26 @@ RAISE_MARGIN_STEPS = 3
 
 @dataclass(frozen=True)
 class EngineSample:
-    """From the sidecars' /metrics: mean padding ratio of the running batches, and the Baton arm's
-    completion tokens (a counter, summed over pods) at ``time``."""
+    """From the sidecars' /metrics at ``time``: the padding-ratio gauge (mean over pods), the Baton arm's
+    completion tokens, and the KV slot and padding-slot counters (summed over pods; None when some
+    sidecar is too old to export them)."""
 
     padding_ratio: float
     completion_tokens: float
     time: float
+    kv_slots: float | None = None
+    kv_padding_slots: float | None = None
+
+
+def round_padding_ratio(sample: EngineSample, prev: Mapping[str, Any]) -> tuple[float, str]:
+    """The padding ratio over the round since ``prev`` (status.rollout.autoTune): the increase of the
+    padding-slot counter over that of the slot counter, exact over every decode step of the round; the
+    instantaneous gauge when the counters are absent (older sidecars), new, or went back (a restart)."""
+    slots, padding = prev.get("lastKvSlots"), prev.get("lastKvPaddingSlots")
+    if sample.kv_slots is not None and sample.kv_padding_slots is not None and slots is not None \
+            and padding is not None and sample.kv_slots > slots and sample.kv_padding_slots >= padding:
+        return (sample.kv_padding_slots - padding) / (sample.kv_slots - slots), "counters"
+    return sample.padding_ratio, "gauge"
 
 
 @dataclass(frozen=True)
@@ -621,7 +835,8 @@ def auto_tune(spec: AutoTuneSpec, current: Mapping[str, float], previous: Mappin
               sample: EngineSample) -> TuneResult:
     """One tuning round: ``maxPaddingRatio`` moves by at most ``spec.step``, within its bounds. Pure.
 
-    Throughput is completion tokens per second over the round. A nudge that cost more than
+    Throughput is completion tokens per second over the round; the padding ratio is the round's too
+    (``round_padding_ratio``: from the KV slot counters, else the gauge). A nudge that cost more than
     ``min_throughput_change`` of the throughput measured before it is undone, and the knob is then
     left alone in that direction. Otherwise: a padding ratio within one step of the admission cap
     lowers the cap (hold back padding-heavy newcomers); one more than ``RAISE_MARGIN_STEPS`` steps
@@ -635,6 +850,7 @@ def auto_tune(spec: AutoTuneSpec, current: Mapping[str, float], previous: Mappin
     blocked = {b for b in prev.get("blocked") or [] if b.split(":")[0] in values}
     last_tokens, last_time = prev.get("lastTokens"), from_iso(prev.get("lastTime"))
     last_throughput = prev.get("lastThroughput")
+    padding_ratio, padding_basis = round_padding_ratio(sample, prev)
     throughput = None
     if last_tokens is not None and last_time is not None and sample.time > last_time \
             and sample.completion_tokens >= last_tokens:
@@ -646,7 +862,7 @@ def auto_tune(spec: AutoTuneSpec, current: Mapping[str, float], previous: Mappin
 
     def nudge(knob: str, to: float, reason: str) -> dict[str, Any]:
         return {"time": iso(sample.time), "knob": knob, "from": round(values[knob], 4), "to": round(to, 4),
-                "paddingRatio": round(sample.padding_ratio, 4),
+                "paddingRatio": round(padding_ratio, 4),
                 "throughput": round(throughput, 3) if throughput is not None else None, "reason": reason}
 
     if pending and throughput is not None and pending.get("throughputBefore"):
@@ -658,7 +874,7 @@ def auto_tune(spec: AutoTuneSpec, current: Mapping[str, float], previous: Mappin
             blocked.add(f"{knob}:{'down' if pending['to'] < pending['from'] else 'up'}")
         pending = None
     elif throughput is not None and pending is None:
-        mpr, b_mpr, p = values["maxPaddingRatio"], spec.max_padding_ratio, sample.padding_ratio
+        mpr, b_mpr, p = values["maxPaddingRatio"], spec.max_padding_ratio, padding_ratio
         falling = last_throughput is not None and throughput < last_throughput * (1 - spec.min_throughput_change)
         options = [
             (p >= mpr - spec.step, max(b_mpr.low, mpr - spec.step),
@@ -677,7 +893,9 @@ def auto_tune(spec: AutoTuneSpec, current: Mapping[str, float], previous: Mappin
         if not change["reason"].startswith("reverted") and throughput is not None:
             pending = {**change, "throughputBefore": throughput}
     status = {"padding": {k: round(v, 4) for k, v in values.items()}, "lastTokens": sample.completion_tokens,
-              "lastTime": iso(sample.time), "lastPaddingRatio": round(sample.padding_ratio, 4),
+              "lastTime": iso(sample.time), "lastPaddingRatio": round(padding_ratio, 4),
+              "paddingRatioBasis": padding_basis, "lastKvSlots": sample.kv_slots,
+              "lastKvPaddingSlots": sample.kv_padding_slots,
               "lastThroughput": round(throughput, 3) if throughput is not None else None,
               "pending": pending, "blocked": sorted(blocked), "changes": changes}
     return TuneResult(values, status, change)
@@ -751,43 +969,58 @@ def metric_sum(text: str, name: str, labels: Mapping[str, str] | None = None) ->
 
 
 def engine_sample(metrics_texts: Sequence[str], now: float) -> EngineSample | None:
-    """Padding ratio (mean over pods) and Baton's completion tokens (sum) from /metrics pages."""
+    """Padding-ratio gauge (mean over pods), Baton's completion tokens and the KV slot counters (sums)
+    from /metrics pages."""
     ratios = [r for t in metrics_texts if (r := metric_sum(t, "baton_engine_padding_ratio")) is not None]
     tokens = [metric_sum(t, "baton_tokens_total", {"arm": "baton", "kind": "completion"}) or 0.0
               for t in metrics_texts]
     if not ratios:
         return None
-    return EngineSample(sum(ratios) / len(ratios), sum(tokens), now)
+
+    def counter(name: str) -> float | None:  # summed only when every pod exports it
+        values = [metric_sum(t, name) for t in metrics_texts]
+        return None if any(v is None for v in values) else sum(values)
+
+    return EngineSample(sum(ratios) / len(ratios), sum(tokens), now, counter("baton_engine_kv_slots_total"),
+                        counter("baton_engine_kv_padding_slots_total"))
 
 
-async def fetch_all(urls: Sequence[str], path: str, timeout_s: float, as_json: bool = True
+async def fetch_all(urls: Sequence[str], path: str | Sequence[str], timeout_s: float, as_json: bool = True
                     ) -> tuple[list[Any], list[str]]:
-    """GET ``path`` from every base URL concurrently: (answers in order, errors)."""
+    """GET ``path`` (one for all, or one per URL) from every base URL concurrently: (answers in order, errors)."""
     import aiohttp
 
+    paths = [path] * len(urls) if isinstance(path, str) else list(path)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async def one(url: str) -> Any:
-            async with session.get(url + path) as resp:
+            async with session.get(url) as resp:
                 if resp.status != 200:
                     raise RuntimeError(f"HTTP {resp.status}")
                 return await (resp.json() if as_json else resp.text())
 
-        results = await asyncio.gather(*(one(u) for u in urls), return_exceptions=True)
+        results = await asyncio.gather(*(one(u + p) for u, p in zip(urls, paths)), return_exceptions=True)
     answers, errors = [], []
-    for url, result in zip(urls, results):
+    for url, p, result in zip(urls, paths, results):
         if isinstance(result, BaseException):
-            errors.append(f"{url}{path}: {type(result).__name__} {result}".strip())
+            errors.append(f"{url}{p}: {type(result).__name__} {result}".strip())
         else:
             answers.append(result)
     return answers, errors
 
 
-async def measure(urls: Sequence[str], timeout_s: float) -> Measurement:
-    """Every sidecar's /ab/report, merged; any unreadable sidecar makes the measurement a problem."""
+def report_path(since: int | None) -> str:
+    """The raw samples since the step's cursor (no bootstrap on the sidecar: the operator pools them)."""
+    return "/ab/report?samples=true" + (f"&since={since}" if since is not None else "")
+
+
+async def measure(urls: Sequence[str], timeout_s: float, baseline: Baseline | None = None) -> Measurement:
+    """Every sidecar's /ab/report since its cursor in ``baseline``; any unreadable sidecar makes the
+    measurement a problem."""
     if not urls:
         return Measurement.failed("no ready sidecar pod to read /ab/report from")
-    reports, errors = await fetch_all(urls, "/ab/report", timeout_s)
+    base = baseline or Baseline()
+    reports, errors = await fetch_all(urls, [report_path(base.since(u)) for u in urls], timeout_s)
     if errors:
         return Measurement.failed(f"{len(errors)} of {len(urls)} sidecars unreadable ({errors[0]})", len(urls))
-    return merge_reports(reports)
+    return Measurement.of(reports, urls)

@@ -6,7 +6,8 @@ decision: the weight into the ConfigMap the sidecars read (first), ``status.roll
 ``status.traffic.weight`` (then), a Kubernetes Event and a ``baton.rollout`` span. Phase and conditions
 are recomputed by the same reconcile that every other trigger runs (``status.build_status`` reads the
 rollout's phase), so the two writers agree. Nothing lives in memory between ticks: an operator restarted
-mid-rollout resumes at the recorded step.
+mid-rollout resumes at the recorded step, and asks each sidecar for the outcomes since the cursor recorded
+for it in ``status.rollout.baseline.pods`` (the same step's traffic, no more).
 
 Where the reports come from: the ready endpoints of the Service in front of the sidecars (standalone:
 the BatonDeployment's own Service; sidecar mode: the target Service), from its EndpointSlices, at
@@ -84,8 +85,9 @@ async def tick(memo: kopf.Memo, body: Mapping[str, Any], baton_policies: Any, lo
     measurement = None
     if ro.wants_measurement(rspec, state, rev, now):
         urls = await _report_urls(memo, bd, annotations, logger)
-        measurement = await ro.measure(urls, memo.config.report_timeout_s)
-    decision = ro.decide(rspec, state, rev, now, measurement)
+        measurement = await ro.measure(urls, memo.config.report_timeout_s, state.baseline)
+    # Pure, but pooling and sorting every pod's samples is CPU work: off the loop.
+    decision = await asyncio.to_thread(ro.decide, rspec, state, rev, now, measurement)
     tuned = await _auto_tune(memo, rspec, decision, previous, urls, bd, annotations, now, logger)
 
     new = decision.state.to_status()

@@ -27,7 +27,7 @@ for extra in (ROOT / "operator", ROOT / "tests" / "operator"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from baton_sidecar.server.abstats import ABStats, Outcome, SLATargets  # noqa: E402
+from baton_sidecar.server.abstats import ABStats, Outcome, SLATargets, parse_flag, parse_since  # noqa: E402
 
 from baton_operator import rollout as ro  # noqa: E402
 from operator_testlib import Cluster, wait_for  # noqa: E402,F401  (wait_for is re-exported for the tests)
@@ -45,16 +45,43 @@ def arm_outcomes(arm: str, latencies: Sequence[float], errors: int = 0, ttft_fra
     return out
 
 
-def report(baton: Sequence[Outcome], incumbent: Sequence[Outcome], weight: float = 25,
-           resamples: int = 400) -> dict[str, Any]:
-    """A real ``GET /ab/report`` body (the sidecar's ``ABStats``) for the given outcomes."""
-    stats = ABStats()
+def recorded(baton: Sequence[Outcome], incumbent: Sequence[Outcome], instance: str = "i0",
+             stats: ABStats | None = None) -> ABStats:
+    """The sidecar's own ``ABStats`` with the given outcomes recorded (``instance`` fixed for the tests)."""
+    stats = stats or ABStats()
+    stats.instance = instance
     for outcome in [*baton, *incumbent]:
         stats.record(outcome)
-    rep = stats.report(SLA, "interactive", resamples=resamples)
+    return stats
+
+
+def sidecar_report(stats: ABStats, weight: float = 25, since: int | None = None, samples: bool = True,
+                   resamples: int = 400) -> dict[str, Any]:
+    """A real ``GET /ab/report`` body, as the controller asks for it (``?samples=true&since=...``)."""
+    rep = stats.report(SLA, "interactive", resamples=resamples, since=since, samples=samples)
     rep["router"] = {"incumbent_url": "http://incumbent", "baton_weight": weight, "sticky_header": "",
                      "fallback_to_baton": False}
     return rep
+
+
+def report(baton: Sequence[Outcome], incumbent: Sequence[Outcome], weight: float = 25, instance: str = "i0",
+           samples: bool = True) -> dict[str, Any]:
+    """A sidecar's report of the given outcomes since its cursor 0 (every outcome is this step's)."""
+    return sidecar_report(recorded(baton, incumbent, instance), weight, since=0, samples=samples)
+
+
+def legacy(rep: dict[str, Any]) -> dict[str, Any]:
+    """The same report as an older sidecar (no cursors, no samples) would send it."""
+    old = {k: v for k, v in rep.items() if k not in ("instance", "cursor", "since", "truncated")}
+    old["arms"] = {a: {k: v for k, v in e.items() if k not in ("samples", "truncated", "window_errors")}
+                   for a, e in rep["arms"].items()}
+    return old
+
+
+def zero_baseline(pods: int = 1) -> ro.Baseline:
+    """Sidecars ``pod-<i>`` (process ``i<i>``) based at cursor 0 with no requests: all their traffic counts."""
+    zeros = {a: 0 for a in ro.ARMS}
+    return ro.Baseline({f"pod-{i}": ro.PodBaseline(f"i{i}", 0, zeros, zeros) for i in range(pods)})
 
 
 def normal(mean: float, sd: float, n: int, seed: int) -> np.ndarray:
@@ -62,11 +89,12 @@ def normal(mean: float, sd: float, n: int, seed: int) -> np.ndarray:
 
 
 def state_at(step: int, weight: float, rev: str = "rev", failures: int = 0, applied_at: float = 0.0,
-             baseline: ro.Counts | None = None, phase: str = ro.PROGRESSING) -> ro.RolloutState:
-    """A rollout at ``step`` whose weight every sidecar applies since ``applied_at``, analysed long ago."""
+             baseline: ro.Baseline | None = None, phase: str = ro.PROGRESSING) -> ro.RolloutState:
+    """A rollout at ``step`` whose weight every sidecar applies since ``applied_at``, analysed long ago
+    (by default one sidecar, ``pod-0``, based at cursor 0)."""
     return ro.RolloutState(revision=rev, phase=phase, step=step, weight=weight, step_started_at=applied_at,
                            applied_at=applied_at, last_analysis_at=applied_at, failures=failures,
-                           baseline=baseline or ro.Counts({a: 0 for a in ro.ARMS}, {a: 0 for a in ro.ARMS}))
+                           baseline=baseline or zero_baseline())
 
 
 # --- the emulated cluster, the operator, and what stands in for kubelet ---------------------------
@@ -205,8 +233,11 @@ class StubSidecar:
 
     def __init__(self, baton_mean: float = 0.6, rate: float = 60.0, weight: float = 0.0) -> None:
         self.baton_mean, self.rate, self.weight = baton_mean, rate, weight
-        self.padding_ratio = 0.3
+        self.padding_ratio = 0.3  # the instantaneous gauge
+        self.kv_padding_ratio: float | None = None  # set: export KV slot counters growing at this ratio
+        self._kv_slots = self._kv_padding_slots = 0.0
         self.reports = 0
+        self.queries: list[dict[str, str]] = []  # the query of every /ab/report
         self._stats = ABStats()
         self._rng = np.random.default_rng(0)
         self._last = time.monotonic()
@@ -243,12 +274,18 @@ class StubSidecar:
         for outcome in [*arm_outcomes("baton", baton), *arm_outcomes("incumbent", incumbent)]:
             self._stats.record(outcome)
         self._tokens += 8 * n_baton
+        if self.kv_padding_ratio is not None:
+            self._kv_slots += 100.0 * n_baton
+            self._kv_padding_slots += 100.0 * n_baton * self.kv_padding_ratio
 
     async def _report(self, request: web.Request) -> web.Response:
+        since = parse_since(request.query.get("since"))
+        samples = parse_flag("samples", request.query.get("samples"))
         with self._lock:
             self._traffic()
             self.reports += 1
-            body = self._stats.report(SLA, "interactive", resamples=200)
+            self.queries.append(dict(request.query))
+            body = self._stats.report(SLA, "interactive", resamples=200, since=since, samples=samples)
         body["router"] = {"incumbent_url": "http://incumbent", "baton_weight": self.weight, "sticky_header": "",
                           "fallback_to_baton": False}
         return web.json_response(body)
@@ -258,6 +295,9 @@ class StubSidecar:
             self._traffic()
             text = (f"baton_engine_padding_ratio {self.padding_ratio}\n"
                     f'baton_tokens_total{{arm="baton",kind="completion"}} {float(self._tokens)}\n')
+            if self.kv_padding_ratio is not None:
+                text += (f"baton_engine_kv_slots_total {self._kv_slots}\n"
+                         f"baton_engine_kv_padding_slots_total {self._kv_padding_slots}\n")
         return web.Response(text=text)
 
     def close(self) -> None:

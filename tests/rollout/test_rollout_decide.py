@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from rollout_testlib import arm_outcomes, normal, report, state_at
+from rollout_testlib import arm_outcomes, normal, report, state_at, zero_baseline
 
 from baton_operator import rollout as ro
 
@@ -17,7 +17,12 @@ SPEC = ro.RolloutSpec.from_spec({"steps": [10, 25, 50, 100], "minSamplesPerArm":
 
 
 def measure(baton, incumbent, weight=25):
-    return ro.merge_reports([report(baton, incumbent, weight)])
+    return ro.Measurement.of([report(baton, incumbent, weight)])
+
+
+def step(baton, incumbent):
+    """This step's figures for one sidecar based at cursor 0."""
+    return ro.step_view(measure(baton, incumbent), zero_baseline()).arms
 
 
 WIN = (arm_outcomes("baton", normal(0.5, 0.05, 300, 1)), arm_outcomes("incumbent", normal(1.0, 0.1, 300, 2)))
@@ -68,20 +73,27 @@ def test_advance_records_the_step_and_a_new_baseline_is_taken_once_the_sidecars_
     assert decision.event[:2] == ("Normal", "RolloutAdvanced")
     # Next tick: one sidecar still reports 25% -> hold; then all report 50% -> the baseline is taken.
     assert ro.wants_measurement(SPEC, new, "rev", NOW + 1)
-    two_pods = ro.merge_reports([report(*WIN, weight=50), report(*WIN, weight=25)])
+    two_pods = ro.Measurement.of([report(*WIN, weight=50), report(*WIN, weight=25)])
     held = ro.decide(SPEC, new, "rev", NOW + 1, two_pods)
     assert held.action == "hold" and "1 of 2 sidecars" in held.reason and held.state.baseline is None
-    applied = ro.decide(SPEC, new, "rev", NOW + 2, ro.merge_reports([report(*WIN, weight=50)]))
-    assert applied.state.applied_at == NOW + 2 and applied.state.baseline.requests["baton"] == 300
+    at_50 = report(*WIN, weight=50)
+    applied = ro.decide(SPEC, new, "rev", NOW + 2, ro.Measurement.of([at_50]))
+    assert applied.state.applied_at == NOW + 2
+    assert applied.state.baseline.pods["pod-0"] == ro.PodBaseline("i0", 600, {"baton": 300, "incumbent": 300},
+                                                                  {"baton": 0, "incumbent": 0})
     assert not ro.wants_measurement(SPEC, applied.state, "rev", NOW + 3)  # next analysis after the interval
     assert ro.wants_measurement(SPEC, applied.state, "rev", NOW + 2 + SPEC.interval_s)
-    # The same counts again: no samples this step yet.
-    again = ro.decide(SPEC, applied.state, "rev", NOW + 40, ro.merge_reports([report(*WIN, weight=50)]))
+    # Nothing new since the cursor: no samples this step yet.
+    nothing_new = {**at_50, "since": 600, "arms": {a: {**e, "samples": {"e2e_s": [], "ttft_s": []}}
+                                                   for a, e in at_50["arms"].items()}}
+    again = ro.decide(SPEC, applied.state, "rev", NOW + 40, ro.Measurement.of([nothing_new]))
     assert again.action == "hold" and [c.name for c in again.checks] == ["samples"]
+    assert again.analysis_status(None)["counted"] == 1
 
 
 def test_last_step_promotes_to_100() -> None:
-    base = ro.Counts({"baton": 100, "incumbent": 100}, {"baton": 0, "incumbent": 0})
+    base = ro.Baseline({"pod-0": ro.PodBaseline("i0", 0, {"baton": 100, "incumbent": 100},
+                                                {"baton": 0, "incumbent": 0})})
     decision = ro.decide(SPEC, state_at(2, 50, baseline=base), "rev", NOW, measure(*WIN, weight=50))
     assert decision.analysis_status(None)["arms"]["baton"]["requests"] == 200  # counted from the step's start
     assert (decision.action, decision.weight, decision.state.phase) == ("promote", 100, ro.PROMOTED)
@@ -161,10 +173,12 @@ def test_manual_gate_waits_for_approval() -> None:
 def test_unreadable_sidecars_and_counter_resets_hold() -> None:
     held = ro.decide(SPEC, state_at(1, 25), "rev", NOW, ro.Measurement.failed("1 of 2 sidecars unreadable"))
     assert held.action == "hold" and "unreadable" in held.reason and held.state.failures == 0
-    base = ro.Counts({"baton": 1000, "incumbent": 1000}, {"baton": 0, "incumbent": 0})
+    base = ro.Baseline({"pod-0": ro.PodBaseline("i0", 0, {"baton": 1000, "incumbent": 1000},
+                                                {"baton": 0, "incumbent": 0})})
     reset = ro.decide(SPEC, state_at(1, 25, baseline=base), "rev", NOW, measure(*WIN))
-    assert reset.action == "hold" and "went back" in reset.reason
-    assert reset.state.baseline.requests == {"baton": 300, "incumbent": 300}
+    assert reset.action == "hold" and "went back" in reset.reason and reset.state.applied_at == NOW
+    assert reset.state.baseline.pods["pod-0"].requests == {"baton": 300, "incumbent": 300}
+    assert reset.state.baseline.pods["pod-0"].cursor == 600
 
 
 def test_status_round_trip_resumes_the_same_step() -> None:
@@ -177,7 +191,7 @@ def test_status_round_trip_resumes_the_same_step() -> None:
 def test_a_zero_step_is_a_dry_run() -> None:
     spec = ro.RolloutSpec.from_spec({"steps": [0, 50], "minSamplesPerArm": 50})
     state = state_at(0, 0)
-    decision = ro.decide(spec, state, "rev", NOW, ro.merge_reports([report([], arm_outcomes(
+    decision = ro.decide(spec, state, "rev", NOW, ro.Measurement.of([report([], arm_outcomes(
         "incumbent", normal(1, 0.1, 10, 1)), weight=0)]))
     assert (decision.action, decision.weight) == ("advance", 50)
 
@@ -185,16 +199,16 @@ def test_a_zero_step_is_a_dry_run() -> None:
 def test_ttft_is_skipped_without_incumbent_ttft_and_sla_gate() -> None:
     baton = arm_outcomes("baton", normal(0.5, 0.05, 200, 1))
     incumbent = arm_outcomes("incumbent", normal(1.0, 0.1, 200, 2), ttft_fraction=None)  # not streamed
-    checks = {c.name: c for c in ro.evaluate(SPEC, 25, measure(baton, incumbent), state_at(1, 25).baseline)}
+    checks = {c.name: c for c in ro.evaluate(SPEC, 25, step(baton, incumbent))}
     assert checks["ttft"].result == ro.SKIP and checks["p95Latency"].result == ro.PASS
 
     sla_spec = replace(SPEC, gates=replace(SPEC.gates, min_sla_attainment=0.95, p95_margin_pct=1000,
                                            ttft_margin_pct=1000))
     slow = arm_outcomes("baton", normal(2.5, 0.3, 200, 3))  # mostly over the 2 s e2e target
-    checks = {c.name: c for c in ro.evaluate(sla_spec, 25, measure(slow, incumbent), state_at(1, 25).baseline)}
+    checks = {c.name: c for c in ro.evaluate(sla_spec, 25, step(slow, incumbent))}
     assert checks["slaAttainment"].result == ro.FAIL
     both_slow = arm_outcomes("incumbent", normal(3.0, 0.3, 200, 4))  # the floor is out of reach for both
-    checks = {c.name: c for c in ro.evaluate(sla_spec, 25, measure(slow, both_slow), state_at(1, 25).baseline)}
+    checks = {c.name: c for c in ro.evaluate(sla_spec, 25, step(slow, both_slow))}
     assert checks["slaAttainment"].result == ro.PASS
 
 
@@ -211,18 +225,16 @@ def test_latency_check_takes_the_confidence_intervals_into_account(baton, incumb
     assert ro.latency_check("p95Latency", est(baton), est(incumbent), margin, 50).result == result
 
 
-def test_merging_pods() -> None:
-    one = {"n": 100, "p95": {"value": 1.0, "ci95": [0.9, 1.2]}}
-    assert ro.merge_estimates([one]) == ro.Estimate(1.0, 0.9, 1.2, 100)  # one pod: exactly its own
-    two = ro.merge_estimates([one, {"n": 300, "p95": {"value": 2.0, "ci95": [1.9, 2.1]}}])
+def test_merging_older_sidecars_p95s() -> None:
+    one = ro.Estimate(1.0, 0.9, 1.2, 100)
+    assert ro.merge_estimates([one]) == one  # one pod: exactly its own
+    two = ro.merge_estimates([one, ro.Estimate(2.0, 1.9, 2.1, 300)])
     assert two.n == 400 and two.value == pytest.approx(1.75)
     assert two.value - two.low == pytest.approx(((0.25 * 0.1) ** 2 + (0.75 * 0.1) ** 2) ** 0.5)
-    assert ro.merge_estimates([{"n": 0}]) is None
-    reports = [report(*WIN, weight=25), report(*LOSS, weight=25)]
-    merged = ro.merge_reports(reports)
-    assert merged.pods == 2 and merged.weights == (25.0, 25.0)
-    assert merged.arms["baton"].requests == 600 and merged.arms["incumbent"].e2e_p95.n == 600
-    assert ro.merge_reports([]).problem
+    assert ro.merge_estimates([None]) is None
+    assert ro.Estimate.from_summary({"n": 100, "p95": {"value": 1.0, "ci95": [0.9, 1.2]}}) == one
+    assert ro.Estimate.from_summary({"n": 0}) is None
+    assert ro.Measurement.of([]).problem
 
 
 @pytest.mark.parametrize("rollout, field", [

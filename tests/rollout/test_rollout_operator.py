@@ -68,13 +68,17 @@ def test_promotes_through_every_step_and_resumes_after_a_restart(cluster, stub, 
             assert p95["ci95"][0] <= p95["value"] <= p95["ci95"][1]
             assert analysis["arms"][arm]["requests"] >= 10
         assert "approvedWeight" in state["message"]
+        assert analysis["latencyBasis"] == "pooled samples" and analysis["counted"] == 1
+        cursor = state["baseline"]["pods"][stub.url]["cursor"]  # where the 50% step starts in the stub
 
-        # The operator was stopped mid-rollout; a new one resumes at the recorded step, not from 10%.
+        # The operator was stopped mid-rollout; a new one resumes at the recorded step, not from 10%, and
+        # asks the sidecar for the same step's outcomes (since the recorded cursor).
         reports_before = stub.reports
         with running_operator(cluster):
             wait_for(lambda: stub.reports > reports_before + 2, WAIT, "the restarted operator to analyse again")
             state = rollout_status(cluster, "canary")
             assert (state["step"], state["weight"], state["phase"]) == (1, 50, "AwaitingApproval")
+            assert {"samples": "true", "since": str(cursor)} in stub.queries[reports_before:]
             cluster.kubectl("patch", "bd", "canary", "--type=merge",
                             "-p", '{"spec": {"rollout": {"approvedWeight": 100}}}')
             wait_for_phase(cluster, "canary", "Promoted", WAIT)
@@ -118,7 +122,9 @@ def test_rolls_back_when_baton_is_slower(cluster, tmp_path, spans) -> None:
 
 
 def test_abort_and_auto_tune(cluster, stub, tmp_path) -> None:
-    stub.padding_ratio = 0.85  # within a step of the admission cap (0.9): auto-tune lowers the cap
+    # The KV slot counters say 0.85 over each round, within a step of the admission cap (0.9): auto-tune
+    # lowers the cap. (The instantaneous gauge's 0.2 would have raised it.)
+    stub.padding_ratio, stub.kv_padding_ratio = 0.2, 0.85
     rollout = {**ROLLOUT, "manualGates": [50], "autoTune": {
         "enabled": True, "stepSize": 0.1, "maxPaddingRatio": {"min": 0.6, "max": 0.95},
         "compactionThreshold": {"min": 0.3, "max": 0.6}}}  # still accepted by the CRD, and ignored
@@ -128,6 +134,7 @@ def test_abort_and_auto_tune(cluster, stub, tmp_path) -> None:
                  "an auto-tune change")
         change = rollout_status(cluster, "tuned")["autoTune"]["changes"][0]
         assert change["knob"] == "maxPaddingRatio" and change["from"] == 0.9 and change["to"] == 0.8
+        assert change["paddingRatio"] == 0.85
         config = wait_for(lambda: (c := _config(cluster, "tuned")) and
                           c["policy"]["padding"]["max_padding_ratio"] == 0.8 and c, WAIT,
                           "the tuned cap in the ConfigMap")

@@ -119,6 +119,11 @@ def test_metric_parsing() -> None:
     sample = ro.engine_sample([METRICS, METRICS.replace("0.6", "0.2")], 100.0)
     assert sample == ro.EngineSample(pytest.approx(0.4), 2400.0, 100.0)
     assert ro.engine_sample(["garbage"], 1.0) is None
+    assert (sample.kv_slots, sample.kv_padding_slots) == (None, None)  # older sidecars: no counters
+    counters = METRICS + "baton_engine_kv_slots_total 1000.0\nbaton_engine_kv_padding_slots_total 250.0\n"
+    both = ro.engine_sample([counters, counters], 100.0)
+    assert (both.kv_slots, both.kv_padding_slots) == (2000.0, 500.0)
+    assert ro.engine_sample([counters, METRICS], 100.0).kv_slots is None  # summed only when every pod has them
 
 
 TUNE = ro.AutoTuneSpec(enabled=True, max_padding_ratio=ro.Bounds(0.6, 0.95), step=0.1)
@@ -191,6 +196,26 @@ def test_auto_tune_reverts_a_nudge_that_cost_throughput_and_does_not_retry_it() 
     assert results[-1].status["blocked"] == ["maxPaddingRatio:down"]
     assert results[3].change is None and results[4].change is None  # still at the cap, not lowered again
     assert results[5].change["to"] == 0.95  # the other direction is still open
+
+
+def test_auto_tune_reads_the_padding_ratio_of_the_round_from_the_counters() -> None:
+    # The gauge says 0.2 (an instant between batches), the counters say 0.85 over the round: the counters
+    # win, so the cap comes down; the first round (no counters to compare with) reads the gauge.
+    def sample(i, slots, padding):
+        return ro.EngineSample(0.2, 100.0 * i, 1000.0 + 10 * i, kv_slots=slots, kv_padding_slots=padding)
+
+    first = ro.auto_tune(TUNE, {"maxPaddingRatio": 0.9}, None, sample(0, 1000.0, 500.0))
+    assert first.status["paddingRatioBasis"] == "gauge" and first.status["lastPaddingRatio"] == 0.2
+    second = ro.auto_tune(TUNE, {"maxPaddingRatio": 0.9}, first.status, sample(1, 3000.0, 2200.0))
+    assert second.status["paddingRatioBasis"] == "counters" and second.status["lastPaddingRatio"] == 0.85
+    assert second.change["to"] == 0.8 and second.change["paddingRatio"] == 0.85
+    # Counters that went back (a sidecar restarted) or vanished (an older sidecar): the gauge again.
+    for slots, padding in ((10.0, 1.0), (None, None)):
+        third = ro.auto_tune(TUNE, {"maxPaddingRatio": 0.9}, second.status, sample(2, slots, padding))
+        assert third.status["paddingRatioBasis"] == "gauge" and third.status["lastPaddingRatio"] == 0.2
+    # Without counters the gauge's 0.2 reads as well under the cap: the same rounds raise it instead.
+    plain = tune_rounds(steady(0.2, 2))
+    assert plain[1].change["to"] == 0.95 and plain[1].status["paddingRatioBasis"] == "gauge"
 
 
 def test_auto_tune_drops_compaction_state_left_by_an_older_operator() -> None:
