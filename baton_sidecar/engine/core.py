@@ -124,7 +124,7 @@ class EngineCore:
         chunking = next(iter(self.chunking.values()), None)
         chunk = 0 if chunking is None else len(chunking.tokens) - chunking.done
         view = BatchView(cache.rows, cache.length, cache.num_real_tokens(),
-                         prefill_reserved=min(chunk, self.policy.limits.max_prefill_tokens))
+                         prefill_reserved=min(chunk, self.scheduler.prefill_token_limit))
         plan = self.scheduler.schedule(now, view)
         outputs: list[RequestOutput] = []
         self._preempt(plan)
@@ -163,7 +163,7 @@ class EngineCore:
     def _start_prefills(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
         """Prefill short newcomers together now; long ones are chunked over the next steps."""
         now = time.monotonic()
-        budget = self.policy.limits.max_prefill_tokens
+        budget = self.scheduler.prefill_token_limit
         whole = []
         for request in requests:
             if request.times.first_scheduled is None:
@@ -191,7 +191,7 @@ class EngineCore:
         state = next(iter(self.chunking.values()))
         rid = state.request.request_id
         try:
-            prefilled = self.runner.prefill_chunk(state, self.policy.limits.max_prefill_tokens)
+            prefilled = self.runner.prefill_chunk(state, self.scheduler.prefill_token_limit)
         except Exception as error:
             del self.chunking[rid]
             self._fail([state.request], f"prefill failed: {error}", outputs)

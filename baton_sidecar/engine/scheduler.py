@@ -102,6 +102,9 @@ class BatchView:
     prefill_reserved: int = 0  # prefill tokens this step already owes to a chunked prompt
 
 
+UNLIMITED = 1 << 62
+
+
 class PrefillBudget:
     """Tokens one step may prefill, counted as the forward pass really costs them.
 
@@ -164,6 +167,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.swapped or self.running)
 
+    @property
+    def prefill_token_limit(self) -> int:
+        """Prefill tokens per step. Run-to-completion forms each batch from everything that
+        fits, in one prefill, as static batching does: a budget would shrink its batches."""
+        return UNLIMITED if self.run_to_completion else self.policy.limits.max_prefill_tokens
+
     # --- planning ---------------------------------------------------------------------------
 
     def schedule(self, now: float, batch: BatchView) -> StepPlan:
@@ -175,7 +184,7 @@ class Scheduler:
         running = list(self.running.values())
         rows = [(r.num_tokens, r.params.max_tokens - len(r.output_token_ids)) for r in running]
         batch_rows, batch_len, real_tokens = batch.rows, batch.length, batch.real_tokens
-        budget = PrefillBudget(limits.max_prefill_tokens, batch.prefill_reserved)
+        budget = PrefillBudget(self.prefill_token_limit, batch.prefill_reserved)
         for candidate in self._candidates(now, batch_len):
             swapped = candidate in self.swapped
             width = candidate.num_tokens

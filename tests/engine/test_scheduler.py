@@ -189,3 +189,12 @@ def test_preempted_request_goes_to_the_right_queue():
     scheduler.on_preempted(recomputed, "recompute")
     assert scheduler.swapped == [swapped] and scheduler.waiting == [recomputed]
     assert swapped.status == RequestStatus.PREEMPTED and swapped.num_preemptions == 1
+
+
+def test_run_to_completion_forms_its_batch_from_everything_that_fits():
+    # A prefill budget would shrink static batches: run-to-completion ignores it.
+    scheduler = Scheduler(policy(max_prefill_tokens=16), run_to_completion=True)
+    waiting = [make(prompt=30, arrival=i) for i in range(5)]
+    for request in waiting:
+        scheduler.add(request)
+    assert scheduler.schedule(now=9.0, batch=BatchView()).prefill == waiting
