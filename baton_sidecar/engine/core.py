@@ -12,6 +12,7 @@ import copy
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import EngineConfig, PolicyConfig
@@ -79,6 +80,9 @@ class EngineCore:
         self.swapped_kv: dict[str, SwappedRow] = {}
         self.chunking: dict[str, ChunkedPrefill] = {}  # long prompts being prefilled chunk by chunk
         self.riding: set[str] = set()  # run-to-completion rows that are done but still in the batch
+        # Called mid-step with the outputs produced so far (prefills' first tokens); without
+        # it everything is returned by ``step``. Set by AsyncEngine.
+        self.publish_early: Callable[[list[RequestOutput]], None] | None = None
         self.steps = 0
         self.preemptions_total = 0
         self.kv_slots_total = 0
@@ -132,6 +136,9 @@ class EngineCore:
         if plan.prefill:
             self._start_prefills(plan.prefill, outputs)
         self._advance_chunked_prefill(outputs)
+        if outputs and self.publish_early is not None:
+            self.publish_early(outputs)  # newcomers' first tokens need not wait for the decode pass
+            outputs = []
         if self.runner.num_rows:
             self._decode(outputs)
         self._release_finished_rtc_batch(outputs)

@@ -60,6 +60,7 @@ class AsyncEngine:
         self.loaded = loaded
         self.config = config or EngineConfig()
         self.core = EngineCore(loaded, self.config, policy or PolicyConfig())
+        self.core.publish_early = self._publish
         self._inbox: list[tuple[str, object]] = []  # ("add", Request) | ("abort", id) | ("policy", PolicyConfig)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -270,10 +271,14 @@ class AsyncEngine:
                     outputs.extend(self.core.fail_all(f"engine step failed: {error}"))
             self._stats = self.core.stats()
             if outputs:
-                self._loop.call_soon_threadsafe(self._deliver, outputs)
+                self._publish(outputs)
             if not self.core.has_work():
                 self._wake.wait(_IDLE_WAIT_S)
                 self._wake.clear()
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        """From the engine thread: hand outputs to the event loop (in order, FIFO)."""
+        self._loop.call_soon_threadsafe(self._deliver, outputs)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

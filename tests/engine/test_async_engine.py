@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -211,3 +212,23 @@ async def test_the_engine_thread_detokenizes_with_its_own_tokenizer(engine):
     assert core_tokenizer is not engine.tokenizer
     assert core_tokenizer.backend_tokenizer is not engine.tokenizer.backend_tokenizer
     assert core_tokenizer.decode([5, 6, 7]) == engine.tokenizer.decode([5, 6, 7])
+
+
+async def test_a_newcomers_first_token_does_not_wait_for_the_steps_decode_pass(engine, monkeypatch):
+    running = engine.submit([5, 6], SamplingParams(max_tokens=300, **GREEDY))
+    await wait_until(lambda: engine.stats().batch_size == 1)
+    release = threading.Event()
+    decode = engine.core.runner.decode
+
+    def gated_decode():
+        if engine.core.runner.num_rows == 2:  # the newcomer has been prefilled and embedded
+            release.wait(timeout=10)
+        return decode()
+
+    monkeypatch.setattr(engine.core.runner, "decode", gated_decode)
+    newcomer = engine.submit([7, 8, 9], SamplingParams(max_tokens=4, **GREEDY))
+    first = await asyncio.wait_for(newcomer.__anext__(), timeout=5)
+    assert len(first.token_ids) == 1 and not release.is_set()  # arrived while the decode pass was held
+    release.set()
+    assert [o async for o in newcomer][-1].completion_tokens == 4
+    running.cancel()
