@@ -164,6 +164,8 @@ def test_promotes_to_100_and_resumes_after_an_operator_restart(cluster, incumben
     assert final["status"]["traffic"]["weight"] == 100 and final["status"]["phase"] == "Ready"
     analysis = state["analysis"]
     assert analysis["result"] == "pass"
+    # The last step was judged on its own requests, from the sidecar's raw samples since its cursor.
+    assert analysis["latencyBasis"] == "pooled samples" and analysis["counted"] == 1
     for arm in ("baton", "incumbent"):
         assert analysis["arms"][arm]["requests"] >= 8
         p95 = analysis["arms"][arm]["p95LatencySeconds"]
