@@ -180,7 +180,7 @@ class BatchKVCache:
         return self.mask[:step_rows, self.start: self.end + 1][:, None, None, :]  # [B', 1, 1, L+1]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's ``[B', H_kv, 1, D]`` K/V in place; return views ``[B', H_kv, L+1, D]``."""
         col, rows = self._write_col, self._step_rows
         assert col is not None, "begin_step() must precede the forward pass"
