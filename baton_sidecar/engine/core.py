@@ -127,7 +127,7 @@ class EngineCore:
         # The oldest chunked prompt gets this step's next chunk (see _advance_chunked_prefill).
         chunking = next(iter(self.chunking.values()), None)
         chunk = 0 if chunking is None else len(chunking.tokens) - chunking.done
-        view = BatchView(cache.rows, cache.length, cache.num_real_tokens(),
+        view = BatchView(cache.rows, cache.length, self.runner.num_cached_tokens(),
                          prefill_reserved=min(chunk, self.scheduler.prefill_token_limit))
         plan = self.scheduler.schedule(now, view)
         outputs: list[RequestOutput] = []
@@ -239,7 +239,7 @@ class EngineCore:
     def _decode(self, outputs: list[RequestOutput]) -> None:
         slots = self.runner.cache.num_slots()
         self.kv_slots_total += slots
-        self.kv_padding_slots_total += slots - sum(self.runner.positions)  # positions = cached tokens per row
+        self.kv_padding_slots_total += slots - self.runner.num_cached_tokens()
         try:
             logits = self.runner.decode()  # [B, V]
         except Exception as error:  # a batch-wide failure: every running request ends with it

@@ -69,6 +69,10 @@ class ModelRunner:
     def num_rows(self) -> int:
         return len(self.row_ids)
 
+    def num_cached_tokens(self) -> int:
+        """Real tokens in the cache: ``cache.num_real_tokens()`` without reducing the mask."""
+        return sum(self.positions)  # a row's position = its cached tokens
+
     def row_of(self, request_id: str) -> int:
         return self.row_ids.index(request_id)
 

@@ -58,6 +58,7 @@ class Driver:
             assert int(mask[row].sum()) == in_cache
             assert bool(mask[row, cache.length - in_cache:].all()), "tokens must be right-aligned"
             assert self.runner.positions[row] == in_cache
+        assert self.runner.num_cached_tokens() == cache.num_real_tokens()
         if cache.rows:
             assert bool(mask[:, 0].any()), "leading all-padding columns must be trimmed"
         assert not cache.mask[cache.rows:].any(), "rows past B (dummy decode rows included) hold nothing"
