@@ -203,3 +203,14 @@ class ServerConfig:
     policy_file: str | None = None  # a file with only the policy section; hot-reloaded when no config_file
     admin_token: str | None = None  # bearer token for /admin; None disables admin endpoints
     drain_timeout_s: float = 30.0
+    # Slow clients: a request's headers must arrive within header_timeout_s of its first byte, and a
+    # body may pause at most body_timeout_s between reads; otherwise the connection is closed / 408.
+    header_timeout_s: float = 30.0
+    body_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+
+    def __post_init__(self) -> None:
+        for name in ("drain_timeout_s", "header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                   name, "must be a positive number")

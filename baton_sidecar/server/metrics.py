@@ -102,6 +102,16 @@ class Metrics:
         self.fallbacks = Counter("baton_router_fallbacks",
                                  "Requests re-served on Baton after an incumbent failure",
                                  registry=r)
+        self.eligible = Counter("baton_router_eligible",
+                                "Generation requests both arms can serve (they take part in the A/B split)",
+                                registry=r)
+        self.ineligible = Counter("baton_router_ineligible",
+                                  "Requests passed to the incumbent because Baton cannot serve them, by "
+                                  "reason (unsupported:<field>, invalid:<field>, other_model, other_route, ...)",
+                                  ["reason"], registry=r)
+        self.http_rejections = Counter("baton_http_rejections",
+                                       "Connections closed or answered before reaching a handler "
+                                       "(header_timeout, body_timeout, bad_http)", ["reason"], registry=r)
         self.baton_weight = Gauge("baton_router_baton_weight",
                                   "Percent of traffic routed to Baton", registry=r)
         self.config_reloads = Counter("baton_config_reloads", "Configuration changes applied",
