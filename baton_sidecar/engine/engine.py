@@ -196,6 +196,8 @@ class AsyncEngine:
             if not prompt:
                 raise RequestValidationError("prompt", "must not be empty")
             token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            if not token_ids:  # only characters the tokenizer drops (SmolLM2: \x04, \x1d, ...)
+                raise RequestValidationError("prompt", "encodes to no tokens")
         elif isinstance(prompt, (list, tuple)):
             token_ids = list(prompt)
             vocab = len(self.tokenizer)

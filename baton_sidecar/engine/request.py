@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -38,10 +39,15 @@ class AdmissionError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+# As vLLM's _SAMPLING_EPS. Sampling that cold is greedy but for float error, and below ~1e-37
+# logits / temperature overflows float32 into NaN probabilities (the last token id, every step).
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or anything under GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = disabled
     seed: int | None = None  # per-request generator: same tokens whatever else is batched
@@ -73,7 +79,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _is_int(value: object) -> bool:
@@ -81,8 +87,10 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    """A finite number; an integer past the float range is not one (isfinite would overflow)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max
 
 
 class RequestStatus(enum.IntEnum):

@@ -1,4 +1,4 @@
-"""Per-arm A/B accounting and the GET /ab/report statistics.
+"""Per-arm A/B accounting and the GET /baton/ab/report statistics.
 
 Each arm keeps its most recent ``window`` outcomes, each stamped with a sequence number that grows
 by one per recorded outcome (both arms share one sequence). The latest number is the *cursor*; a

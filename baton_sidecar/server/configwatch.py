@@ -1,8 +1,8 @@
-"""Live configuration: the ``--config`` file (hot-reloaded) and PUT /admin/config.
+"""Live configuration: the ``--config`` file (hot-reloaded) and PUT /baton/admin/config.
 
 Effective configuration = start-up configuration (defaults, ``--policy``, command-line flags)
 deep-merged with the file's sections; on every file change it is recomputed from the start-up
-configuration, so deleting a key from the file reverts it. PUT /admin/config deep-merges its body onto
+configuration, so deleting a key from the file reverts it. PUT /baton/admin/config deep-merges its body onto
 the current effective configuration (a later file change recomputes from the file again).
 ``sla_classes`` is replaced as a whole, never merged, so a class can be removed.
 
@@ -224,7 +224,7 @@ def read_admin_token(env_value: str | None, token_file: str | None) -> str | Non
 
 
 def decode_admin_body(raw: bytes) -> dict[str, Any]:
-    """PUT /admin/config body: JSON or YAML with the same sections as the file."""
+    """PUT /baton/admin/config body: JSON or YAML with the same sections as the file."""
     try:
         return parse_document(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -68,6 +68,8 @@ async def prepare_prompt(engine: Any, parsed: oa.ParsedRequest, executor: Execut
         return prompt, len(prompt)
     if len(prompt) > INLINE_TOKENIZE_CHARS:
         ids = await loop.run_in_executor(executor, engine.tokenizer.encode, prompt)
+        if not ids:  # as the engine says of a short one
+            raise oa.bad_request("prompt", "encodes to no tokens")
         return list(ids), len(ids)
     return prompt, None
 
@@ -132,8 +134,9 @@ class LocalRun:
             extra["sla_class"] = parsed.sla_class
         try:
             self.stream = self.engine.submit(prompt, params, request_id=self.request_id, **extra)
-        except RequestValidationError as exc:
-            raise oa.bad_request(exc.field, exc.message) from None
+        except RequestValidationError as exc:  # the engine says max_tokens for either cap
+            field = parsed.max_tokens_field if exc.field == "max_tokens" else exc.field
+            raise oa.bad_request(field, exc.message) from None
         except AdmissionError as exc:
             raise admission_error(exc, parsed.kind) from None
 
@@ -221,6 +224,8 @@ class LocalRun:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if role:  # as OpenAI's opening delta: the model never refuses here
+                delta["refusal"] = None
             lp = self._lp.chat(logprobs) if logprobs else None
             return oa.chat_chunk(self.rid, self.created, self.model_name, delta, reason, lp,
                                  p.include_usage)

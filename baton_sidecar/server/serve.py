@@ -55,6 +55,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--served-model-name", default=d.served_model_name)
     h.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     h.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, metavar="SECONDS")
+    h.add_argument("--header-timeout", type=float, default=d.header_timeout_s, metavar="SECONDS",
+                   help="close a connection whose request headers take longer than this")
+    h.add_argument("--body-timeout", type=float, default=d.body_timeout_s, metavar="SECONDS",
+                   help="answer 408 when a request body pauses longer than this")
+    h.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout_s,
+                   metavar="SECONDS", help="close an idle keep-alive connection after this")
     h.add_argument("--config", metavar="FILE", default=None,
                    help="sidecar config file (policy and router sections), hot-reloaded")
     h.add_argument("--admin-token-file", metavar="FILE", default=None,
@@ -98,7 +104,9 @@ def build_configs(args: argparse.Namespace, environ: Any = os.environ
     server = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
                           max_body_bytes=args.max_body_bytes, config_file=args.config,
                           policy_file=args.policy,
-                          admin_token=token, drain_timeout_s=args.drain_timeout)
+                          admin_token=token, drain_timeout_s=args.drain_timeout,
+                          header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                          keepalive_timeout_s=args.keepalive_timeout)
     return engine, policy, router, server
 
 
@@ -123,10 +131,15 @@ async def serve(engine_cfg: EngineConfig, policy: PolicyConfig, router_cfg: Rout
                 server_cfg: ServerConfig) -> int:
     from baton_sidecar.engine import AsyncEngine
     from baton_sidecar.model import load_model
-    from baton_sidecar.server.app import CONFIG, attach_engine, drain, init_app
+    from baton_sidecar.server.app import attach_engine, drain, init_app
+    from baton_sidecar.server.connections import make_runner
+    from baton_sidecar.server.state import CONFIG, METRICS
 
     app = init_app(None, server_cfg, router_cfg, policy)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    rejections = app[METRICS].http_rejections
+    runner = make_runner(app, header_timeout_s=server_cfg.header_timeout_s,
+                         keepalive_timeout_s=server_cfg.keepalive_timeout_s,
+                         on_rejection=lambda reason: rejections.labels(reason).inc())
     await runner.setup()
     site = web.TCPSite(runner, server_cfg.host, server_cfg.port)
     await site.start()

@@ -21,7 +21,7 @@ class OperatorConfig:
     default_policy: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_POLICY))  # config shape
     rollout_poll_s: float = 10.0  # how often a sidecar rollout that has not finished is re-checked
     rollout_tick_s: float = 5.0  # how often the rollout controller looks at each progressive rollout
-    report_timeout_s: float = 10.0  # for one sidecar's /ab/report or /metrics
+    report_timeout_s: float = 10.0  # for one sidecar's /baton/ab/report or /baton/metrics
     allow_report_urls: bool = False  # honour the baton.dev/report-urls annotation (else: pod IPs only)
 
     def __post_init__(self) -> None:

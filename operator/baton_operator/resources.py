@@ -46,6 +46,15 @@ ANN_LAST_APPLIED = "baton.dev/last-applied"  # on owned children: what the opera
 ANN_SIDECAR_HASH = "baton.dev/sidecar-hash"  # on an injected Deployment: the container and volumes set
 MANAGED_BY = "baton-operator"
 
+# The sidecar's own HTTP routes, all under one prefix: every other path goes through to the model
+# server it fronts. The root /health, /ready and /metrics are the sidecar's only while it has no
+# incumbent (a standalone BatonDeployment may name one), so probes and scrapes always use these.
+SIDECAR_PREFIX = "/baton"
+HEALTH_PATH = f"{SIDECAR_PREFIX}/health"  # liveness and startup
+READY_PATH = f"{SIDECAR_PREFIX}/ready"
+METRICS_PATH = f"{SIDECAR_PREFIX}/metrics"  # Prometheus text format
+AB_REPORT_PATH = f"{SIDECAR_PREFIX}/ab/report"  # ?since=<cursor>&samples=true
+
 
 class SpecError(ValueError):
     """The BatonDeployment cannot be realised as written; retrying will not help until it changes."""
@@ -254,9 +263,9 @@ def baton_container(bd: Mapping[str, Any], cfg: OperatorConfig) -> dict[str, Any
         "env": container_env(meta["name"], meta["namespace"], spec),
         "volumeMounts": mounts,
         # Loading and converting a model can take minutes: the startup probe holds the others off.
-        "startupProbe": {"httpGet": {"path": "/health", **http}, "periodSeconds": 10, "failureThreshold": 60},
-        "livenessProbe": {"httpGet": {"path": "/health", **http}, "periodSeconds": 10, "failureThreshold": 3},
-        "readinessProbe": {"httpGet": {"path": "/ready", **http}, "periodSeconds": 5, "failureThreshold": 2},
+        "startupProbe": {"httpGet": {"path": HEALTH_PATH, **http}, "periodSeconds": 10, "failureThreshold": 60},
+        "livenessProbe": {"httpGet": {"path": HEALTH_PATH, **http}, "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {"httpGet": {"path": READY_PATH, **http}, "periodSeconds": 5, "failureThreshold": 2},
         "securityContext": {
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
@@ -308,7 +317,7 @@ def desired_deployment(bd: Mapping[str, Any], cfg: OperatorConfig) -> dict[str, 
             "template": {
                 "metadata": {"labels": pod_labels, "annotations": {
                     "prometheus.io/scrape": "true", "prometheus.io/port": str(baton_port(spec)),
-                    "prometheus.io/path": "/metrics"}},
+                    "prometheus.io/path": METRICS_PATH}},
                 "spec": pod_spec,
             },
         },

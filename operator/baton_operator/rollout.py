@@ -1,9 +1,9 @@
 """Progressive rollout: step Baton's traffic weight from the sidecars' A/B reports.
 
-One analysis per ``analysisIntervalSeconds`` reads every sidecar's ``GET /ab/report``, merges the pods'
-traffic of the current step (``step_view``) and judges it against the gates; ``decide`` turns (spec, state
-in status, measurement, now) into a ``Decision``: advance, promote, hold or roll back. Everything except
-the gathering at the bottom is pure: the state lives in ``status.rollout`` (``RolloutState``), so an
+One analysis per ``analysisIntervalSeconds`` reads every sidecar's ``GET /baton/ab/report``, merges the
+pods' traffic of the current step (``step_view``) and judges it against the gates; ``decide`` turns (spec,
+state in status, measurement, now) into a ``Decision``: advance, promote, hold or roll back. Everything
+except the gathering at the bottom is pure: the state lives in ``status.rollout`` (``RolloutState``), so an
 operator restarted mid-rollout resumes at the same step.
 
 At one step::
@@ -23,9 +23,9 @@ slower. The CI of the difference combines the arms' half-widths as independent e
 
 Only the step's traffic counts. The baseline keeps, per sidecar, its process id (``instance``), its
 cursor (the sequence number of its last recorded outcome) and its request and error totals. Each analysis
-asks every sidecar for ``/ab/report?samples=true&since=<cursor>``: the raw latencies recorded since (at most
-the sidecar's window of them). Requests and errors are totals minus the baseline (exact); p95 and its
-bootstrap CI are computed over the samples of all pods pooled, so the merged p95 is exact across pods.
+asks every sidecar for ``/baton/ab/report?samples=true&since=<cursor>``: the raw latencies recorded since
+(at most the sidecar's window of them). Requests and errors are totals minus the baseline (exact); p95 and
+its bootstrap CI are computed over the samples of all pods pooled, so the merged p95 is exact across pods.
 A sidecar that is new, restarted, or too old to have cursors is based when first seen and counts from the
 next analysis; with sidecars too old to send samples the p95s fall back to a sample-weighted mean of the
 pods' own p95s over their recent windows (exact for one pod only).
@@ -239,7 +239,7 @@ LATENCIES = ("e2e_s", "ttft_s")  # the latency metrics of a report
 
 @dataclass(frozen=True)
 class PodReport:
-    """One sidecar's ``/ab/report?samples=true[&since=...]``, as far as the rollout uses it."""
+    """One sidecar's ``/baton/ab/report?samples=true[&since=...]``, as far as the rollout uses it."""
 
     url: str
     weight: float  # router.baton_weight as the sidecar applies it
@@ -252,6 +252,8 @@ class PodReport:
     samples: Mapping[str, Mapping[str, Sequence[float]]] | None  # arm -> metric -> raw latencies (s)
     estimates: Mapping[str, Mapping[str, Estimate | None]]  # arm -> metric -> reported p95 (older sidecars)
     sla: Mapping[str, tuple[int, int]]  # arm -> (evaluated, met) over the selection
+    eligible: int = 0  # requests the A/B split took, since the sidecar started
+    ineligible: int = 0  # requests passed to the incumbent because Baton cannot serve them
 
     @classmethod
     def parse(cls, url: str, report: Mapping[str, Any]) -> "PodReport":
@@ -267,7 +269,9 @@ class PodReport:
                      if has_samples else None),
             estimates={a: {k: Estimate.from_summary(arms[a].get(k)) for k in LATENCIES} for a in ARMS},
             sla={a: (int((arms[a].get("sla") or {}).get("evaluated") or 0),
-                     int((arms[a].get("sla") or {}).get("met") or 0)) for a in ARMS})
+                     int((arms[a].get("sla") or {}).get("met") or 0)) for a in ARMS},
+            eligible=int((report.get("eligible") or {}).get("count") or 0),
+            ineligible=int((report.get("ineligible") or {}).get("count") or 0))
 
 
 @dataclass(frozen=True)
@@ -293,7 +297,7 @@ class Measurement:
     @classmethod
     def of(cls, reports: Sequence[Mapping[str, Any]], urls: Sequence[str] | None = None) -> "Measurement":
         if not reports:
-            return cls.failed("no sidecar to read /ab/report from")
+            return cls.failed("no sidecar to read /baton/ab/report from")
         urls = list(urls) if urls is not None else [f"pod-{i}" for i in range(len(reports))]
         return cls(tuple(PodReport.parse(u, r) for u, r in zip(urls, reports)))
 
@@ -646,7 +650,19 @@ class Decision:
         if view is not None:
             out.update(counted=len(view.counted), rebased=list(view.rebased), truncated=view.truncated,
                        latencyBasis="pooled samples" if view.exact else "mean of the pods' p95s (older sidecars)")
+        if m is not None and m.reports:
+            out["traffic"] = traffic_status(m.reports)
         return out
+
+
+def traffic_status(reports: Sequence[PodReport]) -> dict[str, Any]:
+    """How much of the traffic the pilot judges: requests both arms can serve (split by weight) and
+    the rest (passed to the incumbent), summed over the sidecars since they started."""
+    eligible = sum(r.eligible for r in reports)
+    ineligible = sum(r.ineligible for r in reports)
+    total = eligible + ineligible
+    return {"eligibleRequests": eligible, "ineligibleRequests": ineligible,
+            "judgedShare": round(eligible / total, 4) if total else None}
 
 
 def _overall(checks: Iterable[Check]) -> str:
@@ -802,8 +818,8 @@ RAISE_MARGIN_STEPS = 3
 
 @dataclass(frozen=True)
 class EngineSample:
-    """From the sidecars' /metrics at ``time``: the padding-ratio gauge (mean over pods), the Baton arm's
-    completion tokens, and the KV slot and padding-slot counters (summed over pods; None when some
+    """From the sidecars' /baton/metrics at ``time``: the padding-ratio gauge (mean over pods), the Baton
+    arm's completion tokens, and the KV slot and padding-slot counters (summed over pods; None when some
     sidecar is too old to export them)."""
 
     padding_ratio: float
@@ -970,7 +986,7 @@ def metric_sum(text: str, name: str, labels: Mapping[str, str] | None = None) ->
 
 def engine_sample(metrics_texts: Sequence[str], now: float) -> EngineSample | None:
     """Padding-ratio gauge (mean over pods), Baton's completion tokens and the KV slot counters (sums)
-    from /metrics pages."""
+    from /baton/metrics pages."""
     ratios = [r for t in metrics_texts if (r := metric_sum(t, "baton_engine_padding_ratio")) is not None]
     tokens = [metric_sum(t, "baton_tokens_total", {"arm": "baton", "kind": "completion"}) or 0.0
               for t in metrics_texts]
@@ -1011,14 +1027,14 @@ async def fetch_all(urls: Sequence[str], path: str | Sequence[str], timeout_s: f
 
 def report_path(since: int | None) -> str:
     """The raw samples since the step's cursor (no bootstrap on the sidecar: the operator pools them)."""
-    return "/ab/report?samples=true" + (f"&since={since}" if since is not None else "")
+    return f"{res.AB_REPORT_PATH}?samples=true" + (f"&since={since}" if since is not None else "")
 
 
 async def measure(urls: Sequence[str], timeout_s: float, baseline: Baseline | None = None) -> Measurement:
-    """Every sidecar's /ab/report since its cursor in ``baseline``; any unreadable sidecar makes the
+    """Every sidecar's /baton/ab/report since its cursor in ``baseline``; any unreadable sidecar makes the
     measurement a problem."""
     if not urls:
-        return Measurement.failed("no ready sidecar pod to read /ab/report from")
+        return Measurement.failed("no ready sidecar pod to read /baton/ab/report from")
     base = baseline or Baseline()
     reports, errors = await fetch_all(urls, [report_path(base.since(u)) for u in urls], timeout_s)
     if errors:

@@ -1,8 +1,8 @@
 """The rollout controller: one kopf daemon per BatonDeployment with ``spec.rollout``; a thin adapter.
 
 Every ``BATON_ROLLOUT_TICK_SECONDS`` it reads the rollout state from ``status.rollout``, gathers the
-sidecars' ``/ab/report`` when an analysis is due, asks ``rollout.decide`` what to do, and applies the
-decision: the weight into the ConfigMap the sidecars read (first), ``status.rollout`` and
+sidecars' ``/baton/ab/report`` when an analysis is due, asks ``rollout.decide`` what to do, and applies
+the decision: the weight into the ConfigMap the sidecars read (first), ``status.rollout`` and
 ``status.traffic.weight`` (then), a Kubernetes Event and a ``baton.rollout`` span. Phase and conditions
 are recomputed by the same reconcile that every other trigger runs (``status.build_status`` reads the
 rollout's phase), so the two writers agree. Nothing lives in memory between ticks: an operator restarted
@@ -164,7 +164,7 @@ async def _auto_tune(memo: kopf.Memo, rspec: ro.RolloutSpec, decision: ro.Decisi
         return None
     if urls is None:
         urls = await _report_urls(memo, bd, annotations, logger)
-    pages, errors = await ro.fetch_all(urls, "/metrics", memo.config.report_timeout_s, as_json=False)
+    pages, errors = await ro.fetch_all(urls, res.METRICS_PATH, memo.config.report_timeout_s, as_json=False)
     sample = ro.engine_sample(pages, now) if pages and not errors else None
     if sample is None:
         return None

@@ -21,6 +21,17 @@ def test_greedy_takes_argmax_per_row():
     assert [t.token_id for t in out] == [1, 0]
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-38, 1e-45, 5e-324])
+def test_a_temperature_too_cold_to_sample_is_greedy(temperature):
+    """logits / 1e-38 overflows float32: every probability was NaN and the last id was drawn."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0], [2.0, -1.0, 1.5, 0.0]])
+    params = SamplingParams(temperature=temperature, logprobs=1)
+    assert params.greedy
+    out = sample(logits, samplers(params, params))
+    assert [t.token_id for t in out] == [1, 0]
+    assert all(math.isfinite(t.logprob.logprob) for t in out)
+
+
 def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     for seed in range(20):
@@ -64,6 +75,7 @@ def test_logprobs_report_chosen_and_top_alternatives():
 @pytest.mark.parametrize("field,value", [
     ("max_tokens", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
     ("logprobs", 21), ("seed", "x"), ("temperature", float("nan")),
+    ("temperature", 10 ** 400), ("top_p", -10 ** 400),  # past the float range: no OverflowError
 ])
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(RequestValidationError) as info:

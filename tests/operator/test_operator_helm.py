@@ -93,6 +93,10 @@ def test_options_render_what_they_promise(helm) -> None:
     assert env["BATON_DEFAULT_POLICY_FILE"] == "/etc/baton-operator/default-policy.yaml"
     pod_monitor = next(o for o in objects if o["kind"] == "PodMonitor")
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "baton-http"
+    # The sidecar's own routes are under /baton: in sidecar mode /metrics is the incumbent's.
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/baton/metrics"
+    service_monitor = next(o for o in objects if o["kind"] == "ServiceMonitor")
+    assert service_monitor["spec"]["endpoints"][0]["path"] == "/baton/metrics"
 
 
 @pytest.mark.parametrize("values, complaint", [

@@ -46,6 +46,14 @@ def apply(obj: dict, ops: list) -> dict:
     return jsonpatch.apply_patch(obj, ops, in_place=False)
 
 
+# The sidecar's own routes are under /baton: in sidecar mode every other path is the incumbent's.
+PROBES = {"startupProbe": "/baton/health", "livenessProbe": "/baton/health", "readinessProbe": "/baton/ready"}
+
+
+def probe_paths(container: dict) -> dict:
+    return {k: container[k]["httpGet"]["path"] for k in PROBES}
+
+
 # --- desired objects ---------------------------------------------------------------------------
 
 def test_standalone_children_are_valid_owned_and_labelled() -> None:
@@ -70,6 +78,8 @@ def test_standalone_children_are_valid_owned_and_labelled() -> None:
                                  "8080", "--model", "/models/m"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert probe_paths(container) == PROBES
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] == "/baton/metrics"
     assert {v["name"] for v in pod["volumes"]} == {"baton-config", "baton-cache", "baton-model"}
     # Mounted as a directory: kubelet refreshes it on ConfigMap changes (a subPath mount would not).
     assert all("subPath" not in m for m in container["volumeMounts"])
@@ -147,6 +157,7 @@ def test_injection_then_removal_restores_the_deployment_exactly(pod_extra) -> No
     injected = apply(original, ops)
     pod = injected["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["containers"]] == ["vllm", "baton"]
+    assert probe_paths(pod["containers"][1]) == PROBES
     assert [v["name"] for v in pod["volumes"]][-2:] == ["baton-config", "baton-cache"]
     assert injected["metadata"]["annotations"]["baton.dev/injected-by"] == "b1"
     assert injected["metadata"]["labels"]["baton.dev/deployment"] == "b1"

@@ -57,7 +57,7 @@ def recorded(baton: Sequence[Outcome], incumbent: Sequence[Outcome], instance: s
 
 def sidecar_report(stats: ABStats, weight: float = 25, since: int | None = None, samples: bool = True,
                    resamples: int = 400) -> dict[str, Any]:
-    """A real ``GET /ab/report`` body, as the controller asks for it (``?samples=true&since=...``)."""
+    """A real ``GET /baton/ab/report`` body, as the controller asks for it (``?samples=true&since=...``)."""
     rep = stats.report(SLA, "interactive", resamples=resamples, since=since, samples=samples)
     rep["router"] = {"incumbent_url": "http://incumbent", "baton_weight": weight, "sticky_header": "",
                      "fallback_to_baton": False}
@@ -224,10 +224,10 @@ def apply_object(cluster: Cluster, obj: dict[str, Any], tmp: Path) -> None:
     cluster.apply(path)
 
 
-# --- a scripted sidecar: /ab/report and /metrics from synthetic traffic ----------------------------
+# --- a scripted sidecar: /baton/ab/report and /baton/metrics from synthetic traffic ---------------
 
 class StubSidecar:
-    """Serves ``/ab/report`` as a sidecar would under steady traffic of ``rate`` requests/s split by
+    """Serves ``/baton/ab/report`` as a sidecar would under steady traffic of ``rate`` requests/s split by
     ``weight`` (set it as the sidecar would apply its config): Baton's e2e latency ~ N(baton_mean, 10%),
     the incumbent's ~ N(1 s, 10%), both streamed (TTFT known). Runs on its own event-loop thread."""
 
@@ -237,7 +237,7 @@ class StubSidecar:
         self.kv_padding_ratio: float | None = None  # set: export KV slot counters growing at this ratio
         self._kv_slots = self._kv_padding_slots = 0.0
         self.reports = 0
-        self.queries: list[dict[str, str]] = []  # the query of every /ab/report
+        self.queries: list[dict[str, str]] = []  # the query of every /baton/ab/report
         self._stats = ABStats()
         self._rng = np.random.default_rng(0)
         self._last = time.monotonic()
@@ -245,8 +245,9 @@ class StubSidecar:
         self._tokens = 0
         self._lock = threading.Lock()
         app = web.Application()
-        app.router.add_get("/ab/report", self._report)
-        app.router.add_get("/metrics", self._metrics)
+        # The sidecar's routes only: in sidecar mode the root paths are the incumbent's.
+        app.router.add_get("/baton/ab/report", self._report)
+        app.router.add_get("/baton/metrics", self._metrics)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="stub-sidecar", daemon=True)
         self._thread.start()

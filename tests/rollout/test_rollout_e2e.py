@@ -1,25 +1,26 @@
-"""End to end on loopback: two real sidecar processes, a bounded load, and the operator under kopf against
-the API emulator stepping the weight.
+"""End to end on loopback: a real third-party incumbent, a real sidecar process, a bounded load, and the
+operator under kopf against the API emulator stepping the weight.
 
-- The incumbent is a ``baton-sidecar serve --batching run_to_completion`` process.
+- The incumbent is ``transformers serve --continuous-batching`` serving the same embedded model.
 - The Baton sidecar (``--config FILE``) routes between its own engine and that incumbent. The test plays
   kubelet: it mirrors the ConfigMap's ``baton.yaml`` into the sidecar's ``--config`` file (an atomic
   replace, as kubelet's symlink swap), and the sidecar's file watcher applies it; nothing uses
-  ``PUT /admin/config``.
+  ``PUT /baton/admin/config``.
 - The operator finds the sidecar through the ``baton.dev/report-urls`` annotation (no pods run in the
   emulator), enabled by ``BATON_ROLLOUT_ALLOW_REPORT_URLS``.
 - Both model processes run one torch thread (``--threads 1``, ``OMP_NUM_THREADS=1``): two processes each
   spinning several threads on a two-core machine slow every step several times over.
 
-Scenario 1: Baton re-batches against a run-to-completion incumbent and is promoted 25 -> 50 -> 100, with
-the operator restarted at 50%. Scenario 2: Baton is capped at one sequence per batch while the incumbent
-batches, and the first step's analyses fail until it rolls back to 0.
+Scenario 1: Baton re-batches against the incumbent's continuous batching and is promoted 25 -> 50 -> 100,
+with the operator restarted at 50%. Scenario 2: Baton is capped at one sequence per batch while the
+incumbent batches, and the first step's analyses fail until it rolls back to 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import sys
 import threading
 import time
@@ -33,7 +34,8 @@ from rollout_testlib import (ROOT, ConfigMirror, apply_object, batondeployment, 
                              wait_for, wait_for_events, wait_for_phase, write_atomically)
 
 sys.path.insert(0, str(ROOT / "tests" / "server"))
-from server_helpers import SidecarProcess  # noqa: E402  (the server tests' process launcher)
+from hf_incumbent import TransformersServe  # noqa: E402  (the server tests' process launchers)
+from server_helpers import SidecarProcess  # noqa: E402
 
 pytestmark = [pytest.mark.rollout_e2e, pytest.mark.timeout(420)]
 
@@ -41,6 +43,7 @@ MODEL = "rollout-e2e"
 WAIT = 150  # seconds for one rollout milestone under load; reached only on failure
 ENV = {"OMP_NUM_THREADS": "1"}
 GATES = {"maxErrorRate": 0.05}
+FINISHED = re.compile(r'"finish_reason":\s*"(length|stop)"')  # in a stream from either arm
 
 
 class LoadGenerator:
@@ -87,7 +90,7 @@ class LoadGenerator:
                             arm = resp.headers.get("x-baton-arm", "?")
                             self.arms[arm] += 1
                             self.served.append((sent, arm))
-                            if resp.status != 200 or "[DONE]" not in text:
+                            if resp.status != 200 or not FINISHED.search(text):
                                 self.failures.append(f"{resp.status} {arm}: {text[-300:]}")
                     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                         self.statuses[type(exc).__name__] += 1
@@ -103,26 +106,25 @@ def start_sidecar(*args: str) -> SidecarProcess:
 
 @pytest.fixture(scope="module")
 def incumbent():
-    proc = start_sidecar("--batching", "run_to_completion")
+    proc = TransformersServe(MODEL)  # ready (and warmed up) when this returns
     yield proc
     proc.stop()
 
 
-def wait_ready(*procs: SidecarProcess) -> None:
-    for proc in procs:
-        wait_for(lambda: proc.get("/ready").status_code == 200, 240, f"{proc.url} to be ready", interval=0.5)
+def wait_ready(proc: SidecarProcess) -> None:
+    wait_for(lambda: proc.get("/baton/ready").status_code == 200, 240, f"{proc.url} to be ready", interval=0.5)
 
 
 def report(proc: SidecarProcess) -> dict:
-    return requests.get(proc.url + "/ab/report", timeout=60).json()
+    return requests.get(proc.url + "/baton/ab/report", timeout=60).json()
 
 
-def run_baton(tmp_path: Path, incumbent: SidecarProcess, *args: str) -> tuple[SidecarProcess, Path]:
+def run_baton(tmp_path: Path, incumbent: TransformersServe, *args: str) -> tuple[SidecarProcess, Path]:
     config = tmp_path / "baton.yaml"  # what kubelet would mount; replaced by the operator's ConfigMap
     config.write_text(yaml.safe_dump({"router": {"incumbent_url": incumbent.url, "baton_weight": 0}}))
     baton = start_sidecar("--config", str(config), *args)
     try:
-        wait_ready(incumbent, baton)
+        wait_ready(baton)
     except BaseException:
         baton.stop()
         raise

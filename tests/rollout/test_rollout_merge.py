@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from baton_sidecar.server.abstats import ABStats
+from baton_sidecar.server.eligibility import EligibilityCounts
 
 from rollout_testlib import (StubSidecar, arm_outcomes, legacy, normal, recorded, report, sidecar_report,
                              state_at, zero_baseline)
@@ -87,6 +88,27 @@ def test_a_step_is_judged_on_its_own_traffic_only() -> None:
     # The whole window (what the gates saw before cursors) still holds step 1: Baton's p95 is ~2 s.
     whole = ro.Measurement.of([sidecar_report(stats, 25)]).reports[0]
     assert ro.pooled_p95([whole.samples["baton"]["e2e_s"]]).value > 1.9
+
+
+def test_the_analysis_says_how_much_traffic_the_pilot_judges() -> None:
+    # Two sidecars' reports carry their eligibility tallies, as /baton/ab/report adds them.
+    tallies = []
+    for eligible, reasons in ((90, ["unsupported:tools"] * 10), (30, ["other_model"] * 20 + ["other_route"] * 10)):
+        counts = EligibilityCounts()
+        for _ in range(eligible):
+            counts.record_eligible()
+        for reason in reasons:
+            counts.record_ineligible(reason)
+        tallies.append(counts.report())
+    reports = [{**report(arm_outcomes("baton", normal(0.5, 0.05, 60, i)),
+                         arm_outcomes("incumbent", normal(0.6, 0.05, 60, i + 10)), instance=f"i{i}"), **tally}
+               for i, tally in enumerate(tallies)]
+    state = state_at(1, 25, baseline=zero_baseline(2))
+    decision = ro.decide(SPEC, state, "rev", NOW + 60, ro.Measurement.of(reports))
+    traffic = decision.analysis_status(None)["traffic"]
+    assert traffic == {"eligibleRequests": 120, "ineligibleRequests": 40, "judgedShare": 0.75}
+    # Sidecars that do not report it count as nothing judged or passed.
+    assert ro.traffic_status(ro.Measurement.of([report([], [])]).reports)["judgedShare"] is None
 
 
 def test_new_and_restarted_sidecars_are_based_now_and_gone_ones_dropped() -> None:
@@ -179,4 +201,4 @@ def test_measure_asks_each_sidecar_for_its_step() -> None:
     finally:
         for s in stubs:
             s.close()
-    assert ro.report_path(None) == "/ab/report?samples=true" and ro.report_path(5).endswith("&since=5")
+    assert ro.report_path(None) == "/baton/ab/report?samples=true" and ro.report_path(5).endswith("&since=5")

@@ -3,7 +3,10 @@
 One engine (the real embedded model, loaded once per session by ``tests/conftest.py``'s
 ``real_model``) hosted with every test app on a dedicated event-loop thread, so test code can use
 real blocking clients (the ``openai`` package, ``requests``) or its own asyncio loop against real
-loopback sockets. Incumbents are real ``baton-sidecar serve`` subprocesses.
+loopback sockets. The incumbent is a real third-party server, ``transformers serve
+--continuous-batching`` (``hf_incumbent``); a ``baton-sidecar serve`` subprocess (``incumbent``) plays it
+only where the test needs the incumbent's own OpenTelemetry spans, which ``transformers serve`` does
+not export.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from aiohttp import web
 from baton_sidecar.config import EngineConfig, PolicyConfig, RouterConfig, ServerConfig
 from baton_sidecar.server.app import init_app
 from baton_sidecar.server.tracing import Tracing
+from hf_incumbent import TransformersServe
 from server_helpers import MODEL_NAME, OTLPReceiver, ServerThread, SidecarProcess
 
 
@@ -87,5 +91,13 @@ def incumbent(otlp_receiver):
            "OTEL_BSP_SCHEDULE_DELAY": "100"}
     proc = SidecarProcess("--batching", "run_to_completion", "--served-model-name", MODEL_NAME,
                           env=env)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def hf_incumbent():
+    """``transformers serve --continuous-batching`` serving the embedded model as ``MODEL_NAME``."""
+    proc = TransformersServe(MODEL_NAME)
     yield proc
     proc.stop()

@@ -19,6 +19,10 @@ from typing import Any, Callable
 import requests
 from aiohttp import web
 
+from baton_sidecar.config import ServerConfig
+from baton_sidecar.server.state import METRICS, STATE
+from baton_sidecar.server.connections import make_runner
+
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "baton-test"
 
@@ -40,16 +44,23 @@ class ServerThread:
             return fn()
         return self.call(wrapper(), timeout)
 
-    async def _start(self, app: web.Application) -> tuple[web.AppRunner, str]:
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    async def _start(self, app: web.Application, header_timeout_s: float | None,
+                     keepalive_timeout_s: float | None) -> tuple[web.AppRunner, str]:
+        # As serve.py does: timeouts from the app's ServerConfig, rejections counted in its metrics.
+        cfg = app[STATE].config if STATE in app else ServerConfig()
+        runner = make_runner(app, header_timeout_s=header_timeout_s or cfg.header_timeout_s,
+                             keepalive_timeout_s=keepalive_timeout_s or cfg.keepalive_timeout_s,
+                             on_rejection=_rejection_counter(app))
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         host, port = runner.addresses[0][:2]
         return runner, f"http://{host}:{port}"
 
-    def start_app(self, app: web.Application) -> tuple[web.AppRunner, str]:
-        return self.call(self._start(app))
+    def start_app(self, app: web.Application, header_timeout_s: float | None = None,
+                  keepalive_timeout_s: float | None = None) -> tuple[web.AppRunner, str]:
+        """Serve ``app`` on a free loopback port; timeouts default to its ``ServerConfig``'s."""
+        return self.call(self._start(app, header_timeout_s, keepalive_timeout_s))
 
     def stop_app(self, runner: web.AppRunner) -> None:
         self.call(runner.cleanup())
@@ -57,6 +68,14 @@ class ServerThread:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+def _rejection_counter(app: web.Application) -> Callable[[str], None] | None:
+    """serve.py's ``on_rejection``: ``baton_http_rejections_total{reason}`` of a sidecar app."""
+    if METRICS not in app:
+        return None
+    rejections = app[METRICS].http_rejections
+    return lambda reason: rejections.labels(reason).inc()
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:

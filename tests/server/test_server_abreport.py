@@ -1,6 +1,6 @@
-"""GET /ab/report's cursor (``since``), raw samples, truncation, the report cache, rejections.
+"""GET /baton/ab/report's cursor (``since``), raw samples, truncation, the report cache, rejections.
 
-No model: the app runs with no engine (/ab/report does not need one) and outcomes are recorded
+No model: the app runs with no engine (/baton/ab/report does not need one) and outcomes are recorded
 straight into its ``ABStats``.
 """
 
@@ -143,7 +143,7 @@ async def client():
     ("since=99999999999999999999999", "since"), ("samples=maybe", "samples"),
 ])
 async def test_bad_query_values_are_400_naming_the_field(client, query, param):
-    resp = await client.get(f"/ab/report?{query}")
+    resp = await client.get(f"/baton/ab/report?{query}")
     assert resp.status == 400
     error = (await resp.json())["error"]
     assert error["param"] == param and error["code"] == "invalid_value"
@@ -153,13 +153,13 @@ async def test_bad_query_values_are_400_naming_the_field(client, query, param):
 async def test_since_and_samples_over_http_and_repeated_scrapes_hit_the_cache(client, monkeypatch):
     stats = client.app[ABSTATS]
     cursor = two_steps(stats)
-    first = await (await client.get(f"/ab/report?since={cursor}&samples=true")).json()
+    first = await (await client.get(f"/baton/ab/report?since={cursor}&samples=true")).json()
     assert first["cursor"] == stats.cursor and first["since"] == cursor
     assert first["router"]["baton_weight"] == 30
     assert len(first["arms"]["baton"]["samples"]["e2e_s"]) == 300
     assert max(first["arms"]["baton"]["samples"]["e2e_s"]) < 0.2
     monkeypatch.setattr(abstats, "_compute_report", lambda *a, **k: pytest.fail("not cached"))
-    again = await (await client.get(f"/ab/report?samples=1&since={cursor}")).json()
+    again = await (await client.get(f"/baton/ab/report?samples=1&since={cursor}")).json()
     assert again == first
 
 
@@ -172,9 +172,9 @@ async def test_a_slow_report_does_not_block_the_event_loop(client, monkeypatch):
         return {"arms": {}}
 
     monkeypatch.setattr(client.app[ABSTATS], "report", slow)
-    report = asyncio.create_task(client.get("/ab/report"))
+    report = asyncio.create_task(client.get("/baton/ab/report"))
     await asyncio.to_thread(started.wait, 5)
     t0 = time.monotonic()
-    health = await client.get("/health")
+    health = await client.get("/baton/health")
     assert health.status == 200 and time.monotonic() - t0 < 0.3
     assert (await report).status == 200

@@ -116,10 +116,10 @@ def test_vllm_style_extra_fields(client):
 def test_models_health_ready_metrics(client, server):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL_NAME]
-    assert requests.get(server + "/health", timeout=5).json() == {"status": "ok"}
-    assert requests.get(server + "/ready", timeout=5).status_code == 200
+    assert requests.get(server + "/baton/health", timeout=5).json() == {"status": "ok"}
+    assert requests.get(server + "/baton/ready", timeout=5).status_code == 200
     client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2)
-    m = requests.get(server + "/metrics", timeout=5)
+    m = requests.get(server + "/baton/metrics", timeout=5)
     assert m.headers["Content-Type"].startswith("text/plain")
     text = m.text
     assert metric_value(text, "baton_requests_total", {"arm": "baton", "finish_reason": "length"}) == 1

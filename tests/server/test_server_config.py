@@ -1,4 +1,4 @@
-"""Live configuration: file hot reload, PUT /admin/config, and no in-flight request disturbed."""
+"""Live configuration: file hot reload, PUT /baton/admin/config, and no in-flight request disturbed."""
 
 import asyncio
 import json
@@ -26,7 +26,7 @@ def wait_until(fn, timeout=10.0):
 
 
 def weight(url):
-    return requests.get(url + "/ab/report", timeout=30).json()["router"]["baton_weight"]
+    return requests.get(url + "/baton/ab/report", timeout=30).json()["router"]["baton_weight"]
 
 
 @pytest.fixture
@@ -46,10 +46,10 @@ def test_config_file_hot_reload(make_server, tmp_path, engine, restore_engine_po
     wait_until(lambda: weight(url) == 40)
     assert engine.policy.limits.max_queue == 50
     path.write_text("router:\n  baton_weight: 400\n")  # refused: the previous config stays
-    wait_until(lambda: metric_value(requests.get(url + "/metrics", timeout=5).text,
+    wait_until(lambda: metric_value(requests.get(url + "/baton/metrics", timeout=5).text,
                                     "baton_config_reload_errors_total", {"source": "file"}) == 1)
     assert weight(url) == 40 and engine.policy.limits.max_queue == 50
-    text = requests.get(url + "/metrics", timeout=5).text
+    text = requests.get(url + "/baton/metrics", timeout=5).text
     assert metric_value(text, "baton_config_reloads_total", {"source": "file"}) == 2
     assert metric_value(text, "baton_router_baton_weight") == 40
 
@@ -57,16 +57,16 @@ def test_config_file_hot_reload(make_server, tmp_path, engine, restore_engine_po
 def test_admin_put_applies_policy_and_router(make_server, engine, restore_engine_policy):
     url, _ = make_server(server=ServerConfig(served_model_name=MODEL_NAME, admin_token=TOKEN))
     doc = "router:\n  incumbent_url: http://127.0.0.1:9\n  baton_weight: 25\npolicy:\n  aging_s: 7\n"
-    resp = requests.put(url + "/admin/config", data=doc, headers=AUTH, timeout=10)
+    resp = requests.put(url + "/baton/admin/config", data=doc, headers=AUTH, timeout=10)
     assert resp.status_code == 200
     body = resp.json()
     assert body["router"]["baton_weight"] == 25 and body["policy"]["aging_s"] == 7
     assert engine.policy.aging_s == 7 and weight(url) == 25
     # A patch: keys not mentioned keep their values.
-    resp = requests.put(url + "/admin/config", json={"router": {"baton_weight": 60}}, headers=AUTH,
+    resp = requests.put(url + "/baton/admin/config", json={"router": {"baton_weight": 60}}, headers=AUTH,
                         timeout=10)
     assert resp.json()["router"]["incumbent_url"] == "http://127.0.0.1:9"
-    current = requests.get(url + "/admin/config", headers=AUTH, timeout=10).json()
+    current = requests.get(url + "/baton/admin/config", headers=AUTH, timeout=10).json()
     assert current["router"]["baton_weight"] == 60 and current["policy"]["aging_s"] == 7
 
 
@@ -89,7 +89,7 @@ def test_reloads_never_drop_in_flight_requests(make_server, tmp_path, engine, re
             for k in range(3):  # reconfigure repeatedly while they run
                 patch = {"policy": {"limits": {"max_batch_size": 2 + k}, "aging_s": 5 + k},
                          "router": {"baton_weight": 100 - k}}
-                async with s.put(url + "/admin/config", json=patch, headers=AUTH) as r:
+                async with s.put(url + "/baton/admin/config", json=patch, headers=AUTH) as r:
                     assert r.status == 200
                 path.write_text(f"policy:\n  aging_s: {10 + k}\n")
                 await asyncio.sleep(0.2)

@@ -20,7 +20,7 @@ def wait_idle(url: str, engine, timeout: float = 30.0) -> str:
     """Poll /metrics until nothing runs or waits, anywhere; the last scrape."""
     deadline = time.monotonic() + timeout
     while True:
-        text = requests.get(url + "/metrics", timeout=5).text
+        text = requests.get(url + "/baton/metrics", timeout=5).text
         busy = [metric_value(text, "baton_requests_running", {"arm": "baton"}),
                 metric_value(text, "baton_engine_running_requests"),
                 metric_value(text, "baton_engine_waiting_requests")]
@@ -66,7 +66,7 @@ def test_client_disconnect_cancels_in_the_engine(server, engine, stream):
 def test_bounded_overload_200_or_429_and_healthy_after(make_server, engine, server_thread):
     url, app = make_server(server=ServerConfig(served_model_name=MODEL_NAME, admin_token="load-test"))
     tight = {"policy": {"limits": {"max_batch_size": 4, "max_queue": 4}}}
-    assert requests.put(url + "/admin/config", json=tight, headers=ADMIN, timeout=10).ok
+    assert requests.put(url + "/baton/admin/config", json=tight, headers=ADMIN, timeout=10).ok
     try:
         async def storm():
             conn = aiohttp.TCPConnector(limit=0)
@@ -83,7 +83,7 @@ def test_bounded_overload_200_or_429_and_healthy_after(make_server, engine, serv
         results = asyncio.run(storm())
     finally:
         restore = {"policy": {"limits": {"max_batch_size": 32, "max_queue": 256}}}
-        requests.put(url + "/admin/config", json=restore, headers=ADMIN, timeout=10)
+        requests.put(url + "/baton/admin/config", json=restore, headers=ADMIN, timeout=10)
 
     assert not [r for r in results if isinstance(r, BaseException)], "lost requests"
     statuses = [status for status, _, _ in results]
@@ -101,7 +101,7 @@ def test_bounded_overload_200_or_429_and_healthy_after(make_server, engine, serv
     served = sum(metric_value(text, "baton_requests_total", {"arm": "baton", "finish_reason": r}) or 0
                  for r in ("length", "stop"))
     assert served == statuses.count(200)
-    assert requests.get(url + "/health", timeout=5).status_code == 200
-    assert requests.get(url + "/ready", timeout=5).status_code == 200
+    assert requests.get(url + "/baton/health", timeout=5).status_code == 200
+    assert requests.get(url + "/baton/ready", timeout=5).status_code == 200
     after = requests.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
     assert after.status_code == 200

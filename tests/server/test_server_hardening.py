@@ -84,6 +84,34 @@ def test_prompt_longer_than_the_context_is_400(server, engine):
     assert_error(ids, 400, "prompt")
 
 
+@pytest.mark.parametrize("caps, param", [({"max_completion_tokens": 10 ** 6}, "max_completion_tokens"),
+                                         ({"max_completion_tokens": 10 ** 6, "max_tokens": 1},
+                                          "max_completion_tokens"),
+                                         ({"max_tokens": 10 ** 6}, "max_tokens")])
+def test_chat_cap_over_the_context_is_400_naming_the_field_sent(server, caps, param):
+    resp = post(server, "/v1/chat/completions", {"messages": CHAT, **caps})
+    assert_error(resp, 400, param, "invalid_value")
+
+
+@pytest.mark.parametrize("prompt", ["\x1d", "\x04\x06\x13", "\x1d" * 5000])
+def test_prompt_of_characters_the_tokenizer_drops_is_400(server, prompt):
+    """SmolLM2's tokenizer drops a few control characters; a prompt of only those has no tokens
+    (the long one is tokenized on the worker thread, the short one by the engine)."""
+    resp = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    err = assert_error(resp, 400, "prompt", "invalid_value")
+    assert "no tokens" in err["message"]
+
+
+@pytest.mark.parametrize("path, field_name", [("/v1/completions", "temperature"),
+                                              ("/v1/chat/completions", "top_p")])
+def test_number_past_the_float_range_is_400(server, path, field_name):
+    """A 400-digit integer literal is a Python int no float holds: refused, not a 500."""
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": CHAT}
+    raw = json.dumps({**body, "max_tokens": 1})[:-1] + f', "{field_name}": 1{"0" * 400}}}'
+    resp = post(server, path, raw=raw.encode(), headers={"Content-Type": "application/json"})
+    assert_error(resp, 400, field_name, "invalid_type")
+
+
 def test_kv_budget_too_large_is_400(make_server, engine, server_thread):
     small = PolicyConfig(limits=Limits(max_kv_tokens=64))
     server_thread.run_sync(lambda: engine.apply_policy(small))
@@ -124,8 +152,8 @@ def test_queue_full_is_429_with_retry_after(make_server, engine, server_thread):
 
 def test_not_ready_is_503(make_server):
     url, _ = make_server(engine_override=None)  # the model is still loading
-    assert requests.get(url + "/health", timeout=5).status_code == 200
-    ready = requests.get(url + "/ready", timeout=5)
+    assert requests.get(url + "/baton/health", timeout=5).status_code == 200
+    ready = requests.get(url + "/baton/ready", timeout=5)
     assert ready.status_code == 503 and ready.json() == {"status": "loading"}
     assert_error(post(url, "/v1/completions", {"prompt": "x"}), 503, code="not_ready")
 
@@ -133,7 +161,7 @@ def test_not_ready_is_503(make_server):
 def test_draining_is_503(make_server, server_thread):
     url, app = make_server()
     assert server_thread.call(drain(app, 1.0))
-    assert requests.get(url + "/ready", timeout=5).status_code == 503
+    assert requests.get(url + "/baton/ready", timeout=5).status_code == 503
     resp = post(url, "/v1/chat/completions", {"messages": CHAT})
     assert_error(resp, 503, code="shutting_down")
     assert resp.headers["Retry-After"]
@@ -156,22 +184,22 @@ def test_unknown_route_and_method(server):
 
 
 def test_admin_disabled_without_token(server):
-    assert_error(requests.put(server + "/admin/config", json={}, timeout=5), 404)
-    assert_error(requests.get(server + "/admin/config", timeout=5), 404)
+    assert_error(requests.put(server + "/baton/admin/config", json={}, timeout=5), 404)
+    assert_error(requests.get(server + "/baton/admin/config", timeout=5), 404)
 
 
 def test_admin_rejections(make_server):
     url, _ = make_server(server=ServerConfig(served_model_name=MODEL_NAME, admin_token="t0k"))
-    assert_error(requests.put(url + "/admin/config", json={}, timeout=5), 401)
-    assert_error(requests.put(url + "/admin/config", json={},
+    assert_error(requests.put(url + "/baton/admin/config", json={}, timeout=5), 401)
+    assert_error(requests.put(url + "/baton/admin/config", json={},
                               headers={"Authorization": "Bearer nope"}, timeout=5), 401)
     ok = {"Authorization": "Bearer t0k"}
-    bad = requests.put(url + "/admin/config", json={"router": {"baton_weight": 150}}, headers=ok,
+    bad = requests.put(url + "/baton/admin/config", json={"router": {"baton_weight": 150}}, headers=ok,
                        timeout=5)
     assert_error(bad, 400, "router.baton_weight", "invalid_config")
-    bad = requests.put(url + "/admin/config", data=b"{{", headers=ok, timeout=5)
+    bad = requests.put(url + "/baton/admin/config", data=b"{{", headers=ok, timeout=5)
     assert_error(bad, 400, code="invalid_config")
-    assert requests.get(url + "/admin/config", headers=ok, timeout=5).status_code == 200
+    assert requests.get(url + "/baton/admin/config", headers=ok, timeout=5).status_code == 200
 
 
 def test_wrong_values_never_yield_5xx(server):
@@ -204,3 +232,38 @@ def test_wrong_values_never_yield_5xx(server):
         if status != 200:
             assert set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
     assert {status for *_, status, _ in results} >= {200, 400}
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("path, raw, param, code", [
+    ("/v1/completions", rb'{"prompt": "a\ud800b", "max_tokens": 1}', "prompt", "invalid_value"),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "\udfff"}]}',
+     "messages[0].content", "invalid_value"),
+    ("/v1/completions", rb'{"prompt": "x", "stop": ["ok", "\ud800"]}', "stop[1]", "invalid_value"),
+    ("/v1/chat/completions",
+     rb'{"messages": [{"role": "user", "content": "hi"}], "user": "\uDBFF"}', "user",
+     "invalid_value"),
+    ("/v1/completions", b'{"prompt": ' + DEEP + b"}", "body", "invalid_json"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": '
+     + b"9" * 5000 + b"}", "body", "invalid_json"),
+])
+def test_undecodable_text_and_json_are_400_naming_the_field(server, path, raw, param, code):
+    resp = post(server, path, raw=raw, headers={"Content-Type": "application/json"})
+    err = assert_error(resp, 400, param, code)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_surrogate_pairs_are_served_with_refusal_null(server):
+    """An emoji escaped as a valid pair is one code point: it reaches the tokenizer and is served.
+    Chat answers carry OpenAI's ``refusal: null`` (message, and the opening delta of a stream)."""
+    raw = rb'{"messages": [{"role": "user", "content": "\ud83d\ude00"}], "max_tokens": 1'
+    headers = {"Content-Type": "application/json"}
+    resp = post(server, "/v1/chat/completions", raw=raw + b"}", headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["refusal"] is None
+    resp = post(server, "/v1/chat/completions", raw=raw + b', "stream": true}', headers=headers)
+    assert resp.status_code == 200, resp.text
+    first = json.loads(resp.text.split("\n\n")[0].removeprefix("data: "))
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}

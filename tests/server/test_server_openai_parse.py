@@ -163,3 +163,101 @@ def test_logprob_formatting():
     ch = fmt.chat(items)["content"]
     assert ch[0]["token"] == "ab" and ch[0]["bytes"] == [97, 98]
     assert ch[0]["top_logprobs"][1] == {"token": "c", "logprob": -2.0, "bytes": [99]}
+
+
+@pytest.mark.parametrize("raw, param, in_key", [
+    (rb'{"prompt": "a\ud800b"}', "prompt", False),
+    (rb'{"prompt": "\uDFFF"}', "prompt", False),  # upper-case hex, a lone low half
+    (rb'{"prompt": "\ude00\ud83d"}', "prompt", False),  # halves in the wrong order
+    (rb'{"messages": [{"role": "user", "content": "ok"}, {"role": "user", "content": "\udbff"}]}',
+     "messages[1].content", False),
+    (rb'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}',
+     "messages[0].content[0].text", False),
+    (rb'{"prompt": "x", "stop": ["ok", "\ud800"]}', "stop[1]", False),
+    (rb'{"prompt": "x", "user": "\ud800"}', "user", False),
+    (rb'{"prompt": "x", "metadata": {"\ud800": 1}}', "metadata", True),
+    (rb'{"\ud800": 1, "prompt": "x"}', "body", True),
+    (b'{"prompt": "\xed\xa0\x80"}', "prompt", False),  # a surrogate as UTF-8 bytes, no escape
+    ('{"prompt": "x", "user": "\ud800"}'.encode("utf-16", "surrogatepass"), "user", False),
+])
+def test_unpaired_surrogates_are_refused_naming_the_field(raw, param, in_key):
+    e = err(oa.decode_json_body, raw)
+    assert e.param == param and e.code == "invalid_value" and e.type == "invalid_request_error"
+    assert e.message.startswith(f"{param}: ") and "surrogate" in e.message
+    assert ("object key" in e.message) == in_key
+    json.dumps(e.body()).encode("utf-8")  # the answer itself encodes
+
+
+def test_the_first_surrogate_in_document_order_is_named():
+    raw = rb'{"stop": ["\ud800"], "messages": [{"role": "user", "content": "\ud800"}]}'
+    assert err(oa.decode_json_body, raw).param == "stop[0]"
+
+
+@pytest.mark.parametrize("raw", [
+    rb'{"prompt": "smile \ud83d\ude00", "user": "\uD83D\uDE00"}',  # escaped pairs: one code point
+    '{"prompt": "smile \U0001F600 caf\u00e9"}'.encode(),  # plain UTF-8, no escape
+    rb'{"prompt": "a \\ud800 backslash"}',  # an escaped backslash, not a surrogate escape
+])
+def test_valid_unicode_passes(raw):
+    body = oa.decode_json_body(raw)
+    assert oa.parse_completion(body).prompt == body["prompt"]
+    body["prompt"].encode("utf-8")
+
+
+def test_only_bodies_that_can_hold_a_surrogate_are_walked():
+    assert not oa._may_hold_surrogates('{"prompt": "line\\n caf\u00e9 \\u00e9 \\ud7ff"}'.encode())
+    for raw in (rb'"\uD800"', rb'"\udc00"', b'"\xed\xa0\x80"', '"x"'.encode("utf-16")):
+        assert oa._may_hold_surrogates(raw), raw
+
+
+def test_deep_nesting_is_invalid_json():
+    e = err(oa.decode_json_body, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert e.param == "body" and e.code == "invalid_json" and "nested" in e.message
+
+
+def test_integer_over_the_digit_limit_is_invalid_json():
+    e = err(oa.decode_json_body, b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}")
+    assert e.param == "body" and e.code == "invalid_json" and "digits" in e.message
+    assert "set_int_max_str_digits" not in e.message
+
+
+def test_chat_message_carries_refusal_null():
+    body = oa.chat_body("c", 1, "m", "hi", "stop", None, 1, 1)
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi", "refusal": None}
+    assert '"refusal": null' in json.dumps(body)
+    fmt = oa.LogprobFormatter(lambda i: "t")
+    from baton_sidecar.engine.request import TokenLogprob
+    assert fmt.chat([TokenLogprob(1, -0.5, ())])["refusal"] is None
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "presence_penalty", "frequency_penalty"])
+def test_an_integer_past_the_float_range_is_not_a_number(name):
+    """json reads a 400-digit literal as an int no float holds; checking it must not overflow
+    (math.isfinite raised OverflowError: a 500)."""
+    for parse, body in ((oa.parse_completion, {"prompt": "x"}),
+                        (oa.parse_chat, {"messages": [{"role": "user", "content": "x"}]})):
+        e = err(parse, {**body, name: 10 ** 400})
+        assert e.param == name and e.code == "invalid_type"
+        assert err(parse, {**body, name: -10 ** 400}).param == name
+    assert oa.parse_completion({"prompt": "x", "temperature": 10 ** 300}).sampling == {
+        "temperature": 1e300}
+
+
+@pytest.mark.parametrize("value, code", [("3", "invalid_type"), (0, "invalid_value"),
+                                         (2.5, "invalid_type"), (10 ** 30, "invalid_type")])
+def test_chat_max_tokens_is_checked_when_max_completion_tokens_wins(value, code):
+    body = {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2,
+            "max_tokens": value}
+    e = err(oa.parse_chat, body)
+    assert e.param == "max_tokens" and e.code == code
+
+
+def test_chat_records_which_field_set_the_token_cap():
+    def field(**caps):
+        body = {"messages": [{"role": "user", "content": "x"}], **caps}
+        return oa.parse_chat(body).max_tokens_field
+
+    assert field(max_completion_tokens=9, max_tokens=3) == "max_completion_tokens"
+    assert field(max_completion_tokens=None, max_tokens=3) == "max_tokens"
+    assert field() == "max_tokens"
+    assert oa.parse_completion({"prompt": "x", "max_tokens": 3}).max_tokens_field == "max_tokens"

@@ -1,4 +1,5 @@
-"""A/B router: byte-exact pass-through, trace context, failures, fallback, and a real 30/70 split."""
+"""A/B router: byte-exact pass-through, trace context, failures, fallback, and a 30/70 split against a
+real third-party incumbent (``transformers serve``). Faults are injected with a scripted incumbent."""
 
 import asyncio
 import json
@@ -48,10 +49,10 @@ def test_json_passes_through_and_is_accounted(make_server, stub):
     resp = requests.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x"},
                          timeout=30)
     assert resp.status_code == 200 and resp.content == StubIncumbent.JSON_BODY
-    text = requests.get(url + "/metrics", timeout=5).text
+    text = requests.get(url + "/baton/metrics", timeout=5).text
     assert metric_value(text, "baton_requests_total", {"arm": INCUMBENT, "finish_reason": "length"}) == 1
     assert metric_value(text, "baton_tokens_total", {"arm": INCUMBENT, "kind": "completion"}) == 5
-    report = requests.get(url + "/ab/report", timeout=30).json()
+    report = requests.get(url + "/baton/ab/report", timeout=30).json()
     assert report["arms"][INCUMBENT]["count"] == 1 and report["arms"][BATON]["count"] == 0
 
 
@@ -62,25 +63,40 @@ def test_incumbent_unreachable_is_502(make_server):
     assert resp.status_code == 502
     err = resp.json()["error"]
     assert err["type"] == "upstream_error" and dead in err["message"] and "unreachable" in err["message"]
-    text = requests.get(url + "/metrics", timeout=5).text
+    text = requests.get(url + "/baton/metrics", timeout=5).text
     assert metric_value(text, "baton_incumbent_failures_total", {"kind": "connect"}) == 1
-    report = requests.get(url + "/ab/report", timeout=30).json()
+    report = requests.get(url + "/baton/ab/report", timeout=30).json()
     assert report["arms"][INCUMBENT]["errors"] == 1 and report["arms"][INCUMBENT]["error_rate"] == 1
 
 
-def test_incumbent_5xx_is_502(make_server, stub):
+def test_incumbent_5xx_passes_through_and_counts_against_it(make_server, stub):
     stub.mode = "500"
     url, _ = make_server(router=RouterConfig(incumbent_url=stub.url, baton_weight=0))
     resp = requests.post(url + "/v1/completions", json={"prompt": "x"}, timeout=30)
-    assert resp.status_code == 502 and "answered 500" in resp.json()["error"]["message"]
+    assert resp.status_code == 500 and resp.json() == {"error": {"message": "boom"}}  # its own
+    assert resp.headers["x-baton-arm"] == INCUMBENT
+    text = requests.get(url + "/baton/metrics", timeout=5).text
+    assert metric_value(text, "baton_incumbent_failures_total", {"kind": "status"}) == 1
+    report = requests.get(url + "/baton/ab/report", timeout=30).json()
+    assert report["arms"][INCUMBENT]["errors"] == 1
 
 
-def test_incumbent_timeout_is_502(make_server, stub):
+def test_incumbent_5xx_falls_back_when_asked(make_server, stub):
+    stub.mode = "500"
+    url, _ = make_server(router=RouterConfig(incumbent_url=stub.url, baton_weight=0,
+                                             fallback_to_baton=True))
+    resp = requests.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=60)
+    assert resp.status_code == 200 and resp.headers["x-baton-arm"] == BATON
+
+
+def test_incumbent_timeout_is_504(make_server, stub):
     stub.mode = "slow"
     url, _ = make_server(router=RouterConfig(incumbent_url=stub.url, baton_weight=0,
                                              incumbent_timeout_s=0.5))
     resp = requests.post(url + "/v1/completions", json={"prompt": "x"}, timeout=30)
-    assert resp.status_code == 502 and "did not answer" in resp.json()["error"]["message"]
+    err = resp.json()["error"]
+    assert resp.status_code == 504 and "did not answer" in err["message"]
+    assert err["code"] == "incumbent_timeout"
 
 
 def test_client_leaving_an_incumbent_stream_closes_the_upstream(make_server, stub):
@@ -93,7 +109,7 @@ def test_client_leaving_an_incumbent_stream_closes_the_upstream(make_server, stu
     while stub.cancelled == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert stub.cancelled == 1
-    text = requests.get(url + "/metrics", timeout=5).text
+    text = requests.get(url + "/baton/metrics", timeout=5).text
     assert metric_value(text, "baton_requests_running", {"arm": INCUMBENT}) == 0
     assert metric_value(text, "baton_requests_total", {"arm": INCUMBENT, "finish_reason": "cancelled"}) == 1
 
@@ -106,10 +122,10 @@ def test_incumbent_breaking_mid_stream_is_counted(make_server, stub):
                            json={"messages": CHAT, "stream": True}) as resp:
             assert resp.status_code == 200  # already sent when the incumbent broke off
             b"".join(resp.iter_content(None))
-    text = requests.get(url + "/metrics", timeout=5).text
+    text = requests.get(url + "/baton/metrics", timeout=5).text
     assert metric_value(text, "baton_incumbent_failures_total", {"kind": "stream"}) == 1
     assert metric_value(text, "baton_requests_running", {"arm": INCUMBENT}) == 0
-    report = requests.get(url + "/ab/report", timeout=30).json()
+    report = requests.get(url + "/baton/ab/report", timeout=30).json()
     assert report["arms"][INCUMBENT]["errors"] == 1
 
 
@@ -118,9 +134,9 @@ def test_fallback_to_baton_is_counted(make_server):
                                              fallback_to_baton=True))
     resp = requests.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=120)
     assert resp.status_code == 200 and resp.headers["x-baton-arm"] == BATON
-    text = requests.get(url + "/metrics", timeout=5).text
+    text = requests.get(url + "/baton/metrics", timeout=5).text
     assert metric_value(text, "baton_router_fallbacks_total") == 1
-    report = requests.get(url + "/ab/report", timeout=30).json()
+    report = requests.get(url + "/baton/ab/report", timeout=30).json()
     assert report["fallbacks_to_baton"] == 1 and report["arms"][INCUMBENT]["errors"] == 1
     assert report["arms"][BATON]["count"] == 0  # re-served requests stay out of the comparison
 
@@ -135,15 +151,10 @@ async def _send_all(url: str, jobs: list[tuple[dict, dict]]) -> list[tuple[int, 
         return await asyncio.gather(*(one(h, b) for h, b in jobs))
 
 
-def test_ab_split_30_70_with_a_real_incumbent(make_server, incumbent):
-    router = RouterConfig(incumbent_url=incumbent.url, baton_weight=30)
+def test_ab_split_30_70_with_a_real_incumbent(make_server, hf_incumbent):
+    router = RouterConfig(incumbent_url=hf_incumbent.url, baton_weight=30)
     url, _ = make_server(router=router)
-    def incumbent_served():
-        text = incumbent.get("/metrics").text
-        return sum(metric_value(text, "baton_requests_total", {"arm": BATON, "finish_reason": r})
-                   or 0 for r in ("length", "stop"))
-
-    before = incumbent_served()
+    before = hf_incumbent.served()
     jobs, expected = [], []
     for i in range(16):
         headers = {"x-baton-session": f"session-{i}"} if i % 2 == 0 else {}
@@ -164,16 +175,17 @@ def test_ab_split_30_70_with_a_real_incumbent(make_server, incumbent):
         assert [status for status, _, _ in results] == [200] * len(jobs)
         assert [arm for _, arm, _ in results] == expected
     for (status, arm, text), (_, body) in zip(first, jobs):
-        if body.get("stream"):
-            assert text.endswith("data: [DONE]\n\n")
+        if body.get("stream"):  # transformers serve ends a stream with its usage chunk, no [DONE]
+            assert text.endswith("data: [DONE]\n\n" if arm == BATON else "\n\n")
+            assert '"finish_reason":' in text.replace('": ', '":')
         else:
             assert 1 <= json.loads(text)["usage"]["completion_tokens"] <= 2
 
     n_inc = 2 * expected.count(INCUMBENT)
     n_baton = 2 * expected.count(BATON)
-    assert incumbent_served() - before == n_inc  # the incumbent process really served its share
+    assert hf_incumbent.served() - before == n_inc  # its access log: it really served its share
 
-    report = requests.get(url + "/ab/report", timeout=60).json()
+    report = requests.get(url + "/baton/ab/report", timeout=60).json()
     for arm, n in ((BATON, n_baton), (INCUMBENT, n_inc)):
         entry = report["arms"][arm]
         assert entry["count"] == n and entry["errors"] == 0 and entry["error_rate"] == 0
@@ -188,7 +200,7 @@ def test_ab_split_30_70_with_a_real_incumbent(make_server, incumbent):
         assert "bootstrap" in v["basis"] and v["statistic"] == "p95"
     assert report["router"]["baton_weight"] == 30
 
-    text = requests.get(url + "/metrics", timeout=5).text
+    text = requests.get(url + "/baton/metrics", timeout=5).text
     served = {arm: sum(metric_value(text, "baton_requests_total", {"arm": arm, "finish_reason": r})
                        or 0 for r in ("length", "stop")) for arm in (BATON, INCUMBENT)}
     assert served == {BATON: n_baton, INCUMBENT: n_inc}

@@ -3,8 +3,11 @@
 import random
 
 from baton_sidecar.config import RouterConfig
-from baton_sidecar.server.router import (BATON, INCUMBENT, Router, SSEStats, choose_arm,
-                                         forward_headers, hash_point, sticky_key)
+from baton_sidecar.server.eligibility import EligibilityCounts, refusal_reason
+from baton_sidecar.server.openai import APIError, bad_request
+from baton_sidecar.server.proxy import SSEStats, forward_headers
+from baton_sidecar.server.router import (BATON, INCUMBENT, Router, choose_arm, hash_point,
+                                         sticky_key)
 from baton_sidecar.server.tracing import NULL_TRACE
 
 
@@ -52,10 +55,39 @@ def test_router_update_changes_future_assignments():
 
 
 def test_forward_headers_drop_hop_by_hop_and_keep_trace_context():
-    out = forward_headers({"Host": "a", "Connection": "keep-alive", "Content-Length": "3",
-                           "Accept-Encoding": "gzip", "traceparent": "00-" + "1" * 32 + "-" +
-                           "2" * 16 + "-01", "Authorization": "Bearer k"}, NULL_TRACE)
-    assert set(out) == {"traceparent", "Authorization"}
+    headers = {"Host": "a", "Connection": "keep-alive", "Content-Length": "3",
+               "Accept-Encoding": "gzip", "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+               "Authorization": "Bearer k"}
+    assert set(forward_headers(headers, NULL_TRACE)) == {"traceparent", "Authorization",
+                                                         "Accept-Encoding"}
+    # Accounted (A/B) requests are read in passing, so they ask for an uncompressed answer.
+    assert set(forward_headers(headers, NULL_TRACE, keep_encoding=False)) == {
+        "traceparent", "Authorization"}
+
+
+def test_refusals_name_a_small_set_of_reasons():
+    assert refusal_reason(bad_request("n", "only n=1", code="unsupported_value")) == "unsupported:n"
+    assert refusal_reason(bad_request("messages[3].content[0]", "x", code="unsupported_value")) \
+        == "unsupported:messages.content"
+    assert refusal_reason(bad_request("max_tokens", "x", code="invalid_type")) == "invalid:max_tokens"
+    assert refusal_reason(APIError(400, "not JSON", param="body", code="invalid_json")) == "invalid:body"
+    assert refusal_reason(APIError(400, "no param")) == "invalid:body"
+
+
+def test_eligibility_counts_report_shares_and_top_reasons():
+    counts = EligibilityCounts()
+    assert counts.report() == {"eligible": {"count": 0, "share": None},
+                               "ineligible": {"count": 0, "share": None, "top_reasons": []}}
+    for _ in range(6):
+        counts.record_eligible()
+    for reason in ["unsupported:tools"] * 3 + ["other_route"]:
+        counts.record_ineligible(reason)
+    rep = counts.report()
+    assert rep["eligible"] == {"count": 6, "share": 0.6}
+    assert rep["ineligible"]["count"] == 4 and rep["ineligible"]["share"] == 0.4
+    assert rep["ineligible"]["top_reasons"] == [
+        {"reason": "unsupported:tools", "count": 3, "share": 0.3},
+        {"reason": "other_route", "count": 1, "share": 0.1}]
 
 
 def test_sse_stats_reads_chunks_across_splits():

@@ -8,6 +8,7 @@ import time
 import pytest
 import requests
 
+from baton_sidecar.config import ServerConfig
 from baton_sidecar.server.serve import add_serve_arguments, build_configs
 from server_helpers import MODEL_NAME, SidecarProcess
 
@@ -37,10 +38,23 @@ def test_build_configs_precedence(tmp_path):
     assert build_configs(parse(), environ={})[3].admin_token is None
 
 
+def test_timeout_flags_reach_the_server_config():
+    server = build_configs(parse("--header-timeout", "5", "--body-timeout", "7.5",
+                                 "--keepalive-timeout", "20"), environ={})[3]
+    def timeouts(s: ServerConfig) -> tuple[float, float, float]:
+        return s.header_timeout_s, s.body_timeout_s, s.keepalive_timeout_s
+
+    assert timeouts(server) == (5, 7.5, 20)
+    assert timeouts(build_configs(parse(), environ={})[3]) == timeouts(ServerConfig())
+
+
 @pytest.mark.parametrize("argv, field", [
     (("--baton-weight", "120"), "baton_weight"),
     (("--max-queue", "0"), "max_queue"),
     (("--incumbent-url", "localhost:80"), "incumbent_url"),
+    (("--header-timeout", "0"), "header_timeout_s"),
+    (("--body-timeout", "-1"), "body_timeout_s"),
+    (("--keepalive-timeout", "0"), "keepalive_timeout_s"),
 ])
 def test_build_configs_refuses_by_name(argv, field):
     with pytest.raises(ValueError, match=field):
@@ -58,16 +72,16 @@ def test_process_reloads_and_drains_on_sigterm(tmp_path):
                           "--drain-timeout", "60")
     auth = {"Authorization": "Bearer proc-token"}
     try:
-        assert proc.get("/ready").status_code == 200
-        live = requests.get(proc.url + "/admin/config", headers=auth, timeout=10).json()
+        assert proc.get("/baton/ready").status_code == 200
+        live = requests.get(proc.url + "/baton/admin/config", headers=auth, timeout=10).json()
         assert live["policy"]["limits"]["max_queue"] == 11  # the --config file wins over flags
         config.write_text("router:\n  baton_weight: 55\n")
         deadline = time.monotonic() + 15
-        while requests.get(proc.url + "/admin/config", headers=auth,
+        while requests.get(proc.url + "/baton/admin/config", headers=auth,
                            timeout=10).json()["router"]["baton_weight"] != 55:
             assert time.monotonic() < deadline, "config file change not picked up"
             time.sleep(0.1)
-        live = requests.get(proc.url + "/admin/config", headers=auth, timeout=10).json()
+        live = requests.get(proc.url + "/baton/admin/config", headers=auth, timeout=10).json()
         assert live["policy"]["limits"]["max_queue"] == 7  # no longer in the file: the flag again
 
         # A streaming request is in flight when SIGTERM arrives: it must finish normally.
@@ -81,7 +95,7 @@ def test_process_reloads_and_drains_on_sigterm(tmp_path):
         proc.wait_for(r"draining", 30)
         refused = requests.post(proc.url + "/v1/completions", json={"prompt": "x"}, timeout=30)
         assert refused.status_code == 503
-        assert proc.get("/ready").status_code == 503
+        assert proc.get("/baton/ready").status_code == 503
         rest = [line for line in lines if line]
         assert rest[-1] == b"data: [DONE]"
         final = json.loads(rest[-2][len(b"data: "):])

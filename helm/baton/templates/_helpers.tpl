@@ -64,7 +64,7 @@ app.kubernetes.io/part-of: baton
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# The rollout controller finds the sidecars' pod IPs (to read their /ab/report) from the Service's
+# The rollout controller finds the sidecars' pod IPs (to read their /baton/ab/report) from the Service's
 # EndpointSlices, which carry addresses and readiness only (pods themselves stay unreadable).
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]

@@ -1,0 +1,255 @@
+"""``POST /v1/completions`` and ``POST /v1/chat/completions``: who serves a request, and how.
+
+1. The body is read (bounded in size and in pauses; see ``body``) and parsed as Baton would.
+2. With an incumbent configured, a request Baton cannot serve (a body over the limit, a feature or
+   value Baton refuses, another ``model``) goes to the incumbent untouched and is counted as
+   ineligible (``eligibility``); with none, it is refused here with OpenAI's 4xx body.
+3. An eligible request gets an arm from the router (weight, sticky key). On the incumbent arm it is
+   proxied and accounted; on the Baton arm it runs on the engine (``local``). A request the engine
+   refuses for what it asks (an unknown ``sla_class``, a prompt over the context) also goes to the
+   incumbent when there is one; a refusal for load (429, 503) counts against the Baton arm.
+
+Only eligible requests are split by weight and recorded in the A/B statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from baton_sidecar.server import openai as oa
+from baton_sidecar.server.abstats import Outcome
+from baton_sidecar.server.body import read_body, too_large
+from baton_sidecar.server.eligibility import BODY_TOO_LARGE, OTHER_MODEL, refusal_reason
+from baton_sidecar.server.local import LocalRun
+from baton_sidecar.server.passthrough import incumbent_failure, relay
+from baton_sidecar.server.proxy import IncumbentFailure, proxy
+from baton_sidecar.server.router import BATON, INCUMBENT
+from baton_sidecar.server.state import (ABSTATS, ELIGIBILITY, EXECUTOR, METRICS, ROUTER, SESSION,
+                                        STATE, TRACING)
+
+log = logging.getLogger(__name__)
+
+_REFUSAL_REASONS = {"queue_full": "queue_full", "context_length_exceeded": "too_large",
+                    "shutting_down": "shutting_down"}
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await generate(request, "completion")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await generate(request, "chat")
+
+
+def refuse(app: web.Application, arm: str, reason: str, err: oa.APIError) -> oa.APIError:
+    app[METRICS].refusals.labels(arm, reason).inc()
+    return err
+
+
+def parse(app: web.Application, kind: str, raw: bytes) -> oa.ParsedRequest:
+    """The request as Baton would serve it, or ``APIError`` (404 ``model_not_found`` for another
+    model's name)."""
+    state = app[STATE]
+    body = oa.decode_json_body(raw)
+    if kind == "chat":
+        parsed = oa.parse_chat(body)
+    else:
+        vocab = len(state.engine.tokenizer) if state.engine is not None else None
+        parsed = oa.parse_completion(body, vocab)
+    served = state.config.served_model_name
+    if parsed.model is not None and parsed.model != served:
+        raise oa.APIError(404, f"model '{parsed.model}' does not exist; this server serves "
+                               f"'{served}'", type="not_found_error", param="model",
+                          code="model_not_found")
+    return parsed
+
+
+def _count_eligible(app: web.Application) -> None:
+    app[ELIGIBILITY].record_eligible()
+    app[METRICS].eligible.inc()
+
+
+def ineligibility(err: oa.APIError) -> str:
+    return OTHER_MODEL if err.code == "model_not_found" else refusal_reason(err)
+
+
+class PassToIncumbent(Exception):
+    """The Baton arm refused the request for what it asks; with an incumbent, it goes there."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def generate(request: web.Request, kind: str) -> web.StreamResponse:
+    arrival = time.monotonic()
+    app = request.app
+    state, metrics = app[STATE], app[METRICS]
+    has_incumbent = app[ROUTER].config.incumbent_url is not None
+    if state.draining:
+        raise refuse(app, "none", "shutting_down", oa.APIError(
+            503, "server is draining", type="service_unavailable", code="shutting_down",
+            headers={"Retry-After": "1"}))
+    body = await read_body(request, state.config.max_body_bytes, state.config.body_timeout_s,
+                           lambda: metrics.http_rejections.labels("body_timeout").inc())
+    if not body.complete:
+        if has_incumbent:
+            return await relay(request, body.stream(), BODY_TOO_LARGE)
+        raise refuse(app, "none", "body_too_large", too_large(state.config.max_body_bytes))
+    try:
+        parsed = parse(app, kind, body.data)
+    except oa.APIError as err:
+        if has_incumbent:
+            return await relay(request, body.data, ineligibility(err))
+        reason = {404: "unknown_model", 413: "body_too_large"}.get(err.status, "invalid")
+        raise refuse(app, "none", reason, err) from None
+    try:
+        return await _serve(request, body.data, parsed, arrival)
+    except PassToIncumbent as passed:
+        return await relay(request, body.data, passed.reason)
+
+
+async def _serve(request: web.Request, raw: bytes, parsed: oa.ParsedRequest,
+                 arrival: float) -> web.StreamResponse:
+    """An eligible request on the arm the router picks (raises ``PassToIncumbent``)."""
+    app = request.app
+    state, metrics = app[STATE], app[METRICS]
+    arm = app[ROUTER].assign(request.headers, parsed.user)
+    trace = app[TRACING].start(parsed.operation, parsed.model or state.config.served_model_name,
+                               request.headers, arm)
+    state.enter()
+    metrics.in_flight.labels(arm).inc()
+    status, error_type = 500, None
+    try:
+        if arm == INCUMBENT:
+            _count_eligible(app)
+            served_by_incumbent, resp, status, error_type = await _serve_incumbent(
+                request, raw, parsed, arrival, trace)
+            if served_by_incumbent:
+                return resp
+            trace.set("baton.router.fallback", True)
+        run = await _submit_baton(request, parsed, arrival, trace, assigned=arm == BATON)
+        resp, status, error_type = await _respond_baton(request, run, parsed, trace,
+                                                        record=arm == BATON)
+        return resp
+    except PassToIncumbent as passed:
+        status, error_type = None, None
+        trace.set("baton.router.ineligible", passed.reason)
+        raise
+    except oa.APIError as err:
+        status, error_type = err.status, err.code or type(err).__name__
+        raise
+    except asyncio.CancelledError:
+        status, error_type = 499, "client_disconnected"
+        raise
+    except Exception as exc:
+        status, error_type = 500, type(exc).__name__
+        raise
+    finally:
+        metrics.in_flight.labels(arm).dec()
+        state.leave()
+        trace.end(status, error_type)
+
+
+async def _serve_incumbent(request: web.Request, raw: bytes, parsed: oa.ParsedRequest,
+                           arrival: float, trace) -> tuple[bool, Any, int, str | None]:
+    """(served, response, status, error type); served False means: fall back to Baton."""
+    app = request.app
+    metrics, stats, cfg = app[METRICS], app[ABSTATS], app[ROUTER].config
+    trace.set_request(parsed.max_tokens, parsed.sampling, parsed.priority, parsed.sla_class,
+                      parsed.stream)
+    try:
+        result = await proxy(request, app[SESSION], cfg, raw, arrival, trace, account=True,
+                             fail_on_5xx=cfg.fallback_to_baton)
+    except asyncio.CancelledError:  # the client left (handler cancellation)
+        metrics.requests.labels(INCUMBENT, "cancelled").inc()
+        raise
+    except IncumbentFailure as failure:
+        stats.record(Outcome(INCUMBENT, ok=False, e2e_s=time.monotonic() - arrival,
+                             sla_class=parsed.sla_class))
+        metrics.requests.labels(INCUMBENT, "error").inc()
+        if cfg.fallback_to_baton:
+            metrics.incumbent_failures.labels(failure.kind).inc()
+            metrics.fallbacks.inc()
+            stats.record_fallback()
+            log.warning("%s; falling back to Baton", failure)
+            return False, None, 0, None
+        raise incumbent_failure(app, failure) from None
+    if not result.ok and not result.cancelled:
+        metrics.incumbent_failures.labels("status" if result.status >= 500 else "stream").inc()
+    reason = "cancelled" if result.cancelled else (
+        result.finish_reason or ("error" if not result.ok else f"http_{result.status}"))
+    outcome = Outcome(INCUMBENT, ok=result.ok and result.status < 400, ttft_s=result.ttft_s,
+                      e2e_s=result.e2e_s, completion_tokens=result.completion_tokens,
+                      sla_class=parsed.sla_class)
+    if not result.cancelled:
+        stats.record(outcome)
+        metrics.observe(outcome, reason, prompt_tokens=result.prompt_tokens)
+    else:
+        metrics.requests.labels(INCUMBENT, "cancelled").inc()
+    trace.finish(input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens,
+                 finish_reason=result.finish_reason)
+    error_type = None if result.ok else ("client_disconnected" if result.cancelled
+                                         else "incumbent_stream_error")
+    return True, result.response, result.status, error_type
+
+
+async def _submit_baton(request: web.Request, parsed: oa.ParsedRequest, arrival: float, trace,
+                        assigned: bool) -> LocalRun:
+    """The request submitted to the engine. When the engine refuses the request itself and an
+    incumbent is configured, ``PassToIncumbent``."""
+    app = request.app
+    state, metrics, stats = app[STATE], app[METRICS], app[ABSTATS]
+    if not state.ready:
+        reason = "shutting_down" if state.draining else "not_ready"
+        raise refuse(app, BATON, reason, oa.APIError(
+            503, "model is loading" if reason == "not_ready" else "server is draining",
+            type="service_unavailable", code=reason, headers={"Retry-After": "5"}))
+    run = LocalRun(request, state.engine, parsed, state.config.served_model_name,
+                   uuid.uuid4().hex, arrival, trace)
+    try:
+        await run.submit(app[EXECUTOR])
+    except oa.APIError as err:
+        if err.status == 400 and assigned and app[ROUTER].config.incumbent_url is not None:
+            raise PassToIncumbent(ineligibility(err)) from None
+        metrics.refusals.labels(BATON, _REFUSAL_REASONS.get(err.code, "invalid")).inc()
+        if err.status in (429, 503) and assigned:  # overload counts against the arm
+            _count_eligible(app)
+            stats.record(Outcome(BATON, ok=False, e2e_s=time.monotonic() - arrival,
+                                 sla_class=parsed.sla_class))
+        raise
+    if assigned:
+        _count_eligible(app)
+    return run
+
+
+async def _respond_baton(request: web.Request, run: LocalRun, parsed: oa.ParsedRequest, trace,
+                         record: bool) -> tuple[web.StreamResponse, int, str | None]:
+    app = request.app
+    metrics, stats = app[METRICS], app[ABSTATS]
+    try:
+        resp = await run.respond()
+        r = run.result
+        return resp, r.status, None if r.ok else ("client_disconnected" if r.cancelled else
+                                                  "shutting_down" if r.status == 503 else
+                                                  "engine_error")
+    finally:
+        r = run.result
+        outcome = Outcome(BATON, ok=r.ok, ttft_s=r.ttft_s, e2e_s=r.e2e_s,
+                          completion_tokens=r.completion_tokens, sla_class=parsed.sla_class)
+        if r.cancelled:  # the client left: no latency sample, no A/B outcome
+            metrics.requests.labels(BATON, "cancelled").inc()
+        else:
+            metrics.observe(outcome, r.finish_reason or "error", queue_s=r.queue_s,
+                            prompt_tokens=r.prompt_tokens, preemptions=r.preemptions)
+            if record:
+                stats.record(outcome)
+        trace.finish(response_id=run.rid, response_model=run.model_name,
+                     input_tokens=r.prompt_tokens, output_tokens=r.completion_tokens,
+                     finish_reason=r.finish_reason)
