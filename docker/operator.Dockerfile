@@ -13,6 +13,8 @@ RUN pip install \
         "opentelemetry-api>=1.25" "opentelemetry-sdk>=1.25" "opentelemetry-exporter-otlp-proto-http>=1.25"
 
 COPY operator/baton_operator /opt/baton/baton_operator
+# The one statistics module the rollout gates share with the sidecar's A/B report (pure Python).
+COPY baton_sidecar/__init__.py baton_sidecar/stats.py /opt/baton/baton_sidecar/
 ENV PYTHONPATH=/opt/baton
 
 # Non-root, numeric so that runAsNonRoot can verify it.

@@ -11,14 +11,15 @@ Definitions (all times in seconds, measured by the load generator on ``time.perf
   work a static batch wastes on rows that are already done never counts.
 - goodput = completed requests that met every stated SLO, per second of makespan.
 
-Percentiles interpolate linearly between order statistics (numpy's default, "linear").
+Percentiles are ``baton_sidecar.stats``'s: linear between order statistics (numpy's default).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
+
+from .. import stats
 
 PERCENTILES = (50, 95, 99)
 
@@ -61,16 +62,8 @@ class RequestRecord:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolation percentile (numpy's default); None for no values."""
-    if not values:
-        return None
-    if not 0 <= q <= 100:
-        raise ValueError("percentile must be in [0, 100]")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    """``stats.percentile`` of values in any order (numpy's "linear" definition); None for none."""
+    return stats.percentile(sorted(values), q) if values else None
 
 
 def distribution(prefix: str, values: Sequence[float]) -> dict[str, float | None]:

@@ -6,13 +6,12 @@ report ``since`` a cursor covers only the outcomes recorded after it, so a calle
 cursor of its last report can ask for exactly what happened in between. When outcomes after
 ``since`` have already left an arm's window, that arm's selection is ``truncated`` (and says so).
 
-Percentiles come with percentile-bootstrap 95% confidence intervals; the verdict compares p95
-between arms with a bootstrap CI of the difference ``p95(baton) - p95(incumbent)`` (arms resampled
-independently): entirely below zero -> "better", entirely above -> "worse", otherwise (or with too
-few samples) "inconclusive". Lower latency is better. With ``samples=True`` the raw latencies are
-returned instead of being bootstrapped (point percentiles only, no CIs, no verdicts): the caller
-merges pods and computes its own. Report computation is CPU work (numpy) and is meant to run off
-the event loop; a computed report is cached until something new is recorded.
+Percentiles come with exact percentile-bootstrap 95% confidence intervals, and the verdict compares
+p95 between arms, both with ``baton_sidecar.stats``: the same functions the operator's rollout gates
+use, so a report's verdict and a rollout's decision on the same samples agree. Lower latency is
+better. With ``samples=True`` the raw latencies are returned instead (point percentiles only, no CIs,
+no verdicts): the caller pools pods and computes its own. A report sorts every arm's window, so it
+is meant to run off the event loop; a computed report is cached until something new is recorded.
 """
 
 from __future__ import annotations
@@ -23,11 +22,10 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
+from baton_sidecar import stats
 
 ARMS = ("baton", "incumbent")
 QUANTILES = (50, 95, 99)
-DEFAULT_RESAMPLES = 1000
 MIN_SAMPLES_FOR_VERDICT = 20
 CACHED_REPORTS = 8  # distinct (since, samples, ...) reports kept; one scraper needs one or two
 SAMPLE_DECIMALS = 6  # raw samples are sent rounded to the microsecond
@@ -72,60 +70,40 @@ def sla_met(outcome: Outcome, targets: SLATargets) -> bool:
     return all(v is None or t is None or v * 1000.0 <= t for v, t in checks)
 
 
-def bootstrap_quantiles(samples: Sequence[float], quantiles: Sequence[float], resamples: int,
-                        rng: np.random.Generator, chunk: int = 100) -> np.ndarray:
-    """Bootstrap replicates of each quantile: shape (resamples, len(quantiles))."""
-    x = np.asarray(samples, dtype=np.float64)
-    out = np.empty((resamples, len(quantiles)))
-    for start in range(0, resamples, chunk):  # bounds memory at chunk * n
-        stop = min(start + chunk, resamples)
-        idx = rng.integers(0, len(x), size=(stop - start, len(x)))
-        out[start:stop] = np.percentile(x[idx], quantiles, axis=1).T
-    return out
-
-
-def _ci(replicates: np.ndarray) -> list[float]:
-    lo, hi = np.percentile(replicates, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
-def summarize(samples: Sequence[float], resamples: int, rng: np.random.Generator,
-              bootstrap: bool = True) -> tuple[dict[str, Any], np.ndarray | None]:
-    """p50/p95/p99 with 95% CIs, plus the p95 bootstrap replicates for the verdict
-    (``bootstrap=False``: point values only, no CIs, no replicates)."""
+def summarize(samples: Sequence[float], with_ci: bool = True
+              ) -> tuple[dict[str, Any], stats.Estimate | None]:
+    """p50/p95/p99 with 95% CIs, and the p95 estimate for the verdict (``with_ci=False``: point
+    values only, no CIs, no estimate)."""
     if not samples:
         return {"n": 0}, None
-    x = np.asarray(samples, dtype=np.float64)
-    point = np.percentile(x, QUANTILES)
-    summary: dict[str, Any] = {"n": len(x), "mean": float(x.mean())}
-    if not bootstrap:
-        summary.update({f"p{q}": {"value": float(point[k])} for k, q in enumerate(QUANTILES)})
-        return summary, None
-    reps = bootstrap_quantiles(x, QUANTILES, resamples, rng)
-    for k, q in enumerate(QUANTILES):
-        summary[f"p{q}"] = {"value": float(point[k]), "ci95": _ci(reps[:, k])}
-    return summary, reps[:, QUANTILES.index(95)]
+    x = sorted(samples)
+    summary: dict[str, Any] = {"n": len(x), "mean": stats.mean(x)}
+    p95 = None
+    for q in QUANTILES:
+        value = stats.percentile(x, q)
+        summary[f"p{q}"] = {"value": value}
+        if with_ci:
+            low, high = stats.percentile_ci(x, q)
+            summary[f"p{q}"]["ci95"] = [low, high]
+            if q == 95:
+                p95 = stats.Estimate(value, low, high, len(x))
+    return summary, p95
 
 
-def verdict(baton: np.ndarray | None, incumbent: np.ndarray | None, n_baton: int, n_incumbent: int,
-            point_baton: float | None, point_incumbent: float | None, resamples: int,
+def verdict(baton: stats.Estimate | None, incumbent: stats.Estimate | None,
             min_samples: int = MIN_SAMPLES_FOR_VERDICT) -> dict[str, Any]:
-    basis = (f"percentile bootstrap ({resamples} resamples per arm, arms resampled independently): "
-             f"95% CI of p95(baton) - p95(incumbent); better if the CI lies entirely below 0, "
-             f"worse if entirely above 0, otherwise inconclusive; at least {min_samples} samples "
-             f"per arm required")
-    result: dict[str, Any] = {"statistic": "p95", "result": "inconclusive", "basis": basis,
+    """One metric's p95 verdict (``stats.compare`` at margin 0, as the rollout gates judge)."""
+    n_baton, n_incumbent = (baton.n if baton else 0), (incumbent.n if incumbent else 0)
+    basis = f"{stats.BASIS}; at least {min_samples} samples per arm required"
+    result: dict[str, Any] = {"statistic": "p95", "result": stats.INCONCLUSIVE, "basis": basis,
                               "n": {"baton": n_baton, "incumbent": n_incumbent}}
     if baton is None or incumbent is None or min(n_baton, n_incumbent) < min_samples:
         result["reason"] = "insufficient samples"
         return result
-    lo, hi = _ci(baton - incumbent)
-    result.update(difference_s=float(point_baton - point_incumbent), ci95=[lo, hi])
-    if hi < 0:
-        result["result"] = "better"
-    elif lo > 0:
-        result["result"] = "worse"
-    else:
+    comparison = stats.compare(baton, incumbent)
+    result.update(difference_s=comparison.difference, ci95=[comparison.lower, comparison.upper],
+                  result=comparison.verdict())
+    if result["result"] == stats.INCONCLUSIVE:
         result["reason"] = "the 95% CI includes 0"
     return result
 
@@ -225,34 +203,31 @@ class ABStats:
             return self._snapshot_locked()
 
     def _key(self, sla_classes: Mapping[str, SLATargets], default_sla_class: str | None,
-             resamples: int, seed: int, since: int | None, samples: bool) -> tuple:
+             since: int | None, samples: bool) -> tuple:
         # With self._lock held. The cursor and the generation change whenever the data does.
         return (since, samples, self._seq, self._generation, tuple(sorted(sla_classes.items())),
-                default_sla_class, resamples, seed)
+                default_sla_class)
 
     def cached_report(self, sla_classes: Mapping[str, SLATargets], default_sla_class: str | None,
-                      resamples: int = DEFAULT_RESAMPLES, seed: int = 0, since: int | None = None,
-                      samples: bool = False) -> dict[str, Any] | None:
+                      since: int | None = None, samples: bool = False) -> dict[str, Any] | None:
         """The report if it was computed since the last change (cheap: callable on the loop)."""
         with self._lock:
-            hit = self._cache.get(self._key(sla_classes, default_sla_class, resamples, seed, since,
-                                            samples))
+            hit = self._cache.get(self._key(sla_classes, default_sla_class, since, samples))
         return dict(hit) if hit is not None else None
 
     def report(self, sla_classes: Mapping[str, SLATargets], default_sla_class: str | None,
-               resamples: int = DEFAULT_RESAMPLES, seed: int = 0, since: int | None = None,
-               samples: bool = False) -> dict[str, Any]:
+               since: int | None = None, samples: bool = False) -> dict[str, Any]:
         """The report of the outcomes recorded after ``since`` (None: the whole windows), with the
-        raw latencies instead of bootstraps when ``samples``. A shallow copy of a cached dict: add
+        raw latencies instead of CIs and verdicts when ``samples``. A shallow copy of a cached dict: add
         top-level keys freely, do not modify nested ones."""
         with self._compute:
             with self._lock:
-                key = self._key(sla_classes, default_sla_class, resamples, seed, since, samples)
+                key = self._key(sla_classes, default_sla_class, since, samples)
                 hit = self._cache.get(key)
                 snap = None if hit is not None else self._snapshot_locked()
             if hit is None:
                 hit = _compute_report(snap, self._window, self.instance, sla_classes,
-                                      default_sla_class, resamples, seed, since, samples)
+                                      default_sla_class, since, samples)
                 with self._lock:
                     self._cache[key] = hit
                     while len(self._cache) > CACHED_REPORTS:
@@ -267,13 +242,12 @@ class ABStats:
 
 def _compute_report(snap: Snapshot, window: int, instance: str,
                     sla_classes: Mapping[str, SLATargets], default_sla_class: str | None,
-                    resamples: int, seed: int, since: int | None, samples: bool) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
+                    since: int | None, samples: bool) -> dict[str, Any]:
     ahead = since is not None and since > snap.cursor  # a cursor from another sidecar process
     out: dict[str, Any] = {"window": window, "instance": instance, "cursor": snap.cursor,
                            "since": since, "truncated": False, "fallbacks_to_baton": snap.fallbacks,
                            "arms": {}}
-    reps: dict[str, dict[str, tuple[np.ndarray | None, int, float | None]]] = {}
+    p95s: dict[str, dict[str, stats.Estimate | None]] = {}
     for arm in ARMS:
         outcomes = [o for seq, o in snap.arms[arm] if since is None or seq > since]
         truncated = since is not None and (ahead or snap.dropped_through[arm] > since)
@@ -287,13 +261,11 @@ def _compute_report(snap: Snapshot, window: int, instance: str,
             "window_errors": len(outcomes) - len(ok),
             "truncated": truncated,
         }
-        reps[arm] = {}
+        p95s[arm] = {}
         raw: dict[str, list[float]] = {}
         for metric in ("ttft_s", "e2e_s"):
             values = [getattr(o, metric) for o in ok if getattr(o, metric) is not None]
-            summary, p95_reps = summarize(values, resamples, rng, bootstrap=not samples)
-            entry[metric] = summary
-            reps[arm][metric] = (p95_reps, len(values), summary["p95"]["value"] if values else None)
+            entry[metric], p95s[arm][metric] = summarize(values, with_ci=not samples)
             if samples:
                 raw[metric] = [round(v, SAMPLE_DECIMALS) for v in values]
         entry["sla"] = _attainment(outcomes, sla_classes, default_sla_class)
@@ -302,16 +274,14 @@ def _compute_report(snap: Snapshot, window: int, instance: str,
         out["truncated"] = out["truncated"] or truncated
         out["arms"][arm] = entry
     if samples:
-        return out  # no bootstrap: the caller computes CIs and verdicts from the samples
-    verdicts = {}
-    for metric in ("ttft_s", "e2e_s"):
-        (b, nb, pb), (i, ni, pi) = reps["baton"][metric], reps["incumbent"][metric]
-        verdicts[metric] = verdict(b, i, nb, ni, pb, pi, resamples)
+        return out  # the caller pools pods and computes CIs and verdicts from the samples
+    verdicts = {metric: verdict(p95s["baton"][metric], p95s["incumbent"][metric])
+                for metric in ("ttft_s", "e2e_s")}
     out["verdicts"] = verdicts
     out["verdict"] = combine(v["result"] for v in verdicts.values())
-    out["verdict_basis"] = ("p95 of ttft_s and e2e_s compared by bootstrap CI of the difference; "
-                            "worse if either is worse, better if at least one is better and "
-                            "neither worse, otherwise inconclusive")
+    out["verdict_basis"] = ("p95 of ttft_s and e2e_s, each judged as the rollout gates judge it "
+                            "(see each verdict's basis); worse if either is worse, better if at "
+                            "least one is better and neither worse, otherwise inconclusive")
     return out
 
 

@@ -226,7 +226,7 @@ async def ab_report(request: web.Request) -> web.Response:
     default = DEFAULT_SLA_CLASS if DEFAULT_SLA_CLASS in targets else None
     stats = app[ABSTATS]
     report = stats.cached_report(targets, default, since=since, samples=samples)
-    if report is None:  # bootstrap resampling is CPU work: keep it off the loop
+    if report is None:  # sorting and CI searches over full windows: keep them off the loop
         report = await asyncio.to_thread(stats.report, targets, default, since=since,
                                          samples=samples)
     report["router"] = {"incumbent_url": live.router.incumbent_url,

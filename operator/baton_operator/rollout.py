@@ -42,6 +42,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
+from baton_sidecar import stats
+from baton_sidecar.stats import Estimate
+
 from baton_operator import resources as res
 from baton_operator.policy import policy_hash
 
@@ -197,28 +200,6 @@ def from_iso(s: Any) -> float | None:
 # --- measurements -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Estimate:
-    """A percentile with its 95% confidence interval (seconds) and the samples behind it."""
-
-    value: float
-    low: float
-    high: float
-    n: int
-
-    def to_status(self) -> dict[str, Any]:
-        return {"value": round(self.value, 6), "ci95": [round(self.low, 6), round(self.high, 6)], "n": self.n}
-
-    @classmethod
-    def from_summary(cls, summary: Mapping[str, Any] | None) -> "Estimate | None":
-        """From a sidecar's percentile summary (``{"n", "p95": {"value", "ci95"}}``; no CI: a point)."""
-        if not summary or not summary.get("n") or not isinstance(summary.get("p95"), Mapping):
-            return None
-        v = float(summary["p95"]["value"])
-        lo, hi = (float(x) for x in summary["p95"].get("ci95") or (v, v))
-        return cls(v, lo, hi, int(summary["n"]))
-
-
-@dataclass(frozen=True)
 class Arm:
     """One arm over the current step, all counted sidecars together."""
 
@@ -302,72 +283,9 @@ class Measurement:
         return cls(tuple(PodReport.parse(u, r) for u, r in zip(urls, reports)))
 
 
-# Percentiles of pooled samples. numpy's default ("linear") definition, in plain Python: the operator
-# image has no numpy, and the pooled p95 must be the one the sidecar would compute over the same samples.
-
-def percentile(sorted_x: Sequence[float], q: float) -> float:
-    """The q-th percentile of ascending ``sorted_x``, interpolated as ``numpy.percentile`` does."""
-    h = (len(sorted_x) - 1) * (q / 100.0)
-    i = math.floor(h)
-    t = h - i
-    a, b = sorted_x[i], sorted_x[min(i + 1, len(sorted_x) - 1)]
-    diff = b - a
-    return b - diff * (1 - t) if t >= 0.5 else a + diff * t  # numpy's two-sided lerp
-
-
-def binomial_tail(n: int, p: float, k: int) -> float:
-    """P(Binomial(n, p) >= k), summing only the terms that matter (O(sqrt n) of them)."""
-    if k <= 0 or p >= 1:
-        return 1.0
-    if k > n or p <= 0:
-        return 0.0
-    log_p, log_q, log_nf = math.log(p), math.log1p(-p), math.lgamma(n + 1)
-
-    def term(i: int) -> float:
-        return math.exp(log_nf - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
-
-    upper = k > n * p  # sum the smaller tail, from k outward: its terms only shrink
-    total, i, step = 0.0, (k if upper else k - 1), (1 if upper else -1)
-    while 0 <= i <= n:
-        t = term(i)
-        total += t
-        if t <= 1e-17 * total:
-            break
-        i += step
-    return total if upper else 1.0 - total
-
-
-def bootstrap_ci(sorted_x: Sequence[float], q: float, level: float = 0.95) -> tuple[float, float]:
-    """Percentile-bootstrap CI of the q-th percentile, exactly (as with infinitely many resamples).
-
-    In a resample of n draws with replacement, the k-th smallest value (k = ceil(q% x n), the
-    nearest-rank percentile) is at most ``sorted_x[j-1]`` iff at least k draws fall among the j
-    smallest: P = P(Binomial(n, j/n) >= k). The CI's bounds are the values where that distribution
-    crosses (1 - level)/2 and (1 + level)/2: a binary search over j, no resampling.
-    """
-    n = len(sorted_x)
-    k = min(n, max(1, math.ceil(q / 100.0 * n)))
-
-    def first_at(prob: float) -> float:
-        lo, hi = 1, n  # binomial_tail(n, 1, k) == 1 >= prob
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if binomial_tail(n, mid / n, k) >= prob:
-                hi = mid
-            else:
-                lo = mid + 1
-        return sorted_x[lo - 1]
-
-    return first_at((1 - level) / 2), first_at((1 + level) / 2)
-
-
 def pooled_p95(parts: Iterable[Sequence[float]]) -> Estimate | None:
-    """p95 and its bootstrap 95% CI over every pod's raw samples together (exact across pods). Pure."""
-    x = sorted(v for part in parts for v in part)
-    if not x:
-        return None
-    low, high = bootstrap_ci(x, 95)
-    return Estimate(percentile(x, 95), low, high, len(x))
+    """p95 and its exact bootstrap 95% CI over every pod's raw samples together (exact across pods)."""
+    return stats.estimate((v for part in parts for v in part), 95)
 
 
 def merge_estimates(parts: Sequence[Estimate | None]) -> Estimate | None:
@@ -516,17 +434,12 @@ def latency_check(name: str, baton: Estimate | None, incumbent: Estimate | None,
         nb, ni = (baton.n if baton else 0), (incumbent.n if incumbent else 0)
         return Check(name, WAIT, f"too few latency samples (baton {nb}, incumbent {ni}, need {min_samples})")
     allowed = incumbent.value * margin_pct / 100.0
-    diff = baton.value - incumbent.value
-    upper = diff + math.hypot(baton.high - baton.value, incumbent.value - incumbent.low)
-    lower = diff - math.hypot(baton.value - baton.low, incumbent.high - incumbent.value)
+    c = stats.compare(baton, incumbent)  # the comparison /baton/ab/report's verdicts use too
     detail = (f"p95 baton {_ms(baton.value)} [{_ms(baton.low)}, {_ms(baton.high)}], incumbent "
               f"{_ms(incumbent.value)} [{_ms(incumbent.low)}, {_ms(incumbent.high)}]; difference "
-              f"{_ms(diff)}, 95% CI [{_ms(lower)}, {_ms(upper)}]; allowed +{_ms(allowed)} ({margin_pct:g}%)")
-    if upper <= allowed:
-        return Check(name, PASS, detail)
-    if lower > allowed:
-        return Check(name, FAIL, detail)
-    return Check(name, WAIT, detail)
+              f"{_ms(c.difference)}, 95% CI [{_ms(c.lower)}, {_ms(c.upper)}]; allowed +{_ms(allowed)} "
+              f"({margin_pct:g}%)")
+    return Check(name, {stats.BETTER: PASS, stats.WORSE: FAIL}.get(c.verdict(allowed), WAIT), detail)
 
 
 def evaluate(spec: RolloutSpec, weight: float, arms: Mapping[str, Arm]) -> list[Check]:

@@ -216,3 +216,24 @@ def test_sidecar_image_is_cuda_capable_and_installs_the_project() -> None:
     assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\S+-runtime-", text, re.MULTILINE)
     assert "pip install ." in text
     assert 'CMD ["serve", "--config", "/etc/baton/baton.yaml", "--host", "0.0.0.0", "--port", "8080"]' in text
+
+
+def test_operator_image_carries_the_sidecar_modules_the_operator_imports() -> None:
+    """The operator imports a few pure-Python modules of ``baton_sidecar`` (the shared statistics);
+    its image copies exactly those, and they import nothing beyond the standard library."""
+    import ast
+
+    text = (ROOT / "docker" / "operator.Dockerfile").read_text()
+    copied = set(re.findall(r"\bbaton_sidecar/(\w+)\.py\b", text))
+    imported = set()
+    for path in (ROOT / "operator" / "baton_operator").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("baton_sidecar"):
+                parts = node.module.split(".")[1:]
+                imported |= {parts[0]} if parts else {a.name for a in node.names}
+    assert imported and imported | {"__init__"} == copied
+    for name in imported:
+        tree = ast.parse((ROOT / "baton_sidecar" / f"{name}.py").read_text())
+        modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert modules <= set(sys.stdlib_module_names) | {"__future__"}, (name, modules)

@@ -55,10 +55,10 @@ def recorded(baton: Sequence[Outcome], incumbent: Sequence[Outcome], instance: s
     return stats
 
 
-def sidecar_report(stats: ABStats, weight: float = 25, since: int | None = None, samples: bool = True,
-                   resamples: int = 400) -> dict[str, Any]:
+def sidecar_report(stats: ABStats, weight: float = 25, since: int | None = None,
+                   samples: bool = True) -> dict[str, Any]:
     """A real ``GET /baton/ab/report`` body, as the controller asks for it (``?samples=true&since=...``)."""
-    rep = stats.report(SLA, "interactive", resamples=resamples, since=since, samples=samples)
+    rep = stats.report(SLA, "interactive", since=since, samples=samples)
     rep["router"] = {"incumbent_url": "http://incumbent", "baton_weight": weight, "sticky_header": "",
                      "fallback_to_baton": False}
     return rep
@@ -286,7 +286,7 @@ class StubSidecar:
             self._traffic()
             self.reports += 1
             self.queries.append(dict(request.query))
-            body = self._stats.report(SLA, "interactive", resamples=200, since=since, samples=samples)
+            body = self._stats.report(SLA, "interactive", since=since, samples=samples)
         body["router"] = {"incumbent_url": "http://incumbent", "baton_weight": self.weight, "sticky_header": "",
                           "fallback_to_baton": False}
         return web.json_response(body)

@@ -43,8 +43,8 @@ def test_since_reports_only_the_outcomes_after_the_cursor():
     stats = ABStats()
     cursor = two_steps(stats)
     assert cursor == 800 and stats.cursor == 1400
-    whole = stats.report(SLA, "interactive", resamples=200)
-    step = stats.report(SLA, "interactive", resamples=200, since=cursor)
+    whole = stats.report(SLA, "interactive")
+    step = stats.report(SLA, "interactive", since=cursor)
     b_whole, b_step = whole["arms"]["baton"], step["arms"]["baton"]
     # The whole window's p95 is step 1's (slow); the step's only reflects step 2.
     assert b_whole["e2e_s"]["p95"]["value"] > 1.8
@@ -56,7 +56,7 @@ def test_since_reports_only_the_outcomes_after_the_cursor():
     assert step["cursor"] == 1400 and step["since"] == cursor and step["truncated"] is False
     assert step["verdicts"]["e2e_s"]["result"] == "better"
     assert whole["verdicts"]["e2e_s"]["result"] != "better"  # step 1 masks the difference
-    nothing = stats.report(SLA, "interactive", resamples=200, since=stats.cursor)
+    nothing = stats.report(SLA, "interactive", since=stats.cursor)
     assert nothing["arms"]["baton"]["window_count"] == 0
     assert nothing["arms"]["baton"]["e2e_s"] == {"n": 0}
 
@@ -67,19 +67,19 @@ def test_a_cursor_older_than_the_window_is_reported_as_truncated():
     record(stats, "incumbent", [1.0] * 3)
     old = stats.cursor  # 8
     record(stats, "baton", [2.0] * 12)  # baton's window now holds only outcomes after the cursor...
-    report = stats.report({}, None, resamples=20, since=old)
+    report = stats.report({}, None, since=old)
     assert report["arms"]["baton"]["truncated"] is True  # ...but two of those were dropped already
     assert report["arms"]["baton"]["window_count"] == 10
     assert report["arms"]["incumbent"]["truncated"] is False and report["truncated"] is True
-    recent = stats.report({}, None, resamples=20, since=stats.cursor - 10)
+    recent = stats.report({}, None, since=stats.cursor - 10)
     assert recent["truncated"] is False and recent["arms"]["baton"]["window_count"] == 10
     # A cursor ahead of this process's sequence comes from another one (a restart): truncated too.
-    ahead = stats.report({}, None, resamples=20, since=stats.cursor + 5)
+    ahead = stats.report({}, None, since=stats.cursor + 5)
     assert ahead["truncated"] is True and ahead["instance"] == stats.instance
     assert ABStats().instance != stats.instance
     stats.reset()
-    assert stats.report({}, None, resamples=20, since=old)["truncated"] is True
-    assert stats.report({}, None, resamples=20, since=stats.cursor)["truncated"] is False
+    assert stats.report({}, None, since=old)["truncated"] is True
+    assert stats.report({}, None, since=stats.cursor)["truncated"] is False
 
 
 def test_samples_are_the_raw_latencies_since_the_cursor_without_bootstrap():
@@ -97,7 +97,7 @@ def test_samples_are_the_raw_latencies_since_the_cursor_without_bootstrap():
     assert baton["sla"] == {"evaluated": 3, "met": 2, "attainment": pytest.approx(2 / 3),
                             "default_class": "interactive"}
     assert "ci95" not in baton["e2e_s"]["p95"] and "verdicts" not in report
-    plain = stats.report(SLA, "interactive", since=cursor, resamples=20)
+    plain = stats.report(SLA, "interactive", since=cursor)
     assert "samples" not in plain["arms"]["baton"]
     assert "ci95" in plain["arms"]["baton"]["e2e_s"]["p95"]
 
@@ -109,22 +109,22 @@ def test_a_report_is_computed_once_until_something_new_is_recorded(monkeypatch):
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     stats = ABStats()
     record(stats, "baton", [0.1] * 30)
-    assert stats.cached_report({}, None, resamples=20) is None
-    first = stats.report({}, None, resamples=20)
+    assert stats.cached_report({}, None) is None
+    first = stats.report({}, None)
     first["router"] = {"added": "by the handler"}
-    cached = stats.cached_report({}, None, resamples=20)
+    cached = stats.cached_report({}, None)
     assert cached == {k: v for k, v in first.items() if k != "router"}
-    stats.report({}, None, resamples=20)
+    stats.report({}, None)
     assert len(calls) == 1
-    stats.report({}, None, resamples=20, since=5)  # another selection: its own entry
-    stats.report({}, None, resamples=20, since=5, samples=True)
+    stats.report({}, None, since=5)  # another selection: its own entry
+    stats.report({}, None, since=5, samples=True)
     assert len(calls) == 3
     record(stats, "incumbent", [0.2])
-    assert stats.cached_report({}, None, resamples=20) is None
-    stats.report({}, None, resamples=20)
+    assert stats.cached_report({}, None) is None
+    stats.report({}, None)
     stats.record_fallback()  # changes the report without a new outcome
-    stats.report({}, None, resamples=20)
-    stats.report(SLA, "interactive", resamples=20)  # another live SLA policy
+    stats.report({}, None)
+    stats.report(SLA, "interactive")  # another live SLA policy
     assert len(calls) == 6
 
 
