@@ -15,6 +15,11 @@ Still not emulated (the tests do not depend on them): admission (OpenAPI schemas
 garbage collection through ownerReferences, strategic merge of lists (a strategic merge patch is applied
 as a JSON merge patch), controllers (the tests play the Deployment controller), RBAC, watch bookmarks
 and resourceVersion-based resumption (a reconnecting watch replays every object as ADDED).
+
+Only kmock's public API is used: ``kmock.KubernetesEmulator`` and its ``objects``, subclassed the way its
+docstring invites ("inherit and implement for your cases") by overriding its request hooks (``_handle``,
+``_serve_list``, ``_serve_version``). The merge-patch semantics are our own (``merge_patch``), not
+imported from kmock's internals.
 """
 
 from __future__ import annotations
@@ -33,9 +38,23 @@ from typing import Any
 import jsonpatch
 import kmock
 import yaml
-from kmock._internal import dicts as kmock_dicts  # the patch semantics kmock itself applies
 
 CREATE, UPDATE, DELETE, LIST = kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE, kmock.action.LIST
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: mappings merge key by key, ``None`` deletes a key, anything else
+    replaces. The emulator computes the result only to tell whether ``spec`` changed (``generation``);
+    kmock applies the patch to the stored object itself, with the same semantics for mappings."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
 
 
 def _now() -> str:
@@ -60,9 +79,9 @@ class BatonEmulator(kmock.KubernetesEmulator):
 
     def _stored(self, request: kmock.Request) -> dict[str, Any] | None:
         key = (request.resource, request.namespace, request.name)
-        if key not in self._objects or self._objects[key].deleted:
+        if key not in self.objects or self.objects[key].deleted:
             return None
-        return copy.deepcopy(self._objects[key].raw)
+        return copy.deepcopy(self.objects[key].raw)
 
     def _on_create(self, request: kmock.Request) -> None:
         meta = request.data.setdefault("metadata", {})
@@ -88,7 +107,7 @@ class BatonEmulator(kmock.KubernetesEmulator):
                     raise kmock.KubernetesError(status=409, reason="Conflict", message=(
                         "Operation cannot be fulfilled: the object has been modified; "
                         "please apply your changes to the latest version and try again"))
-                updated = dict(kmock_dicts.patch_dict(current, patch))
+                updated = merge_patch(current, patch)
             else:
                 return
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
@@ -103,9 +122,9 @@ class BatonEmulator(kmock.KubernetesEmulator):
 
     def _on_delete(self, request: kmock.Request) -> None:
         key = (request.resource, request.namespace, request.name)
-        if key in self._objects and not self._objects[key].deleted:
+        if key in self.objects and not self.objects[key].deleted:
             # The deletion mark is a change like any other; stamp it silently, kmock emits the event.
-            self._objects[key].patch({"metadata": {"resourceVersion": self._next_version()}})
+            self.objects[key].patch({"metadata": {"resourceVersion": self._next_version()}})
 
     async def _serve_list(self, request: kmock.Request) -> Any:
         payload = await super()._serve_list(request)

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+# The sidecar's own parser: the operator<->sidecar contract. A hard import: never skipped.
+from baton_sidecar import config as sidecar_config
+
 from baton_operator.config import OperatorConfig
 from operator_testlib import ROOT
 from baton_operator.policy import (DEFAULT_POLICY, deep_merge, effective_policy, policy_from_spec, policy_hash,
@@ -93,17 +96,15 @@ def test_select_policy(policies, requested, chosen, problem) -> None:
 
 def test_defaults_match_the_sidecars_own() -> None:
     """The operator's built-in layer equals baton_sidecar.config.PolicyConfig() and parses there."""
-    config = pytest.importorskip("baton_sidecar.config")
-    assert config.PolicyConfig.from_dict(DEFAULT_POLICY).to_dict() == config.PolicyConfig().to_dict()
-    assert config.PolicyConfig().to_dict() == {**DEFAULT_POLICY, "sla_classes": {
+    assert sidecar_config.PolicyConfig.from_dict(DEFAULT_POLICY).to_dict() == sidecar_config.PolicyConfig().to_dict()
+    assert sidecar_config.PolicyConfig().to_dict() == {**DEFAULT_POLICY, "sla_classes": {
         name: {"priority": 0, "ttft_ms": None, "tpot_ms": None, "e2e_ms": None, **cls}
         for name, cls in DEFAULT_POLICY["sla_classes"].items()}}
 
 
 def test_every_merge_result_parses_in_the_sidecar() -> None:
-    config = pytest.importorskip("baton_sidecar.config")
     spec = {"policy": NAMESPACE_POLICY, "engine": {"limits": {"maxKvTokens": 4096, "maxPrefillTokens": 512}}}
-    parsed = config.PolicyConfig.from_dict(effective_policy(DEFAULT_POLICY, NAMESPACE_POLICY, spec))
+    parsed = sidecar_config.PolicyConfig.from_dict(effective_policy(DEFAULT_POLICY, NAMESPACE_POLICY, spec))
     assert parsed.preemption.mode == "recompute" and parsed.limits.max_kv_tokens == 4096
     assert set(parsed.sla_classes) == {"interactive", "premium"}
 
