@@ -169,7 +169,7 @@ def compare_decode_step(loaded: LoadedModel, source: TokenSource, batch: int = 1
     rng = random.Random(seed)
     params = SamplingParams(max_tokens=warmup + steps + 8, temperature=0.0, ignore_eos=True)
     for i in range(batch):
-        core.add(Request(f"ceiling-{i}", list(source.take(context, rng)), params))
+        core.add(Request(f"ceiling-{i}", list(source.take(context, rng)), params, params.max_tokens))
     while core.runner.num_rows < batch:  # prefill (and first decode) of all rows
         core.step()
     bare = BareDecoder(loaded, batch, core.runner.cache.length + (warmup + steps) // 2)

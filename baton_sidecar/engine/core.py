@@ -292,7 +292,7 @@ class EngineCore:
             tracked.detokenizer.add(token_id)
         if tracked.detokenizer.stopped:
             return RequestStatus.FINISHED_STOPPED
-        if len(request.output_token_ids) >= request.params.max_tokens:
+        if len(request.output_token_ids) >= request.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         if request.num_tokens >= self.loaded.max_model_len:
             return RequestStatus.FINISHED_LENGTH

@@ -140,7 +140,8 @@ class AsyncEngine:
         policy = self._policy
         token_ids = self._tokenize(prompt)
         priority, deadline = self._resolve_class(policy, priority, sla_class, deadline_s)
-        self._check_fits(policy, token_ids, params)
+        max_tokens = params.max_tokens or max(1, self.max_model_len - len(token_ids))
+        self._check_fits(policy, token_ids, max_tokens)
         with self._lock:
             waiting = self._stats.waiting + sum(1 for kind, _ in self._inbox if kind == "add")
         if not queue_admits(waiting, policy.limits.max_queue, priority):
@@ -150,8 +151,8 @@ class AsyncEngine:
         request_id = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
         if request_id in self._streams:
             raise RequestValidationError("request_id", f"{request_id!r} is already in flight")
-        request = Request(request_id, token_ids, params, priority=priority, sla_class=sla_class,
-                          deadline=deadline)
+        request = Request(request_id, token_ids, params, max_tokens, priority=priority,
+                          sla_class=sla_class, deadline=deadline)
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
         self._send("add", request)
@@ -232,13 +233,13 @@ class AsyncEngine:
             deadline = time.monotonic() + deadline_s
         return (0 if priority is None else priority), deadline
 
-    def _check_fits(self, policy: PolicyConfig, token_ids: list[int], params: SamplingParams) -> None:
-        total = len(token_ids) + params.max_tokens
+    def _check_fits(self, policy: PolicyConfig, token_ids: list[int], max_tokens: int) -> None:
+        total = len(token_ids) + max_tokens
         if total > self.max_model_len:
             raise RequestValidationError(
-                "max_tokens", f"prompt ({len(token_ids)}) + max_tokens ({params.max_tokens}) exceeds the "
+                "max_tokens", f"prompt ({len(token_ids)}) + max_tokens ({max_tokens}) exceeds the "
                               f"model's context ({self.max_model_len})")
-        if projected_peak_slots([(len(token_ids), params.max_tokens)]) > policy.limits.max_kv_tokens:
+        if projected_peak_slots([(len(token_ids), max_tokens)]) > policy.limits.max_kv_tokens:
             self._refuse("too_large")
             raise AdmissionError("too_large", f"prompt + max_tokens ({total}) can never fit the KV-token "
                                               f"budget ({policy.limits.max_kv_tokens})")

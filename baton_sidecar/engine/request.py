@@ -46,10 +46,10 @@ GREEDY_BELOW = 1e-5
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: to the end of the model's context (``Request.max_tokens``)
     temperature: float = 1.0  # 0 (or anything under GREEDY_BELOW) = greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0 = disabled
+    top_k: int = 0  # 0 = disabled; at or above the vocabulary it keeps every token (the sampler clamps)
     seed: int | None = None  # per-request generator: same tokens whatever else is batched
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -60,21 +60,21 @@ class SamplingParams:
         def bad(name: str, message: str) -> None:
             raise RequestValidationError(name, message)
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if self.max_tokens is not None and (not is_int64(self.max_tokens) or self.max_tokens < 1):
             bad("max_tokens", "must be an integer >= 1")
-        if not _is_number(self.temperature) or self.temperature < 0:
+        if not is_number(self.temperature) or self.temperature < 0:
             bad("temperature", "must be a number >= 0")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be a number in (0, 1]")
-        if not _is_int(self.top_k) or not 0 <= self.top_k < 2**31:
+        if not is_int64(self.top_k) or not 0 <= self.top_k < 2**31:
             bad("top_k", "must be an integer in [0, 2**31)")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (not is_int64(self.seed) or not 0 <= self.seed < 2**63):
             bad("seed", "must be an integer in [0, 2**63)")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be non-empty strings")
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+        if not all(is_int64(t) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+        if self.logprobs is not None and (not is_int64(self.logprobs) or not 0 <= self.logprobs <= 20):
             bad("logprobs", "must be an integer in [0, 20]")
 
     @property
@@ -82,11 +82,15 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-def _is_number(value: object) -> bool:
+def is_int64(value: object) -> bool:
+    """An integer (not a bool) that fits the engine's int64 tensors; JSON allows any size."""
+    return isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
+
+
+def is_number(value: object) -> bool:
     """A finite number; an integer past the float range is not one (isfinite would overflow)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
@@ -177,6 +181,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    max_tokens: int  # params.max_tokens, or what is left of the context when that is None
     priority: int = 0  # lower = more urgent (vLLM's convention)
     sla_class: str | None = None
     deadline: float | None = None  # absolute time.monotonic() by which it should finish

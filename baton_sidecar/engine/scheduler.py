@@ -182,7 +182,7 @@ class Scheduler:
             return plan  # nothing joins a run-to-completion batch midway
 
         running = list(self.running.values())
-        rows = [(r.num_tokens, r.params.max_tokens - len(r.output_token_ids)) for r in running]
+        rows = [(r.num_tokens, r.max_tokens - len(r.output_token_ids)) for r in running]
         batch_rows, batch_len, real_tokens = batch.rows, batch.length, batch.real_tokens
         budget = PrefillBudget(self.prefill_token_limit, batch.prefill_reserved)
         for candidate in self._candidates(now, batch_len):
@@ -192,7 +192,7 @@ class Scheduler:
                 break  # prefill budget for this step is spent
             if self._held_back_for_padding(candidate, now, batch_rows, batch_len, real_tokens, running):
                 continue
-            entry = (width, candidate.params.max_tokens - len(candidate.output_token_ids))
+            entry = (width, candidate.max_tokens - len(candidate.output_token_ids))
             while not self._fits(rows + [entry], len(running) + 1):
                 victim = None
                 if plan.preemption_mode != "off" and not self.run_to_completion:
@@ -202,7 +202,7 @@ class Scheduler:
                 if victim is None:
                     return plan  # head of line can't fit: keep order, try next step
                 running.remove(victim)
-                rows = [(r.num_tokens, r.params.max_tokens - len(r.output_token_ids)) for r in running]
+                rows = [(r.num_tokens, r.max_tokens - len(r.output_token_ids)) for r in running]
                 plan.preempt.append(victim)
                 batch_rows -= 1
                 real_tokens -= victim.num_tokens

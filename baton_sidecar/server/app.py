@@ -2,7 +2,7 @@
 
 ``init_app(engine, server_config, router_config, policy)`` builds the app; everything it needs lives
 under the typed ``web.AppKey``s of ``state``, and what it opens (incumbent client session, config
-watcher, tokenizer worker, tracer provider) is closed on ``on_cleanup``. The engine's lifetime
+watcher, tokenizer worker, tracer provider) is a cleanup context, closed in reverse order. The engine's lifetime
 belongs to the caller (``serve.py`` or a test fixture): the app only borrows it, and ``engine`` may
 be ``None`` while the model is still loading (``attach_engine`` sets it later; until then
 /baton/ready answers 503).
@@ -19,18 +19,19 @@ import asyncio
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
 from baton_sidecar.config import PolicyConfig, RouterConfig, ServerConfig
-from baton_sidecar.server import openai as oa
+from baton_sidecar.server.errors import APIError
 from baton_sidecar.server.abstats import ABStats, SLATargets, parse_flag, parse_since
 from baton_sidecar.server.body import read_body, too_large
 from baton_sidecar.server.configwatch import (ConfigManager, FileWatcher, LiveConfig, check_bearer,
                                               decode_admin_body)
 from baton_sidecar.server.eligibility import EligibilityCounts
+from baton_sidecar.server.engine_api import Engine
 from baton_sidecar.server.generate import chat_completions, completions
 from baton_sidecar.server.metrics import CONTENT_TYPE, Metrics
 from baton_sidecar.server.passthrough import OWN_PREFIX, make_catch_all, models
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SLA_CLASS = "interactive"  # A/B SLA attainment for requests naming no sla_class
 
 
-def init_app(engine: Any | None, server_config: ServerConfig, router_config: RouterConfig,
+def init_app(engine: Engine | None, server_config: ServerConfig, router_config: RouterConfig,
              policy: PolicyConfig, *, tracing: Tracing | None = None,
              watch_interval_s: float = 1.0) -> web.Application:
     """Build the sidecar app. ``policy`` is what the engine was started with; if
@@ -76,7 +77,6 @@ def init_app(engine: Any | None, server_config: ServerConfig, router_config: Rou
     app[ROUTER] = router
     app[CONFIG] = manager
     app[TRACING] = tracing if tracing is not None else Tracing.from_env()
-    app[EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-tokenize")
     if server_config.config_file or server_config.policy_file:
         # One watched file: the full config file if given, else the --policy file.
         watcher = (FileWatcher(server_config.config_file, manager, interval_s=watch_interval_s)
@@ -94,12 +94,12 @@ def init_app(engine: Any | None, server_config: ServerConfig, router_config: Rou
                 app.router.add_route(method, path, handler)
     app.router.add_route("*", "/{tail:.*}", make_catch_all(OWN_ROUTES, STANDALONE_ALIASES))
 
-    app.on_startup.append(_on_startup)
-    app.on_cleanup.append(_on_cleanup)
+    app.cleanup_ctx.extend([_tracer, _idle_event, _tokenizer_worker, _incumbent_session,
+                            _config_watcher])
     return app
 
 
-def attach_engine(app: web.Application, engine: Any) -> None:
+def attach_engine(app: web.Application, engine: Engine) -> None:
     """Hand the app its engine once the model is loaded; applies the live policy if it moved on."""
     state = app[STATE]
     state.engine = engine
@@ -108,26 +108,45 @@ def attach_engine(app: web.Application, engine: Any) -> None:
         engine.apply_policy(live)
 
 
-async def _on_startup(app: web.Application) -> None:
-    state = app[STATE]
-    state.idle = asyncio.Event()
-    state.idle.set()
+# -- what the app opens: each a cleanup context (opened at start-up, closed at clean-up) -------------
+
+async def _idle_event(app: web.Application) -> AsyncIterator[None]:
+    app[STATE].idle = asyncio.Event()
+    app[STATE].idle.set()
+    yield
+
+
+async def _incumbent_session(app: web.Application) -> AsyncIterator[None]:
     # Unlimited connections: concurrency is bounded by admission control, not by the pool.
     # Relayed bytes stay as the incumbent sent them, and only the client's own headers go out.
     # One connection per request: the incumbent is on loopback, where a connection costs little,
     # and a pooled one can go stale without notice (uvicorn closes after a 500 without saying so).
-    app[SESSION] = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, force_close=True), auto_decompress=False,
-        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"))
-    if WATCHER in app:
-        app[WATCHER].start()
+    async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True), auto_decompress=False,
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type")) as session:
+        app[SESSION] = session
+        yield
 
 
-async def _on_cleanup(app: web.Application) -> None:
-    if WATCHER in app:
-        await app[WATCHER].stop()
-    await app[SESSION].close()
-    app[EXECUTOR].shutdown(wait=False, cancel_futures=True)
+async def _tokenizer_worker(app: web.Application) -> AsyncIterator[None]:
+    """One thread for chat templates and long prompts (see ``local.prepare_prompt``)."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-tokenize")
+    app[EXECUTOR] = executor
+    yield
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _config_watcher(app: web.Application) -> AsyncIterator[None]:
+    if WATCHER not in app:
+        yield
+        return
+    app[WATCHER].start()
+    yield
+    await app[WATCHER].stop()
+
+
+async def _tracer(app: web.Application) -> AsyncIterator[None]:
+    yield
     await asyncio.to_thread(app[TRACING].shutdown)  # flushes pending spans
 
 
@@ -150,7 +169,7 @@ _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "
                      413: "invalid_request_error"}
 
 
-def error_response(err: oa.APIError) -> web.Response:
+def error_response(err: APIError) -> web.Response:
     return web.json_response(err.body(), status=err.status, headers=err.headers)
 
 
@@ -158,7 +177,7 @@ def error_response(err: oa.APIError) -> web.Response:
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except oa.APIError as err:
+    except APIError as err:
         resp = error_response(err)
         if getattr(err, "closes_connection", False):
             # The rest of the body will not come (stalled or broken): answer, then close, rather
@@ -172,7 +191,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(oa.APIError(exc.status, exc.reason or "error",
+        return error_response(APIError(exc.status, exc.reason or "error",
                                           type=_HTTP_ERROR_TYPES.get(exc.status,
                                                                      "invalid_request_error"),
                                           code=str(exc.status), headers=_keep_headers(exc)))
@@ -180,7 +199,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
-        return error_response(oa.APIError(500, "internal server error", type="server_error",
+        return error_response(APIError(500, "internal server error", type="server_error",
                                           code="internal_error"))
 
 
@@ -219,7 +238,7 @@ async def ab_report(request: web.Request) -> web.Response:
         since = parse_since(request.query.get("since"))
         samples = parse_flag("samples", request.query.get("samples"))
     except ValueError as exc:
-        raise oa.APIError(400, str(exc), param=str(exc).split(":", 1)[0],
+        raise APIError(400, str(exc), param=str(exc).split(":", 1)[0],
                           code="invalid_value") from None
     live = app[CONFIG].current
     targets = _sla_targets(live.policy)
@@ -245,9 +264,9 @@ async def ab_report(request: web.Request) -> web.Response:
 def _authorize(request: web.Request) -> None:
     token = request.app[STATE].config.admin_token
     if not token:  # admin disabled: indistinguishable from a missing route
-        raise oa.APIError(404, "not found", type="not_found_error", code="404")
+        raise APIError(404, "not found", type="not_found_error", code="404")
     if not check_bearer(request.headers.get("Authorization"), token):
-        raise oa.APIError(401, "a valid bearer token is required", type="authentication_error",
+        raise APIError(401, "a valid bearer token is required", type="authentication_error",
                           code="invalid_token", headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -262,7 +281,7 @@ async def admin_put_config(request: web.Request) -> web.Response:
         live = request.app[CONFIG].apply_patch(decode_admin_body(raw))
     except ValueError as exc:
         field_name = str(exc).split(":", 1)[0]
-        raise oa.APIError(400, str(exc), param=field_name, code="invalid_config") from None
+        raise APIError(400, str(exc), param=field_name, code="invalid_config") from None
     return web.json_response(live.to_dict())
 
 

@@ -15,12 +15,12 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from baton_sidecar.server import openai as oa
+from baton_sidecar.server.errors import APIError
 
 CHUNK = 1 << 16
 
 
-class BodyTimeout(oa.APIError):
+class BodyTimeout(APIError):
     """The client paused longer than the body timeout; answered 408 and the connection closed."""
 
     closes_connection = True  # the rest of the body never came: the connection is unusable
@@ -30,7 +30,7 @@ class BodyTimeout(oa.APIError):
                          code="request_timeout")
 
 
-class BrokenBody(oa.APIError):
+class BrokenBody(APIError):
     """Bad framing inside the body (a bad chunk size); answered 400 and the connection closed.
     Counted as ``bad_http`` by the connection handler (``connections``)."""
 
@@ -100,6 +100,6 @@ def body_stream(request: web.Request, idle_timeout_s: float,
     return _chain(b"", request, idle_timeout_s, on_timeout)
 
 
-def too_large(limit: int) -> oa.APIError:
-    return oa.APIError(413, f"request body exceeds {limit} bytes", param="body",
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"request body exceeds {limit} bytes", param="body",
                        code="request_too_large")

@@ -36,7 +36,7 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
-from baton_sidecar.server.openai import APIError
+from baton_sidecar.server.errors import APIError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import threading
 from collections import Counter
 from typing import Any
 
-from baton_sidecar.server.openai import APIError
+from baton_sidecar.server.errors import APIError
 
 OTHER_MODEL = "other_model"
 OTHER_ROUTE = "other_route"

@@ -22,7 +22,9 @@ from typing import Any
 
 from aiohttp import web
 
-from baton_sidecar.server import openai as oa
+from baton_sidecar.server.errors import APIError
+from baton_sidecar.server.json_body import decode_json_body
+from baton_sidecar.server.oai_request import ParsedRequest, parse_chat, parse_completion
 from baton_sidecar.server.abstats import Outcome
 from baton_sidecar.server.body import read_body, too_large
 from baton_sidecar.server.eligibility import BODY_TOO_LARGE, OTHER_MODEL, refusal_reason
@@ -47,24 +49,24 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await generate(request, "chat")
 
 
-def refuse(app: web.Application, arm: str, reason: str, err: oa.APIError) -> oa.APIError:
+def refuse(app: web.Application, arm: str, reason: str, err: APIError) -> APIError:
     app[METRICS].refusals.labels(arm, reason).inc()
     return err
 
 
-def parse(app: web.Application, kind: str, raw: bytes) -> oa.ParsedRequest:
+def parse(app: web.Application, kind: str, raw: bytes) -> ParsedRequest:
     """The request as Baton would serve it, or ``APIError`` (404 ``model_not_found`` for another
     model's name)."""
     state = app[STATE]
-    body = oa.decode_json_body(raw)
+    body = decode_json_body(raw)
     if kind == "chat":
-        parsed = oa.parse_chat(body)
+        parsed = parse_chat(body)
     else:
         vocab = len(state.engine.tokenizer) if state.engine is not None else None
-        parsed = oa.parse_completion(body, vocab)
+        parsed = parse_completion(body, vocab)
     served = state.config.served_model_name
     if parsed.model is not None and parsed.model != served:
-        raise oa.APIError(404, f"model '{parsed.model}' does not exist; this server serves "
+        raise APIError(404, f"model '{parsed.model}' does not exist; this server serves "
                                f"'{served}'", type="not_found_error", param="model",
                           code="model_not_found")
     return parsed
@@ -75,7 +77,7 @@ def _count_eligible(app: web.Application) -> None:
     app[METRICS].eligible.inc()
 
 
-def ineligibility(err: oa.APIError) -> str:
+def ineligibility(err: APIError) -> str:
     return OTHER_MODEL if err.code == "model_not_found" else refusal_reason(err)
 
 
@@ -93,7 +95,7 @@ async def generate(request: web.Request, kind: str) -> web.StreamResponse:
     state, metrics = app[STATE], app[METRICS]
     has_incumbent = app[ROUTER].config.incumbent_url is not None
     if state.draining:
-        raise refuse(app, "none", "shutting_down", oa.APIError(
+        raise refuse(app, "none", "shutting_down", APIError(
             503, "server is draining", type="service_unavailable", code="shutting_down",
             headers={"Retry-After": "1"}))
     body = await read_body(request, state.config.max_body_bytes, state.config.body_timeout_s,
@@ -104,7 +106,7 @@ async def generate(request: web.Request, kind: str) -> web.StreamResponse:
         raise refuse(app, "none", "body_too_large", too_large(state.config.max_body_bytes))
     try:
         parsed = parse(app, kind, body.data)
-    except oa.APIError as err:
+    except APIError as err:
         if has_incumbent:
             return await relay(request, body.data, ineligibility(err))
         reason = {404: "unknown_model", 413: "body_too_large"}.get(err.status, "invalid")
@@ -115,7 +117,7 @@ async def generate(request: web.Request, kind: str) -> web.StreamResponse:
         return await relay(request, body.data, passed.reason)
 
 
-async def _serve(request: web.Request, raw: bytes, parsed: oa.ParsedRequest,
+async def _serve(request: web.Request, raw: bytes, parsed: ParsedRequest,
                  arrival: float) -> web.StreamResponse:
     """An eligible request on the arm the router picks (raises ``PassToIncumbent``)."""
     app = request.app
@@ -142,7 +144,7 @@ async def _serve(request: web.Request, raw: bytes, parsed: oa.ParsedRequest,
         status, error_type = None, None
         trace.set("baton.router.ineligible", passed.reason)
         raise
-    except oa.APIError as err:
+    except APIError as err:
         status, error_type = err.status, err.code or type(err).__name__
         raise
     except asyncio.CancelledError:
@@ -157,13 +159,12 @@ async def _serve(request: web.Request, raw: bytes, parsed: oa.ParsedRequest,
         trace.end(status, error_type)
 
 
-async def _serve_incumbent(request: web.Request, raw: bytes, parsed: oa.ParsedRequest,
+async def _serve_incumbent(request: web.Request, raw: bytes, parsed: ParsedRequest,
                            arrival: float, trace) -> tuple[bool, Any, int, str | None]:
     """(served, response, status, error type); served False means: fall back to Baton."""
     app = request.app
     metrics, stats, cfg = app[METRICS], app[ABSTATS], app[ROUTER].config
-    trace.set_request(parsed.max_tokens, parsed.sampling, parsed.priority, parsed.sla_class,
-                      parsed.stream)
+    trace.set_request(parsed.params, parsed.priority, parsed.sla_class, parsed.stream)
     try:
         result = await proxy(request, app[SESSION], cfg, raw, arrival, trace, account=True,
                              fail_on_5xx=cfg.fallback_to_baton)
@@ -183,24 +184,18 @@ async def _serve_incumbent(request: web.Request, raw: bytes, parsed: oa.ParsedRe
         raise incumbent_failure(app, failure) from None
     if not result.ok and not result.cancelled:
         metrics.incumbent_failures.labels("status" if result.status >= 500 else "stream").inc()
-    reason = "cancelled" if result.cancelled else (
-        result.finish_reason or ("error" if not result.ok else f"http_{result.status}"))
     outcome = Outcome(INCUMBENT, ok=result.ok and result.status < 400, ttft_s=result.ttft_s,
                       e2e_s=result.e2e_s, completion_tokens=result.completion_tokens,
                       sla_class=parsed.sla_class)
-    if not result.cancelled:
-        stats.record(outcome)
-        metrics.observe(outcome, reason, prompt_tokens=result.prompt_tokens)
-    else:
-        metrics.requests.labels(INCUMBENT, "cancelled").inc()
-    trace.finish(input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens,
-                 finish_reason=result.finish_reason)
+    reason = result.finish_reason or ("error" if not result.ok else f"http_{result.status}")
+    account(app, outcome, reason, trace, cancelled=result.cancelled, record=True,
+            prompt_tokens=result.prompt_tokens, finish_reason=result.finish_reason)
     error_type = None if result.ok else ("client_disconnected" if result.cancelled
                                          else "incumbent_stream_error")
     return True, result.response, result.status, error_type
 
 
-async def _submit_baton(request: web.Request, parsed: oa.ParsedRequest, arrival: float, trace,
+async def _submit_baton(request: web.Request, parsed: ParsedRequest, arrival: float, trace,
                         assigned: bool) -> LocalRun:
     """The request submitted to the engine. When the engine refuses the request itself and an
     incumbent is configured, ``PassToIncumbent``."""
@@ -208,14 +203,14 @@ async def _submit_baton(request: web.Request, parsed: oa.ParsedRequest, arrival:
     state, metrics, stats = app[STATE], app[METRICS], app[ABSTATS]
     if not state.ready:
         reason = "shutting_down" if state.draining else "not_ready"
-        raise refuse(app, BATON, reason, oa.APIError(
+        raise refuse(app, BATON, reason, APIError(
             503, "model is loading" if reason == "not_ready" else "server is draining",
             type="service_unavailable", code=reason, headers={"Retry-After": "5"}))
     run = LocalRun(request, state.engine, parsed, state.config.served_model_name,
                    uuid.uuid4().hex, arrival, trace)
     try:
         await run.submit(app[EXECUTOR])
-    except oa.APIError as err:
+    except APIError as err:
         if err.status == 400 and assigned and app[ROUTER].config.incumbent_url is not None:
             raise PassToIncumbent(ineligibility(err)) from None
         metrics.refusals.labels(BATON, _REFUSAL_REASONS.get(err.code, "invalid")).inc()
@@ -229,10 +224,9 @@ async def _submit_baton(request: web.Request, parsed: oa.ParsedRequest, arrival:
     return run
 
 
-async def _respond_baton(request: web.Request, run: LocalRun, parsed: oa.ParsedRequest, trace,
+async def _respond_baton(request: web.Request, run: LocalRun, parsed: ParsedRequest, trace,
                          record: bool) -> tuple[web.StreamResponse, int, str | None]:
     app = request.app
-    metrics, stats = app[METRICS], app[ABSTATS]
     try:
         resp = await run.respond()
         r = run.result
@@ -243,13 +237,25 @@ async def _respond_baton(request: web.Request, run: LocalRun, parsed: oa.ParsedR
         r = run.result
         outcome = Outcome(BATON, ok=r.ok, ttft_s=r.ttft_s, e2e_s=r.e2e_s,
                           completion_tokens=r.completion_tokens, sla_class=parsed.sla_class)
-        if r.cancelled:  # the client left: no latency sample, no A/B outcome
-            metrics.requests.labels(BATON, "cancelled").inc()
-        else:
-            metrics.observe(outcome, r.finish_reason or "error", queue_s=r.queue_s,
-                            prompt_tokens=r.prompt_tokens, preemptions=r.preemptions)
-            if record:
-                stats.record(outcome)
-        trace.finish(response_id=run.rid, response_model=run.model_name,
-                     input_tokens=r.prompt_tokens, output_tokens=r.completion_tokens,
-                     finish_reason=r.finish_reason)
+        account(app, outcome, r.finish_reason or "error", trace, cancelled=r.cancelled,
+                record=record, prompt_tokens=r.prompt_tokens, finish_reason=r.finish_reason,
+                queue_s=r.queue_s, preemptions=r.preemptions, response_id=run.response_id,
+                response_model=run.model_name)
+
+
+def account(app: web.Application, outcome: Outcome, reason: str, trace, *, cancelled: bool,
+            record: bool, prompt_tokens: int | None, finish_reason: str | None,
+            queue_s: float | None = None, preemptions: int = 0, **response: Any) -> None:
+    """A request one arm answered: its Prometheus series, its A/B sample (``record``: the router
+    assigned it that arm; fallbacks are not compared) and its span's results. A client that left
+    gives no latency sample and no A/B outcome."""
+    metrics = app[METRICS]
+    if cancelled:
+        metrics.requests.labels(outcome.arm, "cancelled").inc()
+    else:
+        metrics.observe(outcome, reason, queue_s=queue_s, prompt_tokens=prompt_tokens,
+                        preemptions=preemptions)
+        if record:
+            app[ABSTATS].record(outcome)
+    trace.finish(input_tokens=prompt_tokens, output_tokens=outcome.completion_tokens,
+                 finish_reason=finish_reason, **response)

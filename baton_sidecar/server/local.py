@@ -9,7 +9,6 @@ the engine, which takes effect within one engine step.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import time
 from concurrent.futures import Executor
@@ -19,13 +18,15 @@ from typing import Any
 from aiohttp import web
 
 from baton_sidecar.engine.request import AdmissionError, RequestOutput, RequestValidationError
-from baton_sidecar.server import openai as oa
+from baton_sidecar.server import oai_response as shapes
+from baton_sidecar.server.engine_api import Engine, Stream
+from baton_sidecar.server.errors import APIError, bad_request
+from baton_sidecar.server.oai_request import ParsedRequest
 from baton_sidecar.server.tracing import NullTrace
 
 # Prompts longer than this (characters) are tokenized on the worker thread, not by submit() on the
 # loop; ~1 ms of tokenizer work at this size.
 INLINE_TOKENIZE_CHARS = 4096
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
@@ -51,38 +52,35 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # jinja raises its own errors for conversations it refuses
-        raise oa.bad_request("messages", f"the model's chat template refused them: {exc}") from None
+        raise bad_request("messages", f"the model's chat template refused them: {exc}") from None
     # The template already wrote the special tokens it wants.
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-async def prepare_prompt(engine: Any, parsed: oa.ParsedRequest, executor: Executor
-                         ) -> tuple[str | list[int], int | None]:
-    """(what to submit, its token count if known)."""
+async def prepare_prompt(engine: Engine, parsed: ParsedRequest, executor: Executor
+                         ) -> str | list[int]:
+    """What to submit: token ids, or a short text the engine tokenizes itself."""
     loop = asyncio.get_running_loop()
     if parsed.kind == "chat":
-        ids = await loop.run_in_executor(executor, render_chat, engine.tokenizer, parsed.messages)
-        return ids, len(ids)
+        return await loop.run_in_executor(executor, render_chat, engine.tokenizer, parsed.messages)
     prompt = parsed.prompt
-    if isinstance(prompt, list):
-        return prompt, len(prompt)
-    if len(prompt) > INLINE_TOKENIZE_CHARS:
-        ids = await loop.run_in_executor(executor, engine.tokenizer.encode, prompt)
-        if not ids:  # as the engine says of a short one
-            raise oa.bad_request("prompt", "encodes to no tokens")
-        return list(ids), len(ids)
-    return prompt, None
+    if isinstance(prompt, list) or len(prompt) <= INLINE_TOKENIZE_CHARS:
+        return prompt
+    ids = await loop.run_in_executor(executor, engine.tokenizer.encode, prompt)
+    if not ids:  # as the engine says of a short one
+        raise bad_request("prompt", "encodes to no tokens")
+    return list(ids)
 
 
-def admission_error(exc: AdmissionError, kind: str) -> oa.APIError:
+def admission_error(exc: AdmissionError, kind: str) -> APIError:
     retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s or 1)))}
     if exc.reason == "queue_full":
-        return oa.APIError(429, f"server overloaded: {exc}", type="rate_limit_error",
+        return APIError(429, f"server overloaded: {exc}", type="rate_limit_error",
                            code="queue_full", headers=retry)
     if exc.reason == "too_large":
-        return oa.APIError(400, str(exc), param="messages" if kind == "chat" else "prompt",
+        return APIError(400, str(exc), param="messages" if kind == "chat" else "prompt",
                            code="context_length_exceeded")
-    return oa.APIError(503, f"server is shutting down: {exc}", type="service_unavailable",
+    return APIError(503, f"server is shutting down: {exc}", type="service_unavailable",
                        code="shutting_down", headers=retry)
 
 
@@ -94,7 +92,7 @@ def client_gone(request: web.Request) -> bool:
 class LocalRun:
     """One request on the engine. ``submit`` raises ``APIError`` for refusals; ``respond`` answers."""
 
-    def __init__(self, request: web.Request, engine: Any, parsed: oa.ParsedRequest,
+    def __init__(self, request: web.Request, engine: Engine, parsed: ParsedRequest,
                  model_name: str, request_id: str, arrival: float, trace: NullTrace) -> None:
         self.request = request
         self.engine = engine
@@ -102,41 +100,32 @@ class LocalRun:
         self.model_name = model_name
         self.arrival = arrival
         self.trace = trace
-        self.rid = ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + request_id
+        self.response_id = ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + request_id
         self.request_id = request_id
-        self.created = oa.now()
+        self.created = shapes.now()
         self.result = LocalResult()
-        self.stream = None
+        self.stream: Stream | None = None
         self._text_offset = 0
-        self._lp = oa.LogprobFormatter(self._token_text)
+        self._lp = shapes.LogprobFormatter(self._token_text)
 
     def _token_text(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])
 
     async def submit(self, executor: Executor) -> None:
         parsed = self.parsed
-        prompt, n_prompt = await prepare_prompt(self.engine, parsed, executor)
-        max_tokens = parsed.max_tokens
-        if max_tokens is None:
-            if parsed.kind == "chat" and n_prompt is not None:
-                max_tokens = max(1, (self.engine.max_model_len or 2048) - n_prompt)
-            else:
-                max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
-        params = parsed.sampling_params(max_tokens)
-        if params.top_k >= len(self.engine.tokenizer):  # keeping every token: top-k is off
-            params = dataclasses.replace(params, top_k=0)
-        self.trace.set_request(max_tokens, parsed.sampling, parsed.priority, parsed.sla_class,
-                               parsed.stream)
+        prompt = await prepare_prompt(self.engine, parsed, executor)
+        self.trace.set_request(parsed.params, parsed.priority, parsed.sla_class, parsed.stream)
         extra: dict[str, Any] = {}
         if parsed.priority is not None:
             extra["priority"] = parsed.priority
         if parsed.sla_class is not None:
             extra["sla_class"] = parsed.sla_class
         try:
-            self.stream = self.engine.submit(prompt, params, request_id=self.request_id, **extra)
+            self.stream = self.engine.submit(prompt, parsed.params, request_id=self.request_id,
+                                             **extra)
         except RequestValidationError as exc:  # the engine says max_tokens for either cap
             field = parsed.max_tokens_field if exc.field == "max_tokens" else exc.field
-            raise oa.bad_request(field, exc.message) from None
+            raise bad_request(field, exc.message) from None
         except AdmissionError as exc:
             raise admission_error(exc, parsed.kind) from None
 
@@ -175,11 +164,11 @@ class LocalRun:
                 r.ok, r.status = False, 503
                 r.error = out.error or "cancelled by the server (shutting down)"
 
-    def _failure(self) -> oa.APIError:
+    def _failure(self) -> APIError:
         r = self.result
         if r.status == 503:
-            return oa.APIError(503, r.error, type="service_unavailable", code="shutting_down")
-        return oa.APIError(500, f"generation failed: {r.error}", type="server_error",
+            return APIError(503, r.error, type="service_unavailable", code="shutting_down")
+        return APIError(500, f"generation failed: {r.error}", type="server_error",
                            code="engine_error")
 
     def _headers(self) -> dict[str, str]:
@@ -205,11 +194,11 @@ class LocalRun:
         text = "".join(texts)
         want_lp = self.parsed.logprobs is not None
         if self.parsed.kind == "chat":
-            body = oa.chat_body(self.rid, self.created, self.model_name, text, r.finish_reason,
+            body = shapes.chat_body(self.response_id, self.created, self.model_name, text, r.finish_reason,
                                 self._lp.chat(logprobs) if want_lp else None, r.prompt_tokens,
                                 r.completion_tokens)
         else:
-            body = oa.completion_body(self.rid, self.created, self.model_name, text,
+            body = shapes.completion_body(self.response_id, self.created, self.model_name, text,
                                       r.finish_reason,
                                       self._lp.completion(logprobs, 0) if want_lp else None,
                                       r.prompt_tokens, r.completion_tokens)
@@ -227,13 +216,13 @@ class LocalRun:
             if role:  # as OpenAI's opening delta: the model never refuses here
                 delta["refusal"] = None
             lp = self._lp.chat(logprobs) if logprobs else None
-            return oa.chat_chunk(self.rid, self.created, self.model_name, delta, reason, lp,
+            return shapes.chat_chunk(self.response_id, self.created, self.model_name, delta, reason, lp,
                                  p.include_usage)
         lp = None
         if logprobs:
             lp = self._lp.completion(logprobs, self._text_offset)
         self._text_offset += len(text or "")
-        return oa.completion_chunk(self.rid, self.created, self.model_name, text or "", reason, lp,
+        return shapes.completion_chunk(self.response_id, self.created, self.model_name, text or "", reason, lp,
                                    p.include_usage)
 
     async def _respond_stream(self) -> web.StreamResponse:
@@ -243,29 +232,29 @@ class LocalRun:
         try:
             await resp.prepare(self.request)
             if p.kind == "chat":
-                await resp.write(oa.sse(self._chunk("", None, None, role=True)))
+                await resp.write(shapes.sse(self._chunk("", None, None, role=True)))
             async for out in self.stream:
                 self._note(out)
                 if client_gone(self.request):
                     return resp
                 lps = out.logprobs if want_lp else None
                 if out.text or lps:
-                    await resp.write(oa.sse(self._chunk(out.text, None, lps)))
+                    await resp.write(shapes.sse(self._chunk(out.text, None, lps)))
                 if out.finished:
                     break
             r = self.result
             if r.finish_reason is None:
                 raise RuntimeError("engine stream ended without a finished output")
             if not r.ok:
-                await resp.write(oa.sse(self._failure().body()))
+                await resp.write(shapes.sse(self._failure().body()))
             else:
-                await resp.write(oa.sse(self._chunk(None if p.kind == "chat" else "",
+                await resp.write(shapes.sse(self._chunk(None if p.kind == "chat" else "",
                                                     r.finish_reason, None)))
                 if p.include_usage:
-                    await resp.write(oa.sse(oa.usage_chunk(
-                        self.rid, self.created, self.model_name, p.kind, r.prompt_tokens or 0,
+                    await resp.write(shapes.sse(shapes.usage_chunk(
+                        self.response_id, self.created, self.model_name, p.kind, r.prompt_tokens or 0,
                         r.completion_tokens or 0)))
-            await resp.write(oa.SSE_DONE)
+            await resp.write(shapes.SSE_DONE)
             await resp.write_eof()
         except ConnectionError:  # aiohttp's write to a closed client
             pass

@@ -19,7 +19,8 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from baton_sidecar.server import openai as oa
+from baton_sidecar.server.errors import APIError
+from baton_sidecar.server.oai_response import model_list
 from baton_sidecar.server.body import body_stream
 from baton_sidecar.server.eligibility import OTHER_ROUTE
 from baton_sidecar.server.proxy import IncumbentFailure, Upload, fetch, proxy
@@ -31,13 +32,13 @@ OWN_PREFIX = "/baton/"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def incumbent_failure(app: web.Application, failure: IncumbentFailure) -> oa.APIError:
+def incumbent_failure(app: web.Application, failure: IncumbentFailure) -> APIError:
     """502 (unreachable) or 504 (no answer in time), counted; nothing reached the client yet."""
     app[METRICS].incumbent_failures.labels(failure.kind).inc()
     app[METRICS].refusals.labels(INCUMBENT, "incumbent_" + failure.kind).inc()
     status, code = (504, "incumbent_timeout") if failure.kind == "timeout" else (
         502, "incumbent_unavailable")
-    return oa.APIError(status, f"{failure} (Baton's sidecar relays this request to the incumbent)",
+    return APIError(status, f"{failure} (Baton's sidecar relays this request to the incumbent)",
                        type="upstream_error", code=code)
 
 
@@ -81,9 +82,9 @@ def make_catch_all(own_routes: dict[str, dict[str, Handler]],
             methods |= {"GET", "HEAD"}
         if methods:
             allow = ", ".join(sorted(methods))
-            raise oa.APIError(405, f"method {request.method} is not allowed on {path}; use {allow}",
+            raise APIError(405, f"method {request.method} is not allowed on {path}; use {allow}",
                               code="405", headers={"Allow": allow})
-        raise oa.APIError(404, f"no route {request.method} {path}", type="not_found_error",
+        raise APIError(404, f"no route {request.method} {path}", type="not_found_error",
                           code="404")
 
     return catch_all
@@ -95,7 +96,7 @@ async def models(request: web.Request) -> web.StreamResponse:
     state = app[STATE]
     engine = state.engine
     max_len = getattr(engine, "max_model_len", None) if engine is not None else None
-    own = oa.model_list(state.config.served_model_name, state.started_at, max_len)
+    own = model_list(state.config.served_model_name, state.started_at, max_len)
     if app[ROUTER].config.incumbent_url is None:
         return web.json_response(own)
     try:

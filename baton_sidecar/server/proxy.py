@@ -31,7 +31,7 @@ from aiohttp import web
 from yarl import URL
 
 from baton_sidecar.config import RouterConfig
-from baton_sidecar.server import openai as oa
+from baton_sidecar.server.errors import APIError
 from baton_sidecar.server.router import INCUMBENT
 from baton_sidecar.server.tracing import NULL_TRACE, NullTrace
 
@@ -218,7 +218,7 @@ class _Upload:
 
     def __init__(self, chunks: AsyncIterator[bytes]) -> None:
         self._chunks = chunks
-        self.error: oa.APIError | None = None
+        self.error: APIError | None = None
         self._reader: asyncio.Task | None = None
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -229,7 +229,7 @@ class _Upload:
         try:
             async for chunk in self._chunks:
                 yield chunk
-        except oa.APIError as err:
+        except APIError as err:
             self.error = err
             raise
 

@@ -119,7 +119,8 @@ def _load_in_thread(fn, *args) -> asyncio.Future:
         try:
             value = fn(*args)
         except BaseException as exc:  # delivered to the awaiting coroutine
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(exc))
+            # Bound now: Python unbinds ``exc`` when this block ends, before the callback runs.
+            loop.call_soon_threadsafe(lambda error=exc: fut.done() or fut.set_exception(error))
         else:
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(value))
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from baton_sidecar.config import ServerConfig
-from baton_sidecar.server import openai as oa
 from baton_sidecar.server.abstats import ABStats
 from baton_sidecar.server.configwatch import ConfigManager, FileWatcher
 from baton_sidecar.server.eligibility import EligibilityCounts
+from baton_sidecar.server.engine_api import Engine
 from baton_sidecar.server.metrics import Metrics
+from baton_sidecar.server.oai_response import now
 from baton_sidecar.server.router import Router
 from baton_sidecar.server.tracing import Tracing
 
@@ -29,9 +29,9 @@ class ServerState:
     """Mutable per-app state (the app itself is frozen once started)."""
 
     config: ServerConfig
-    engine: Any | None = None
+    engine: Engine | None = None  # None while the model loads
     draining: bool = False
-    started_at: int = field(default_factory=oa.now)
+    started_at: int = field(default_factory=now)
     in_flight: int = 0
     idle: asyncio.Event | None = None  # set whenever in_flight == 0
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Iterable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, MutableMapping
+
+if TYPE_CHECKING:
+    from baton_sidecar.engine.request import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +99,14 @@ class RequestTrace(NullTrace):
         if value is not None:
             self._span.set_attribute(key, value)
 
-    def set_request(self, max_tokens: int | None, sampling: Mapping[str, Any],
-                    priority: int | None, sla_class: str | None, stream: bool) -> None:
-        self.set("gen_ai.request.max_tokens", max_tokens)
+    def set_request(self, params: SamplingParams, priority: int | None, sla_class: str | None,
+                    stream: bool) -> None:
+        """Max tokens (None: the rest of the context) and sampling, as the engine will use them."""
+        self.set("gen_ai.request.max_tokens", params.max_tokens)
         for key in ("temperature", "top_p", "top_k", "seed"):
-            self.set(f"gen_ai.request.{key}", sampling.get(key))
-        if sampling.get("stop"):
-            self.set("gen_ai.request.stop_sequences", list(sampling["stop"]))
+            self.set(f"gen_ai.request.{key}", getattr(params, key))
+        if params.stop:
+            self.set("gen_ai.request.stop_sequences", list(params.stop))
         self.set("baton.request.priority", priority)
         self.set("baton.request.sla_class", sla_class)
         self.set("baton.request.stream", stream)

@@ -17,7 +17,7 @@ _ids = itertools.count()
 
 def make(priority=0, arrival=0.0, prompt=10, max_tokens=10, deadline=None, generated=0, preempted=0):
     request = Request(f"r{next(_ids)}", list(range(2, 2 + prompt)), SamplingParams(max_tokens=max_tokens),
-                      priority=priority, deadline=deadline, times=RequestTimes(arrival=arrival))
+                      max_tokens, priority=priority, deadline=deadline, times=RequestTimes(arrival=arrival))
     request.output_token_ids = [5] * generated
     request.num_preemptions = preempted
     return request

@@ -28,7 +28,7 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from baton_sidecar.server.openai import CHAT_ROLES, MAX_LOGPROBS, MAX_STOP_SEQUENCES
+from baton_sidecar.server.oai_request import CHAT_ROLES, MAX_LOGPROBS, MAX_STOP_SEQUENCES
 from server_helpers import MODEL_NAME
 
 

@@ -97,20 +97,45 @@ def test_logprobs(client):
     assert content[0].logprob <= 0
 
 
-def test_stop_sequences_and_seed(client):
+def test_stop_sequences_cut_the_text_where_they_start(client):
+    plain = client.completions.create(model=MODEL_NAME, prompt="1, 2, 3, 4,", max_tokens=8,
+                                      temperature=0).choices[0].text
+    # The first two-character piece of the greedy text that does not occur earlier in it.
+    i = next(i for i in range(2, len(plain) - 1) if plain.find(plain[i:i + 2]) == i)
     r = client.completions.create(model=MODEL_NAME, prompt="1, 2, 3, 4,", max_tokens=8,
-                                  temperature=0, stop=[" 6"])
-    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == " 5,"
-    a, b = (client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3, temperature=1.0,
-                                      seed=1234, extra_body={"top_k": 50}) for _ in range(2))
-    assert a.choices[0].text == b.choices[0].text
+                                  temperature=0, stop=[plain[i:i + 2]])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == plain[:i]
 
 
-def test_vllm_style_extra_fields(client):
+def test_a_seed_fixes_the_sample_and_another_seed_changes_it(client):
+    def sample(seed):
+        return client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=12,
+                                         temperature=1.5, seed=seed, extra_body={"top_k": 50}
+                                         ).choices[0].text
+    first = sample(1234)
+    assert sample(1234) == first
+    assert {sample(seed) for seed in (1, 2, 3)} - {first}  # the control: other seeds, other text
+
+
+def test_vllm_style_extra_fields_reach_the_engine(client, engine, monkeypatch):
+    seen = []
+    submit = engine.submit
+
+    def spy(prompt, params, **kwargs):
+        seen.append((params, kwargs))
+        return submit(prompt, params, **kwargs)
+
+    monkeypatch.setattr(engine, "submit", spy)
     r = client.chat.completions.create(
         model=MODEL_NAME, messages=CHAT, max_tokens=3, temperature=0, user="someone",
         extra_body={"priority": -1, "ignore_eos": True, "sla_class": "batch"})
     assert r.usage.completion_tokens == 3
+    [(params, kwargs)] = seen
+    assert kwargs["priority"] == -1 and kwargs["sla_class"] == "batch" and params.ignore_eos
+    with pytest.raises(openai.BadRequestError) as info:  # the engine knows the live SLA classes
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                  extra_body={"sla_class": "no-such-class"})
+    assert info.value.body["param"] == "sla_class"
 
 
 def test_models_health_ready_metrics(client, server):

@@ -4,7 +4,7 @@ import random
 
 from baton_sidecar.config import RouterConfig
 from baton_sidecar.server.eligibility import EligibilityCounts, refusal_reason
-from baton_sidecar.server.openai import APIError, bad_request
+from baton_sidecar.server.errors import APIError, bad_request
 from baton_sidecar.server.proxy import SSEStats, forward_headers
 from baton_sidecar.server.router import (BATON, INCUMBENT, Router, choose_arm, hash_point,
                                          sticky_key)

@@ -1,0 +1,265 @@
+"""OpenAI-compatible request parsing: a decoded JSON body in, a checked ``ParsedRequest`` out.
+
+Parsing is pure: it raises ``APIError`` naming the offending field, or returns the request with its
+``SamplingParams`` built (once, here, so every range check happens at parse time). Unknown fields are
+ignored (as vLLM and OpenAI do); known fields whose values Baton cannot honour (``n`` other than 1,
+``echo``, penalties, tools, ...) are refused by name (``unsupported_value``) rather than silently
+dropped, so a client never gets a different answer than it asked for; with an incumbent such a
+request goes there instead (see ``eligibility``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from baton_sidecar.engine.request import (RequestValidationError, SamplingParams, is_int64,
+                                          is_number)
+from baton_sidecar.server.errors import bad_request
+
+MAX_STOP_SEQUENCES = 16
+MAX_LOGPROBS = 20
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """One checked generation request. ``kind`` is "completion" or "chat"."""
+
+    kind: str
+    model: str | None
+    params: SamplingParams  # max_tokens None: the rest of the context (chat without a cap)
+    prompt: str | list[int] | None = None  # completions
+    messages: list[dict[str, str]] | None = None  # chat, content flattened to text
+    max_tokens_field: str = "max_tokens"  # the body field the cap came from, for errors about it
+    stream: bool = False
+    include_usage: bool = False
+    user: str | None = None
+    priority: int | None = None
+    sla_class: str | None = None
+
+    @property
+    def operation(self) -> str:
+        """``gen_ai.operation.name`` of the GenAI semantic conventions."""
+        return "chat" if self.kind == "chat" else "text_completion"
+
+    @property
+    def logprobs(self) -> int | None:
+        """Top-N alternatives per token; None = off."""
+        return self.params.logprobs
+
+
+# -- typed field access ----------------------------------------------------------------------------
+
+def _opt(body: Mapping[str, Any], name: str, check: Callable[[Any], bool], what: str) -> Any:
+    """``body[name]`` if present and not null, checked; None otherwise."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not check(value):
+        if what == "an integer":
+            what = "a 64-bit integer"
+        raise bad_request(name, f"must be {what}", code="invalid_type")
+    return value
+
+
+def _opt_int(body, name, lo: int | None = None, hi: int | None = None) -> int | None:
+    value = _opt(body, name, is_int64, "an integer")
+    if value is not None and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise bad_request(name, f"must be {bounds}")
+    return value
+
+
+def _opt_number(body, name) -> float | None:
+    return _opt(body, name, is_number, "a number")
+
+
+def _opt_bool(body, name) -> bool | None:
+    return _opt(body, name, lambda v: isinstance(v, bool), "a boolean")
+
+
+def _opt_str(body, name) -> str | None:
+    return _opt(body, name, lambda v: isinstance(v, str), "a string")
+
+
+def _refuse_unsupported(body: Mapping[str, Any], kind: str) -> None:
+    """Fields Baton understands but cannot honour: refuse non-default values by name."""
+    n = _opt_int(body, "n")
+    if n is not None and n != 1:
+        raise bad_request("n", "only n=1 is supported", code="unsupported_value")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = _opt_number(body, name)
+        if v not in (None, 0, 0.0):
+            raise bad_request(name, "is not supported (only 0)", code="unsupported_value")
+    if body.get("logit_bias"):
+        raise bad_request("logit_bias", "is not supported", code="unsupported_value")
+    if kind == "completion":
+        best_of = _opt_int(body, "best_of")
+        if best_of is not None and best_of != 1:
+            raise bad_request("best_of", "only best_of=1 is supported", code="unsupported_value")
+        if _opt_bool(body, "echo"):
+            raise bad_request("echo", "is not supported", code="unsupported_value")
+        if _opt_str(body, "suffix"):
+            raise bad_request("suffix", "is not supported", code="unsupported_value")
+    else:
+        if body.get("tools") or body.get("functions"):
+            name = "tools" if body.get("tools") else "functions"
+            raise bad_request(name, "tool calling is not supported", code="unsupported_value")
+        fmt = body.get("response_format")
+        if fmt is not None:
+            if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+                raise bad_request("response_format", "must be an object with a string `type`",
+                                  code="invalid_type")
+            if fmt["type"] != "text":
+                raise bad_request("response_format", "only type 'text' is supported",
+                                  code="unsupported_value")
+
+
+def _common(body: Mapping[str, Any], kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(ParsedRequest fields, SamplingParams fields) both routes share."""
+    _refuse_unsupported(body, kind)
+    model = _opt_str(body, "model")
+    stream = bool(_opt_bool(body, "stream"))
+    opts = body.get("stream_options")
+    include_usage = False
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise bad_request("stream_options", "must be an object", code="invalid_type")
+        if not stream:
+            raise bad_request("stream_options", "is only allowed when stream is true")
+        inc = opts.get("include_usage")
+        if inc is not None and not isinstance(inc, bool):
+            raise bad_request("stream_options.include_usage", "must be a boolean", code="invalid_type")
+        include_usage = bool(inc)
+
+    sampling: dict[str, Any] = {}
+    for name in ("temperature", "top_p"):
+        v = _opt_number(body, name)
+        if v is not None:
+            sampling[name] = float(v)
+    top_k = _opt_int(body, "top_k")
+    if top_k is not None:
+        sampling["top_k"] = 0 if top_k == -1 else top_k  # vLLM spells "disabled" as -1
+    seed = _opt_int(body, "seed")
+    if seed is not None:
+        sampling["seed"] = seed
+    ignore_eos = _opt_bool(body, "ignore_eos")
+    if ignore_eos is not None:
+        sampling["ignore_eos"] = ignore_eos
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise bad_request("stop", "must be a string or a list of strings", code="invalid_type")
+        if len(stop) > MAX_STOP_SEQUENCES:
+            raise bad_request("stop", f"at most {MAX_STOP_SEQUENCES} sequences")
+        if any(s == "" for s in stop):
+            raise bad_request("stop", "must not contain empty strings")
+        sampling["stop"] = tuple(stop)
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list) or not all(is_int64(t) and t >= 0 for t in stop_ids):
+            raise bad_request("stop_token_ids", "must be a list of non-negative integers",
+                              code="invalid_type")
+        sampling["stop_token_ids"] = tuple(stop_ids)
+
+    fields = dict(model=model, stream=stream, include_usage=include_usage,
+                  user=_opt_str(body, "user"), priority=_opt_int(body, "priority"),
+                  sla_class=_opt_str(body, "sla_class"))
+    return fields, sampling
+
+
+def _sampling_params(sampling: dict[str, Any], max_tokens: int | None,
+                     logprobs: int | None) -> SamplingParams:
+    """The request's one ``SamplingParams``; its range checks become 400s naming the field."""
+    try:
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **sampling)
+    except RequestValidationError as exc:
+        raise bad_request(exc.field, exc.message) from None
+
+
+def _max_tokens(body: Mapping[str, Any], names: Sequence[str]) -> int | None:
+    """The first of ``names`` given; every one given is checked, the one that loses too."""
+    values = [_opt_int(body, name, lo=1) for name in names]
+    return next((v for v in values if v is not None), None)
+
+
+def parse_completion(body: Mapping[str, Any], vocab_size: int | None = None) -> ParsedRequest:
+    """POST /v1/completions. ``prompt`` is a string or a list of token ids (or a one-element batch),
+    bounded by ``vocab_size`` when known."""
+    common, sampling = _common(body, "completion")
+    if "prompt" not in body or body["prompt"] is None:
+        raise bad_request("prompt", "is required", code="missing_field")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise bad_request("prompt", "only one prompt per request is supported",
+                              code="unsupported_value")
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        if not all(is_int64(t) for t in prompt):
+            raise bad_request("prompt", "must be a string or a list of integer token ids",
+                              code="invalid_type")
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in prompt):
+            raise bad_request("prompt", f"token ids must be in [0, {vocab_size})")
+    elif not isinstance(prompt, str):
+        raise bad_request("prompt", "must be a string or a list of integer token ids",
+                          code="invalid_type")
+    if len(prompt) == 0:
+        raise bad_request("prompt", "must not be empty")
+    logprobs = _opt_int(body, "logprobs", lo=0, hi=MAX_LOGPROBS)
+    max_tokens = _max_tokens(body, ("max_tokens",)) or COMPLETION_DEFAULT_MAX_TOKENS
+    return ParsedRequest(kind="completion", prompt=prompt,
+                         params=_sampling_params(sampling, max_tokens, logprobs), **common)
+
+
+def _message_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
+                    part.get("text"), str):
+                raise bad_request(f"{where}[{j}]", "only text content parts are supported",
+                                  code="unsupported_value")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_request(where, "must be a string or a list of text parts", code="invalid_type")
+
+
+def parse_chat(body: Mapping[str, Any]) -> ParsedRequest:
+    """POST /v1/chat/completions: ``messages`` in, rendered later with the tokenizer's template.
+    Without ``max_completion_tokens`` or ``max_tokens`` it may use the rest of the context."""
+    common, sampling = _common(body, "chat")
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request("messages", "is required", code="missing_field")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages", "must be a non-empty list", code="invalid_type")
+    flat: list[dict[str, str]] = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise bad_request(where, "must be an object", code="invalid_type")
+        role = msg.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise bad_request(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}")
+        content = msg.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        flat.append({"role": "system" if role == "developer" else role,
+                     "content": _message_text(content, f"{where}.content")})
+    want_logprobs = _opt_bool(body, "logprobs")
+    top = _opt_int(body, "top_logprobs", lo=0, hi=MAX_LOGPROBS)
+    if top is not None and not want_logprobs:
+        raise bad_request("top_logprobs", "requires logprobs to be true")
+    logprobs = (top or 0) if want_logprobs else None
+    max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
+    cap_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else (
+        "max_tokens")
+    return ParsedRequest(kind="chat", messages=flat, max_tokens_field=cap_field,
+                         params=_sampling_params(sampling, max_tokens, logprobs), **common)
