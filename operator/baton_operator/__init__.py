@@ -1,8 +1,8 @@
 """Kubernetes operator for Baton: BatonDeployment and BatonPolicy custom resources (group baton.dev).
 
 Importing the package registers the kopf handlers, so both ``kopf run -m baton_operator`` and
-``kopf run operator/baton_operator/main.py`` work. The pure parts (``policy``, ``resources``, ``status``,
-``rollout``) import nothing from kopf.
+``kopf run operator/baton_operator/main.py`` work. The pure parts (``policy``, ``resources``,
+``configmap``, ``injection``, ``status``, the ``rollout`` package) import nothing from kopf.
 """
 
 from baton_operator import handlers as handlers  # noqa: F401  (registers the kopf handlers)

@@ -185,7 +185,7 @@ def _reconcile(memo: kopf.Memo, bd: dict[str, Any], policies: dict[str, Any], tr
             span.set_attribute("baton.phase", build_status(outcome.observation, previous)["phase"])
             obs, events = outcome.observation, outcome.events
             if outcome.retry_after is not None:
-                error = kopf.TemporaryError(outcome.observation.rollout.message if outcome.observation.rollout
+                error = kopf.TemporaryError(outcome.observation.progress.message if outcome.observation.progress
                                             else "waiting", delay=outcome.retry_after)
     except (kopf.PermanentError, kopf.TemporaryError) as exc:
         error = exc

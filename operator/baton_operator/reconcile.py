@@ -15,12 +15,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from baton_operator import configmap as cm
+from baton_operator import injection as inj
 from baton_operator import resources as res
 from baton_operator.config import OperatorConfig
 from baton_operator.kube import ApiError, Kube, path
 from baton_operator.policy import deep_merge, effective_policy, policy_hash, select_policy
-from baton_operator.rollout import tuned_padding
-from baton_operator.status import Observation, Problem, deployment_rollout
+from baton_operator.rollout.autotune import tuned_padding
+from baton_operator.status import Observation, Problem, deployment_progress
 
 Event = tuple[str, str, str]  # (type, reason, message)
 
@@ -55,7 +57,7 @@ def _reconcile_standalone(kube: Kube, cfg: OperatorConfig, bd: Mapping[str, Any]
     config_obs = _apply_config(kube, cfg, bd, policies, incumbent_url, outcome)
     deployment = _apply(kube, path("apps/v1", "deployments", ns), res.desired_deployment(bd, cfg), bd, outcome)
     _apply(kube, path("v1", "services", ns), res.desired_service(bd), bd, outcome)
-    outcome.observation = Observation(meta.get("generation"), rollout=deployment_rollout(deployment), **config_obs)
+    outcome.observation = Observation(meta.get("generation"), progress=deployment_progress(deployment), **config_obs)
     return outcome
 
 
@@ -71,35 +73,35 @@ def _reconcile_sidecar(kube: Kube, cfg: OperatorConfig, bd: Mapping[str, Any],
     target = kube.get(target_path)
     if target is None:
         raise Waiting("TargetNotFound", f"Deployment {target_name!r} not found in {ns!r}", delay=30)
-    res.check_target(target, bd)
+    inj.check_target(target, bd)
     service = kube.get(service_path)
     if service is None:
         raise Waiting("ServiceNotFound", f"Service {service_name!r} not found in {ns!r}", delay=30)
-    svc_target = res.resolve_service_target(service, target, bd)
+    svc_target = inj.resolve_service_target(service, target, bd)
 
     outcome = Outcome(Observation(meta.get("generation")))
     config_obs = _apply_config(kube, cfg, bd, policies, f"http://127.0.0.1:{svc_target.incumbent_port}", outcome)
 
-    ops = res.injection_patch(target, bd, cfg)
+    ops = inj.injection_patch(target, bd, cfg)
     if ops:
-        first = res.injected_by(target) is None
+        first = inj.injected_by(target) is None
         target = _guarded_patch(kube, target_path, ops, target, f"Deployment {target_name!r}")
         verb = "Injected" if first else "SidecarUpdated"
         outcome.events.append(("Normal", verb, f"{verb} the Baton container in Deployment {target_name!r}"))
         outcome.changes.append(f"{verb.lower()} Deployment/{target_name}")
 
-    rollout = deployment_rollout(target, require_container=res.CONTAINER_NAME)
-    if rollout.done and not svc_target.repointed:
+    progress = deployment_progress(target, require_container=res.CONTAINER_NAME)
+    if progress.done and not svc_target.repointed:
         # Only now: before the sidecar pods are available, no pod would carry the port Baton serves on.
-        ops = res.repoint_patch(service, svc_target, by=name)
+        ops = inj.repoint_patch(service, svc_target, by=name)
         _guarded_patch(kube, service_path, ops, service, f"Service {service_name!r}")
         outcome.events.append(("Normal", "ServiceRepointed",
                                f"Service {service_name!r} port {svc_target.port} now routes through Baton "
                                f"(was targetPort {svc_target.original_target_port!r})"))
         outcome.changes.append(f"repointed Service/{service_name}")
-    elif not rollout.done:
+    elif not progress.done:
         outcome.retry_after = cfg.rollout_poll_s
-    outcome.observation = Observation(meta.get("generation"), rollout=rollout, **config_obs)
+    outcome.observation = Observation(meta.get("generation"), progress=progress, **config_obs)
     return outcome
 
 
@@ -117,12 +119,12 @@ def restore(kube: Kube, bd: Mapping[str, Any]) -> list[Event]:
     service_name = spec.get("targetService") or target_name
     service_path = path("v1", "services", ns, service_name)
     service = kube.get(service_path)
-    if service is not None and (ops := res.restore_patch(service, by=name)):
+    if service is not None and (ops := inj.restore_patch(service, by=name)):
         _guarded_patch(kube, service_path, ops, service, f"Service {service_name!r}")
         events.append(("Normal", "ServiceRestored", f"Service {service_name!r} routes to the incumbent again"))
     target_path = path("apps/v1", "deployments", ns, target_name)
     target = kube.get(target_path)
-    if target is not None and res.injected_by(target) == name and (ops := res.removal_patch(target)):
+    if target is not None and inj.injected_by(target) == name and (ops := inj.removal_patch(target)):
         _guarded_patch(kube, target_path, ops, target, f"Deployment {target_name!r}")
         events.append(("Normal", "SidecarRemoved", f"Removed the Baton container from Deployment {target_name!r}"))
     return events
@@ -138,15 +140,15 @@ def _apply_config(kube: Kube, cfg: OperatorConfig, bd: Mapping[str, Any],
     ns = meta["namespace"]
     cm_path = path("v1", "configmaps", ns, res.config_map_name(meta["name"]))
     observed = kube.get(cm_path)
-    current_weight = (res.parse_config(observed).get("router") or {}).get("baton_weight")
+    current_weight = cm.config_weight(observed)
     choice = select_policy(policies, (spec.get("policyRef") or {}).get("name"))
     policy = effective_policy(cfg.default_policy, choice.spec, spec)
     if tuned := tuned_padding(spec.get("rollout"), (bd.get("status") or {}).get("rollout")):
         policy = deep_merge(policy, {"padding": tuned})  # the rollout's auto-tune, recorded in status
     digest = policy_hash(policy)
-    weight = res.desired_weight(spec, incumbent_url, current_weight)
-    config = res.sidecar_config(policy, res.router_config(spec, incumbent_url, weight))
-    desired = res.desired_config_map(bd, config, digest)
+    weight = cm.desired_weight(spec, incumbent_url, current_weight)
+    config = cm.sidecar_config(policy, cm.router_config(spec, incumbent_url, weight))
+    desired = cm.desired_config_map(bd, config, digest)
     previous_hash = ((observed or {}).get("metadata", {}).get("annotations") or {}).get(res.ANN_POLICY_HASH)
     _apply(kube, path("v1", "configmaps", ns), desired, bd, outcome, observed=observed, known=True)
     source = f"{ns}/{choice.name}" if choice.name else "operator-defaults"

@@ -1,12 +1,14 @@
-"""Status of a BatonDeployment: conditions (Ready, Progressing, Degraded), phase, and rollout readiness.
+"""Status of a BatonDeployment: conditions (Ready, Progressing, Degraded), phase, and whether its
+Deployment has rolled out (``DeploymentProgress``).
 
 Pure. ``Observation`` is everything one reconcile learnt; ``build_status`` turns it into the
 ``status`` stanza, keeping ``lastTransitionTime`` of conditions whose status did not change.
 
-``status.rollout`` belongs to the rollout controller (``rollout.py``); this module never writes it, but
-reads its ``phase`` so that every writer derives the same conditions from it: a rollout under way keeps
-``Progressing`` true (reason ``TrafficShifting``), a promoted one turns it false (``Promoted``), a rolled
-back or aborted one sets ``Degraded`` (reason ``RolledBack``/``Aborted``, phase ``Degraded``).
+``status.rollout`` is the progressive (traffic) rollout, not the Deployment's: it belongs to the rollout
+controller (the ``rollout`` package). This module never writes it, but reads its ``phase`` so that every
+writer derives the same conditions from it: a rollout under way keeps ``Progressing`` true (reason
+``TrafficShifting``), a promoted one turns it false (``Promoted``), a rolled back or aborted one sets
+``Degraded`` (reason ``RolledBack``/``Aborted``, phase ``Degraded``).
 ``status.traffic.weight`` mirrors the ConfigMap's ``router.baton_weight``, whoever set it.
 """
 
@@ -16,17 +18,19 @@ import datetime
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from baton_operator.rollout.state import ACTIVE_PHASES, FAILED_PHASES, PROMOTED
+
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
 PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
-# status.rollout.phase values, as rollout.py writes them.
-TRAFFIC_ACTIVE = ("Progressing", "Paused", "AwaitingApproval")
-TRAFFIC_FAILED = ("RolledBack", "Aborted")
-TRAFFIC_PROMOTED = "Promoted"
-TRAFFIC_SHIFTING = "TrafficShifting"
+# status.rollout.phase values, as the rollout package writes them.
+TRAFFIC_ACTIVE = ACTIVE_PHASES
+TRAFFIC_FAILED = FAILED_PHASES
+TRAFFIC_PROMOTED = PROMOTED
+TRAFFIC_SHIFTING = "TrafficShifting"  # the Progressing condition's reason while traffic shifts
 
 
 @dataclass(frozen=True)
-class Rollout:
+class DeploymentProgress:
     """Whether a Deployment has finished rolling out its current template (as `kubectl rollout status`)."""
 
     done: bool
@@ -44,7 +48,7 @@ class Problem:
 @dataclass(frozen=True)
 class Observation:
     generation: int | None
-    rollout: Rollout | None = None  # None: no Deployment to look at (yet)
+    progress: DeploymentProgress | None = None  # None: no Deployment to look at (yet)
     problem: Problem | None = None  # blocks reconciliation
     warning: Problem | None = None  # reconciled, but not as asked (e.g. policy fallback)
     policy_hash: str | None = None
@@ -56,31 +60,38 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def deployment_rollout(deployment: Mapping[str, Any] | None, require_container: str | None = None) -> Rollout:
+def deployment_progress(deployment: Mapping[str, Any] | None,
+                        require_container: str | None = None) -> DeploymentProgress:
     if deployment is None:
-        return Rollout(False, "DeploymentMissing", "the Deployment does not exist")
+        return DeploymentProgress(False, "DeploymentMissing", "the Deployment does not exist")
     spec = deployment.get("spec") or {}
     status = deployment.get("status") or {}
     name = deployment.get("metadata", {}).get("name")
+
+    def rolling(message: str) -> DeploymentProgress:
+        return DeploymentProgress(False, "RollingOut", f"Deployment {name!r}: {message}")
+
     if require_container is not None:
         containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
         if not any(c.get("name") == require_container for c in containers):
-            return Rollout(False, "SidecarMissing", f"Deployment {name!r} has no {require_container!r} container")
+            return DeploymentProgress(False, "SidecarMissing",
+                                      f"Deployment {name!r} has no {require_container!r} container")
     generation = (deployment.get("metadata") or {}).get("generation")
     if generation is not None and (status.get("observedGeneration") or 0) < generation:
-        return Rollout(False, "RolloutPending", f"Deployment {name!r}: waiting for the controller to see "
-                                                f"generation {generation}")
+        return DeploymentProgress(False, "RolloutPending", f"Deployment {name!r}: waiting for the controller to see "
+                                                           f"generation {generation}")
     replicas = spec.get("replicas", 1)
     updated = status.get("updatedReplicas") or 0
     total = status.get("replicas") or 0
     available = status.get("availableReplicas") or 0
     if updated < replicas:
-        return Rollout(False, "RollingOut", f"Deployment {name!r}: {updated} of {replicas} replicas updated")
+        return rolling(f"{updated} of {replicas} replicas updated")
     if total > updated:
-        return Rollout(False, "RollingOut", f"Deployment {name!r}: {total - updated} old replicas terminating")
+        return rolling(f"{total - updated} old replicas terminating")
     if available < updated:
-        return Rollout(False, "RollingOut", f"Deployment {name!r}: {available} of {updated} replicas available")
-    return Rollout(True, "DeploymentAvailable", f"Deployment {name!r}: {available} of {replicas} replicas available")
+        return rolling(f"{available} of {updated} replicas available")
+    return DeploymentProgress(True, "DeploymentAvailable", f"Deployment {name!r}: {available} of {replicas} replicas "
+                                                           f"available")
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, generation: int | None) -> dict[str, Any]:
@@ -95,20 +106,20 @@ def conditions_for(obs: Observation, traffic: Mapping[str, Any] | None = None) -
     """Ready/Progressing/Degraded; ``traffic`` is ``status.rollout`` (the rollout controller's state)."""
     gen = obs.generation
     blocking = obs.problem
-    rollout = obs.rollout
+    progress = obs.progress
     traffic_phase, traffic_message = _traffic(traffic)
     if blocking is not None:
         ready = _condition(READY, False, blocking.reason, blocking.message, gen)
         progressing = _condition(PROGRESSING, False, blocking.reason, blocking.message, gen)
-    elif rollout is None:
+    elif progress is None:
         ready = _condition(READY, False, "Reconciling", "children are being created", gen)
         progressing = _condition(PROGRESSING, True, "Reconciling", "children are being created", gen)
     else:
-        ready = _condition(READY, rollout.done, rollout.reason, rollout.message, gen)
-        progressing = _condition(PROGRESSING, not rollout.done, rollout.reason, rollout.message, gen)
-        if rollout.done and traffic_phase in TRAFFIC_ACTIVE:
+        ready = _condition(READY, progress.done, progress.reason, progress.message, gen)
+        progressing = _condition(PROGRESSING, not progress.done, progress.reason, progress.message, gen)
+        if progress.done and traffic_phase in TRAFFIC_ACTIVE:
             progressing = _condition(PROGRESSING, True, TRAFFIC_SHIFTING, traffic_message, gen)
-        elif rollout.done and traffic_phase == TRAFFIC_PROMOTED:
+        elif progress.done and traffic_phase == TRAFFIC_PROMOTED:
             progressing = _condition(PROGRESSING, False, TRAFFIC_PROMOTED, traffic_message, gen)
     if blocking is None and traffic_phase in TRAFFIC_FAILED:
         degraded = _condition(DEGRADED, True, traffic_phase, traffic_message, gen)
@@ -139,9 +150,9 @@ def merge_conditions(previous: Iterable[Mapping[str, Any]] | None, current: list
 def phase_of(obs: Observation, traffic: Mapping[str, Any] | None = None) -> str:
     if obs.problem is not None:
         return "Failed" if obs.problem.permanent else "Degraded"
-    if obs.rollout is None:
+    if obs.progress is None:
         return "Pending"
-    if not obs.rollout.done:
+    if not obs.progress.done:
         return "Progressing"
     traffic_phase, _ = _traffic(traffic)
     if obs.warning is not None or traffic_phase in TRAFFIC_FAILED:

@@ -1,4 +1,5 @@
-"""Pure builders: desired objects, sidecar injection/removal and Service repoint/restore patches."""
+"""Pure builders: desired objects (resources), the sidecars' ConfigMap (configmap), sidecar injection and removal
+and Service repoint/restore patches (injection)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+# The sidecar's own parser: the operator<->sidecar contract. A hard import: never skipped.
+from baton_sidecar import config as sidecar_config
+
+from baton_operator import configmap as cm
+from baton_operator import injection as inj
 from baton_operator import resources as res
 from baton_operator.config import OperatorConfig
 from baton_operator.resources import SpecError
@@ -59,8 +65,8 @@ def probe_paths(container: dict) -> dict:
 def test_standalone_children_are_valid_owned_and_labelled() -> None:
     body = bd(replicas=2, resources={"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}},
               model={"path": "/models/m", "persistentVolumeClaim": "models"}, nodeSelector={"gpu": "yes"})
-    config = res.sidecar_config({"aging_s": 1}, res.router_config({}, None, 100))
-    objects = [res.desired_deployment(body, CFG), res.desired_service(body), res.desired_config_map(body, config, "h")]
+    config = cm.sidecar_config({"aging_s": 1}, cm.router_config({}, None, 100))
+    objects = [res.desired_deployment(body, CFG), res.desired_service(body), cm.desired_config_map(body, config, "h")]
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         assert obj["metadata"]["ownerReferences"] == [{
@@ -105,16 +111,15 @@ def test_engine_flags_only_when_set() -> None:
 
 
 def test_rendered_config_is_what_the_sidecar_parses() -> None:
-    config = pytest.importorskip("baton_sidecar.config")
-    router = res.router_config({"router": {"stickyHeader": "x-s", "fallbackToBaton": True,
-                                           "incumbentTimeoutSeconds": 60}}, "http://127.0.0.1:8000", 5)
+    router = cm.router_config({"router": {"stickyHeader": "x-s", "fallbackToBaton": True,
+                                          "incumbentTimeoutSeconds": 60}}, "http://127.0.0.1:8000", 5)
     from baton_operator.policy import DEFAULT_POLICY
-    doc = yaml.safe_load(res.render_config(res.sidecar_config(DEFAULT_POLICY, router)))
+    doc = yaml.safe_load(cm.render_config(cm.sidecar_config(DEFAULT_POLICY, router)))
     assert set(doc) == {"policy", "router"}
-    parsed = config.RouterConfig.from_dict(doc["router"])
+    parsed = sidecar_config.RouterConfig.from_dict(doc["router"])
     assert parsed.incumbent_url == "http://127.0.0.1:8000" and parsed.baton_weight == 5
     assert parsed.sticky_header == "x-s" and parsed.fallback_to_baton is True
-    config.PolicyConfig.from_dict(doc["policy"])
+    sidecar_config.PolicyConfig.from_dict(doc["policy"])
 
 
 @pytest.mark.parametrize("spec, incumbent_url, current, expected", [
@@ -126,7 +131,7 @@ def test_rendered_config_is_what_the_sidecar_parses() -> None:
     ({"rollout": {"steps": [1, 5]}}, "http://i", 5, 5),  # ... and then owns the weight
 ])
 def test_desired_weight(spec, incumbent_url, current, expected) -> None:
-    assert res.desired_weight(spec, incumbent_url, current) == expected
+    assert cm.desired_weight(spec, incumbent_url, current) == expected
 
 
 def test_update_body_patches_only_what_differs_and_keeps_others_keys() -> None:
@@ -151,8 +156,8 @@ def test_update_body_patches_only_what_differs_and_keeps_others_keys() -> None:
 def test_injection_then_removal_restores_the_deployment_exactly(pod_extra) -> None:
     original = incumbent(**pod_extra)
     body = bd("sidecar", resources={"requests": {"cpu": "1"}})
-    res.check_target(original, body)
-    ops = res.injection_patch(original, body, CFG)
+    inj.check_target(original, body)
+    ops = inj.injection_patch(original, body, CFG)
     assert ops[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "41"}
     injected = apply(original, ops)
     pod = injected["spec"]["template"]["spec"]
@@ -164,14 +169,14 @@ def test_injection_then_removal_restores_the_deployment_exactly(pod_extra) -> No
     assert injected["spec"]["template"]["metadata"]["labels"]["baton.dev/sidecar"] == "true"
     kubernetes_validate.validate(injected, K8S_VERSION, strict=True)
 
-    res.check_target(injected, body)  # our own injection is not a conflict
-    assert res.injection_patch(injected, body, CFG) == []  # idempotent
-    assert apply(injected, res.removal_patch(injected)) == original
+    inj.check_target(injected, body)  # our own injection is not a conflict
+    assert inj.injection_patch(injected, body, CFG) == []  # idempotent
+    assert apply(injected, inj.removal_patch(injected)) == original
 
 
 def test_injection_updates_a_changed_container_in_place() -> None:
-    injected = apply(incumbent(), res.injection_patch(incumbent(), bd("sidecar"), CFG))
-    ops = res.injection_patch(injected, bd("sidecar", image="other:2"), CFG)
+    injected = apply(incumbent(), inj.injection_patch(incumbent(), bd("sidecar"), CFG))
+    ops = inj.injection_patch(injected, bd("sidecar", image="other:2"), CFG)
     assert {"op": "test", "path": "/spec/template/spec/containers/1/name", "value": "baton"} in ops
     updated = apply(injected, ops)
     assert updated["spec"]["template"]["spec"]["containers"][1]["image"] == "other:2"
@@ -179,7 +184,7 @@ def test_injection_updates_a_changed_container_in_place() -> None:
 
 
 def test_patches_fail_on_concurrent_change() -> None:
-    ops = res.injection_patch(incumbent(), bd("sidecar"), CFG)
+    ops = inj.injection_patch(incumbent(), bd("sidecar"), CFG)
     moved = incumbent()
     moved["metadata"]["resourceVersion"] = "42"
     with pytest.raises(jsonpatch.JsonPatchTestFailed):
@@ -193,30 +198,30 @@ def test_patches_fail_on_concurrent_change() -> None:
 ])
 def test_targets_baton_cannot_join_are_refused(target, body, field) -> None:
     with pytest.raises(SpecError) as err:
-        res.check_target(target, body)
+        inj.check_target(target, body)
     assert err.value.field == field
 
 
 def test_a_target_injected_by_another_baton_deployment_is_refused() -> None:
-    injected = apply(incumbent(), res.injection_patch(incumbent(), bd("sidecar"), CFG))
+    injected = apply(incumbent(), inj.injection_patch(incumbent(), bd("sidecar"), CFG))
     other = bd("sidecar")
     other["metadata"]["name"] = "b2"
     with pytest.raises(SpecError, match="BatonDeployment 'b1'"):
-        res.check_target(injected, other)
+        inj.check_target(injected, other)
 
 
 # --- the Service -------------------------------------------------------------------------------
 
 def test_service_target_resolves_named_and_numbered_ports() -> None:
-    target = res.resolve_service_target(service(), incumbent(), bd("sidecar"))
+    target = inj.resolve_service_target(service(), incumbent(), bd("sidecar"))
     assert (target.index, target.port, target.original_target_port, target.incumbent_port) == (0, 80, "http", 8000)
     numbered = service([{"name": "web", "port": 80, "targetPort": 8000}])
-    assert res.resolve_service_target(numbered, incumbent(), bd("sidecar")).incumbent_port == 8000
+    assert inj.resolve_service_target(numbered, incumbent(), bd("sidecar")).incumbent_port == 8000
     no_target = service([{"port": 8000}])
-    assert res.resolve_service_target(no_target, incumbent(), bd("sidecar")).original_target_port == 8000
+    assert inj.resolve_service_target(no_target, incumbent(), bd("sidecar")).original_target_port == 8000
     two = service([{"name": "grpc", "port": 9000, "targetPort": 9000}, {"name": "metrics", "port": 80,
                                                                          "targetPort": "http"}])
-    assert res.resolve_service_target(two, incumbent(), bd("sidecar", targetServicePort="metrics")).index == 1
+    assert inj.resolve_service_target(two, incumbent(), bd("sidecar", targetServicePort="metrics")).index == 1
 
 
 @pytest.mark.parametrize("svc, body, field", [
@@ -228,26 +233,26 @@ def test_service_target_resolves_named_and_numbered_ports() -> None:
 ])
 def test_services_baton_cannot_take_over_are_refused(svc, body, field) -> None:
     with pytest.raises(SpecError) as err:
-        res.resolve_service_target(svc, incumbent(), body)
+        inj.resolve_service_target(svc, incumbent(), body)
     assert err.value.field == field
 
 
 @pytest.mark.parametrize("original", [service(), service(annotations={"team": "x"}),
                                       service([{"name": "http", "port": 80}])])
 def test_repoint_then_restore_gives_back_the_service_exactly(original) -> None:
-    target = res.resolve_service_target(original, incumbent(), bd("sidecar"))
-    repointed = apply(original, res.repoint_patch(original, target, by="b1"))
+    target = inj.resolve_service_target(original, incumbent(), bd("sidecar"))
+    repointed = apply(original, inj.repoint_patch(original, target, by="b1"))
     assert repointed["spec"]["ports"][0]["targetPort"] == "baton-http"
     record = json.loads(repointed["metadata"]["annotations"][res.ANN_ORIGINAL_TARGET_PORT])
     assert record["by"] == "b1" and record["port"] == 80
-    again = res.resolve_service_target(repointed, incumbent(), bd("sidecar"))
+    again = inj.resolve_service_target(repointed, incumbent(), bd("sidecar"))
     assert again.repointed and again.incumbent_port == target.incumbent_port  # read back from the record
-    assert res.repoint_patch(repointed, again, by="b1") == []
-    assert res.restore_patch(repointed, by="someone-else") == []
-    restored = apply(repointed, res.restore_patch(repointed, by="b1"))
+    assert inj.repoint_patch(repointed, again, by="b1") == []
+    assert inj.restore_patch(repointed, by="someone-else") == []
+    restored = apply(repointed, inj.restore_patch(repointed, by="b1"))
     if "targetPort" not in original["spec"]["ports"][0]:
         restored["spec"]["ports"][0].pop("targetPort")  # restored explicitly as the port number itself
-        assert apply(repointed, res.restore_patch(repointed, by="b1"))["spec"]["ports"][0]["targetPort"] == 80
+        assert apply(repointed, inj.restore_patch(repointed, by="b1"))["spec"]["ports"][0]["targetPort"] == 80
     assert restored == original
 
 
@@ -255,17 +260,17 @@ def test_fields_dropped_from_the_spec_leave_the_injected_container_and_volumes()
     original = incumbent(volumes=[{"name": "shm", "emptyDir": {}}])
     rich = bd("sidecar", resources={"limits": {"nvidia.com/gpu": 1}},
               model={"path": "/models/m", "persistentVolumeClaim": "models"})
-    injected = apply(original, res.injection_patch(original, rich, CFG))
+    injected = apply(original, inj.injection_patch(original, rich, CFG))
     assert {v["name"] for v in injected["spec"]["template"]["spec"]["volumes"]} == {
         "shm", "baton-config", "baton-cache", "baton-model"}
     plain = bd("sidecar")
-    updated = apply(injected, res.injection_patch(injected, plain, CFG))
+    updated = apply(injected, inj.injection_patch(injected, plain, CFG))
     pod = updated["spec"]["template"]["spec"]
     assert "resources" not in pod["containers"][1]
     assert [v["name"] for v in pod["volumes"]] == ["shm", "baton-config", "baton-cache"]
     assert pod["containers"][0] == original["spec"]["template"]["spec"]["containers"][0]
-    assert res.injection_patch(updated, plain, CFG) == []
-    assert apply(updated, res.removal_patch(updated)) == original
+    assert inj.injection_patch(updated, plain, CFG) == []
+    assert apply(updated, inj.removal_patch(updated)) == original
 
 
 def test_fields_dropped_from_the_spec_leave_owned_children() -> None:

@@ -1,12 +1,12 @@
-"""Status: rollout readiness, conditions, phase, and transition stamps."""
+"""Status: whether the Deployment rolled out (DeploymentProgress), conditions, phase, and transition stamps."""
 
 from __future__ import annotations
 
 import pytest
 
 from baton_operator.kube import ApiError, classify, path
-from baton_operator.status import (Observation, Problem, Rollout, build_status, conditions_for, deployment_rollout,
-                                   merge_conditions, phase_of, status_changed)
+from baton_operator.status import (DeploymentProgress, Observation, Problem, build_status, conditions_for,
+                                   deployment_progress, merge_conditions, phase_of, status_changed)
 
 import kopf
 
@@ -26,15 +26,15 @@ def deployment(generation=2, replicas=2, containers=("vllm", "baton"), **status)
     (deployment(observedGeneration=2, updatedReplicas=2, replicas=2, availableReplicas=2), True, "DeploymentAvailable"),
     (deployment(replicas=0, observedGeneration=2), True, "DeploymentAvailable"),
 ])
-def test_deployment_rollout(obj, done, reason) -> None:
-    rollout = deployment_rollout(obj)
-    assert (rollout.done, rollout.reason) == (done, reason)
+def test_deployment_progress(obj, done, reason) -> None:
+    progress = deployment_progress(obj)
+    assert (progress.done, progress.reason) == (done, reason)
 
 
-def test_sidecar_rollout_requires_the_container() -> None:
+def test_sidecar_progress_requires_the_container() -> None:
     ready = dict(observedGeneration=2, updatedReplicas=2, replicas=2, availableReplicas=2)
-    assert deployment_rollout(deployment(containers=("vllm",), **ready), "baton").reason == "SidecarMissing"
-    assert deployment_rollout(deployment(**ready), "baton").done
+    assert deployment_progress(deployment(containers=("vllm",), **ready), "baton").reason == "SidecarMissing"
+    assert deployment_progress(deployment(**ready), "baton").done
 
 
 def _types(conditions):
@@ -42,12 +42,14 @@ def _types(conditions):
 
 
 def test_conditions_and_phase_for_each_situation() -> None:
-    done, rolling = Rollout(True, "DeploymentAvailable", "ok"), Rollout(False, "RollingOut", "1 of 2")
+    done = DeploymentProgress(True, "DeploymentAvailable", "ok")
+    rolling = DeploymentProgress(False, "RollingOut", "1 of 2")
     cases = [
         (Observation(1), "Pending", {"Ready": "False", "Progressing": "True", "Degraded": "False"}),
-        (Observation(1, rollout=rolling), "Progressing", {"Ready": "False", "Progressing": "True", "Degraded": "False"}),
-        (Observation(1, rollout=done), "Ready", {"Ready": "True", "Progressing": "False", "Degraded": "False"}),
-        (Observation(1, rollout=done, warning=Problem("PolicyFallback", "x")), "Degraded",
+        (Observation(1, progress=rolling), "Progressing",
+         {"Ready": "False", "Progressing": "True", "Degraded": "False"}),
+        (Observation(1, progress=done), "Ready", {"Ready": "True", "Progressing": "False", "Degraded": "False"}),
+        (Observation(1, progress=done, warning=Problem("PolicyFallback", "x")), "Degraded",
          {"Ready": "True", "Progressing": "False", "Degraded": "True"}),
         (Observation(1, problem=Problem("TargetNotFound", "x")), "Degraded",
          {"Ready": "False", "Progressing": "False", "Degraded": "True"}),
@@ -64,17 +66,19 @@ def test_transition_time_moves_only_when_the_status_flips() -> None:
     first = merge_conditions(None, conditions_for(Observation(1)), "T1")
     same = merge_conditions(first, conditions_for(Observation(2)), "T2")
     assert [c["lastTransitionTime"] for c in same] == ["T1", "T1", "T1"]
-    flipped = merge_conditions(same, conditions_for(Observation(2, rollout=Rollout(True, "A", "m"))), "T3")
+    done = DeploymentProgress(True, "A", "m")
+    flipped = merge_conditions(same, conditions_for(Observation(2, progress=done)), "T3")
     assert {c["type"]: c["lastTransitionTime"] for c in flipped} == {"Ready": "T3", "Progressing": "T3",
                                                                       "Degraded": "T1"}
 
 
 def test_build_status_and_change_detection() -> None:
-    obs = Observation(4, rollout=Rollout(True, "A", "m"), policy_hash="abc", policy_source="ns/p", weight=5)
+    obs = Observation(4, progress=DeploymentProgress(True, "A", "m"), policy_hash="abc", policy_source="ns/p",
+                      weight=5)
     status = build_status(obs, None, now="T")
     assert status["observedGeneration"] == 4 and status["policyHash"] == "abc" and status["traffic"] == {"weight": 5}
     assert not status_changed(status, build_status(obs, status, now="later"))
-    assert status_changed(status, build_status(Observation(4, rollout=Rollout(False, "B", "m")), status))
+    assert status_changed(status, build_status(Observation(4, progress=DeploymentProgress(False, "B", "m")), status))
     assert "policyHash" not in build_status(Observation(4, problem=Problem("X", "y")), status)
 
 

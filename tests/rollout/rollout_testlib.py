@@ -29,7 +29,9 @@ for extra in (ROOT / "operator", ROOT / "tests" / "operator"):
 
 from baton_sidecar.server.abstats import ABStats, Outcome, SLATargets, parse_flag, parse_since  # noqa: E402
 
-from baton_operator import rollout as ro  # noqa: E402
+from baton_operator.rollout.gather import ANN_REPORT_URLS  # noqa: E402
+from baton_operator.rollout.measurement import ARMS, Baseline, PodBaseline  # noqa: E402
+from baton_operator.rollout.state import PROGRESSING, RolloutState  # noqa: E402
 from operator_testlib import Cluster, wait_for  # noqa: E402,F401  (wait_for is re-exported for the tests)
 
 SLA = {"interactive": SLATargets(ttft_ms=1000.0, e2e_ms=2000.0)}
@@ -78,10 +80,10 @@ def legacy(rep: dict[str, Any]) -> dict[str, Any]:
     return old
 
 
-def zero_baseline(pods: int = 1) -> ro.Baseline:
+def zero_baseline(pods: int = 1) -> Baseline:
     """Sidecars ``pod-<i>`` (process ``i<i>``) based at cursor 0 with no requests: all their traffic counts."""
-    zeros = {a: 0 for a in ro.ARMS}
-    return ro.Baseline({f"pod-{i}": ro.PodBaseline(f"i{i}", 0, zeros, zeros) for i in range(pods)})
+    zeros = {a: 0 for a in ARMS}
+    return Baseline({f"pod-{i}": PodBaseline(f"i{i}", 0, zeros, zeros) for i in range(pods)})
 
 
 def normal(mean: float, sd: float, n: int, seed: int) -> np.ndarray:
@@ -89,12 +91,12 @@ def normal(mean: float, sd: float, n: int, seed: int) -> np.ndarray:
 
 
 def state_at(step: int, weight: float, rev: str = "rev", failures: int = 0, applied_at: float = 0.0,
-             baseline: ro.Baseline | None = None, phase: str = ro.PROGRESSING) -> ro.RolloutState:
+             baseline: Baseline | None = None, phase: str = PROGRESSING) -> RolloutState:
     """A rollout at ``step`` whose weight every sidecar applies since ``applied_at``, analysed long ago
     (by default one sidecar, ``pod-0``, based at cursor 0)."""
-    return ro.RolloutState(revision=rev, phase=phase, step=step, weight=weight, step_started_at=applied_at,
-                           applied_at=applied_at, last_analysis_at=applied_at, failures=failures,
-                           baseline=baseline or zero_baseline())
+    return RolloutState(revision=rev, phase=phase, step=step, weight=weight, step_started_at=applied_at,
+                        applied_at=applied_at, last_analysis_at=applied_at, failures=failures,
+                        baseline=baseline or zero_baseline())
 
 
 # --- the emulated cluster, the operator, and what stands in for kubelet ---------------------------
@@ -214,7 +216,7 @@ def wait_for_events(cluster: Cluster, name: str, reasons: set[str], timeout: flo
 def batondeployment(name: str, incumbent_url: str, report_url: str, rollout: dict[str, Any],
                     **spec: Any) -> dict[str, Any]:
     return {"apiVersion": "baton.dev/v1alpha1", "kind": "BatonDeployment",
-            "metadata": {"name": name, "annotations": {ro.ANN_REPORT_URLS: report_url}},
+            "metadata": {"name": name, "annotations": {ANN_REPORT_URLS: report_url}},
             "spec": {"mode": "standalone", "router": {"incumbentUrl": incumbent_url}, "rollout": rollout, **spec}}
 
 
