@@ -31,6 +31,7 @@ from baton_sidecar.server.eligibility import BODY_TOO_LARGE, OTHER_MODEL, refusa
 from baton_sidecar.server.local import LocalRun
 from baton_sidecar.server.passthrough import incumbent_failure, relay
 from baton_sidecar.server.proxy import IncumbentFailure, proxy
+from baton_sidecar.server.results import ArmResult
 from baton_sidecar.server.router import BATON, INCUMBENT
 from baton_sidecar.server.state import (ABSTATS, ELIGIBILITY, EXECUTOR, METRICS, ROUTER, SESSION,
                                         STATE, TRACING)
@@ -184,12 +185,8 @@ async def _serve_incumbent(request: web.Request, raw: bytes, parsed: ParsedReque
         raise incumbent_failure(app, failure) from None
     if not result.ok and not result.cancelled:
         metrics.incumbent_failures.labels("status" if result.status >= 500 else "stream").inc()
-    outcome = Outcome(INCUMBENT, ok=result.ok and result.status < 400, ttft_s=result.ttft_s,
-                      e2e_s=result.e2e_s, completion_tokens=result.completion_tokens,
-                      sla_class=parsed.sla_class)
     reason = result.finish_reason or ("error" if not result.ok else f"http_{result.status}")
-    account(app, outcome, reason, trace, cancelled=result.cancelled, record=True,
-            prompt_tokens=result.prompt_tokens, finish_reason=result.finish_reason)
+    account(app, INCUMBENT, result, reason, parsed.sla_class, trace, record=True)
     error_type = None if result.ok else ("client_disconnected" if result.cancelled
                                          else "incumbent_stream_error")
     return True, result.response, result.status, error_type
@@ -235,27 +232,24 @@ async def _respond_baton(request: web.Request, run: LocalRun, parsed: ParsedRequ
                                                   "engine_error")
     finally:
         r = run.result
-        outcome = Outcome(BATON, ok=r.ok, ttft_s=r.ttft_s, e2e_s=r.e2e_s,
-                          completion_tokens=r.completion_tokens, sla_class=parsed.sla_class)
-        account(app, outcome, r.finish_reason or "error", trace, cancelled=r.cancelled,
-                record=record, prompt_tokens=r.prompt_tokens, finish_reason=r.finish_reason,
-                queue_s=r.queue_s, preemptions=r.preemptions, response_id=run.response_id,
-                response_model=run.model_name)
+        account(app, BATON, r, r.finish_reason or "error", parsed.sla_class, trace, record=record,
+                response_id=run.response_id, response_model=run.model_name)
 
 
-def account(app: web.Application, outcome: Outcome, reason: str, trace, *, cancelled: bool,
-            record: bool, prompt_tokens: int | None, finish_reason: str | None,
-            queue_s: float | None = None, preemptions: int = 0, **response: Any) -> None:
+def account(app: web.Application, arm: str, result: ArmResult, reason: str,
+            sla_class: str | None, trace, *, record: bool, **response: Any) -> None:
     """A request one arm answered: its Prometheus series, its A/B sample (``record``: the router
     assigned it that arm; fallbacks are not compared) and its span's results. A client that left
     gives no latency sample and no A/B outcome."""
     metrics = app[METRICS]
-    if cancelled:
-        metrics.requests.labels(outcome.arm, "cancelled").inc()
+    if result.cancelled:
+        metrics.requests.labels(arm, "cancelled").inc()
     else:
-        metrics.observe(outcome, reason, queue_s=queue_s, prompt_tokens=prompt_tokens,
-                        preemptions=preemptions)
+        outcome = Outcome(arm, ok=result.served, ttft_s=result.ttft_s, e2e_s=result.e2e_s,
+                          completion_tokens=result.completion_tokens, sla_class=sla_class)
+        metrics.observe(outcome, reason, queue_s=result.queue_s,
+                        prompt_tokens=result.prompt_tokens, preemptions=result.preemptions)
         if record:
             app[ABSTATS].record(outcome)
-    trace.finish(input_tokens=prompt_tokens, output_tokens=outcome.completion_tokens,
-                 finish_reason=finish_reason, **response)
+    trace.finish(input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens,
+                 finish_reason=result.finish_reason, **response)

@@ -12,7 +12,6 @@ import asyncio
 import math
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +21,7 @@ from baton_sidecar.server import oai_response as shapes
 from baton_sidecar.server.engine_api import Engine, Stream
 from baton_sidecar.server.errors import APIError, bad_request
 from baton_sidecar.server.oai_request import ParsedRequest
+from baton_sidecar.server.results import ArmResult
 from baton_sidecar.server.tracing import NullTrace
 
 # Prompts longer than this (characters) are tokenized on the worker thread, not by submit() on the
@@ -30,21 +30,6 @@ INLINE_TOKENIZE_CHARS = 4096
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
-
-
-@dataclass
-class LocalResult:
-    status: int = 200
-    ok: bool = True
-    cancelled: bool = False
-    ttft_s: float | None = None
-    e2e_s: float | None = None
-    queue_s: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
-    preemptions: int = 0
-    error: str | None = None
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -103,7 +88,7 @@ class LocalRun:
         self.response_id = ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + request_id
         self.request_id = request_id
         self.created = shapes.now()
-        self.result = LocalResult()
+        self.result = ArmResult()
         self.stream: Stream | None = None
         self._text_offset = 0
         self._lp = shapes.LogprobFormatter(self._token_text)

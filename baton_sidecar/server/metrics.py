@@ -74,18 +74,16 @@ class Metrics:
     def __init__(self, get_engine: Callable[[], object | None]) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         arm = ["arm"]
-        self.ttft = Histogram("baton_time_to_first_token_seconds",
-                              "Request arrival to first token", arm, buckets=LATENCY_BUCKETS,
-                              registry=r)
-        self.tpot = Histogram("baton_time_per_output_token_seconds",
-                              "Mean time between output tokens after the first", arm,
-                              buckets=TPOT_BUCKETS, registry=r)
-        self.e2e = Histogram("baton_e2e_request_latency_seconds",
-                             "Request arrival to last byte", arm, buckets=LATENCY_BUCKETS,
-                             registry=r)
-        self.queue = Histogram("baton_request_queue_time_seconds",
-                               "Time waiting before first scheduled (engine arm only)", arm,
-                               buckets=LATENCY_BUCKETS, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, arm, buckets=buckets, registry=r)
+
+        self.ttft = histogram("baton_time_to_first_token_seconds", "Request arrival to first token")
+        self.tpot = histogram("baton_time_per_output_token_seconds",
+                              "Mean time between output tokens after the first", TPOT_BUCKETS)
+        self.e2e = histogram("baton_e2e_request_latency_seconds", "Request arrival to last byte")
+        self.queue = histogram("baton_request_queue_time_seconds",
+                               "Time waiting before first scheduled (engine arm only)")
         self.in_flight = Gauge("baton_requests_running", "Requests being served by the sidecar",
                                arm, registry=r)
         self.requests = Counter("baton_requests", "Finished requests by finish reason",

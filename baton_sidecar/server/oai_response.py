@@ -47,41 +47,45 @@ class LogprobFormatter:
                 "refusal": None}
 
 
+def _response(obj: str, rid: str, created: int, model: str, choice: dict[str, Any],
+              reason: str | None, logprobs: dict | None) -> dict:
+    """The envelope every body and chunk shares, with its one choice."""
+    choice = {"index": 0, **choice, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+
+def _chunk(body: dict, with_usage: bool) -> dict:
+    if with_usage:  # every chunk says "usage": null; the last one carries it (usage_chunk)
+        body["usage"] = None
+    return body
+
+
 def completion_body(rid: str, created: int, model: str, text: str, reason: str | None,
                     logprobs: dict | None, prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                         "finish_reason": finish_reason(reason)}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    body = _response("text_completion", rid, created, model, {"text": text}, reason, logprobs)
+    body["usage"] = usage(prompt_tokens, completion_tokens)
+    return body
 
 
 def completion_chunk(rid: str, created: int, model: str, text: str, reason: str | None,
                      logprobs: dict | None, with_usage: bool) -> dict:
-    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-             "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                          "finish_reason": finish_reason(reason)}]}
-    if with_usage:
-        chunk["usage"] = None
-    return chunk
+    return _chunk(_response("text_completion", rid, created, model, {"text": text}, reason,
+                            logprobs), with_usage)
 
 
 def chat_body(rid: str, created: int, model: str, text: str, reason: str | None,
               logprobs: dict | None, prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0,
-                         "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": logprobs, "finish_reason": finish_reason(reason)}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    message = {"role": "assistant", "content": text, "refusal": None}
+    body = _response("chat.completion", rid, created, model, {"message": message}, reason,
+                     logprobs)
+    body["usage"] = usage(prompt_tokens, completion_tokens)
+    return body
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, reason: str | None,
                logprobs: dict | None, with_usage: bool) -> dict:
-    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
-                          "finish_reason": finish_reason(reason)}]}
-    if with_usage:
-        chunk["usage"] = None
-    return chunk
+    return _chunk(_response("chat.completion.chunk", rid, created, model, {"delta": delta},
+                            reason, logprobs), with_usage)
 
 
 def usage_chunk(rid: str, created: int, model: str, kind: str, prompt_tokens: int,

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping
 
 import aiohttp
@@ -32,6 +31,7 @@ from yarl import URL
 
 from baton_sidecar.config import RouterConfig
 from baton_sidecar.server.errors import APIError
+from baton_sidecar.server.results import ArmResult
 from baton_sidecar.server.router import INCUMBENT
 from baton_sidecar.server.tracing import NULL_TRACE, NullTrace
 
@@ -60,20 +60,6 @@ class IncumbentFailure(Exception):
     @classmethod
     def unreachable(cls, config: RouterConfig, exc: Exception) -> "IncumbentFailure":
         return cls("connect", f"incumbent at {config.incumbent_url} is unreachable: {exc}")
-
-
-@dataclass
-class ProxyResult:
-    status: int
-    ok: bool  # the incumbent answered < 500 and the body was relayed in full
-    cancelled: bool = False  # the client went away
-    ttft_s: float | None = None
-    e2e_s: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-    response: web.StreamResponse | None = None  # what the handler returns
 
 
 class SSEStats:
@@ -140,7 +126,7 @@ def incumbent_url(config: RouterConfig, request: web.Request) -> URL:
 
 async def proxy(request: web.Request, session: aiohttp.ClientSession, config: RouterConfig,
                 body: Upload, arrival: float, trace: NullTrace, *, account: bool = False,
-                fail_on_5xx: bool = False) -> ProxyResult:
+                fail_on_5xx: bool = False) -> ArmResult:
     """Relay ``request`` (with ``body``) to the incumbent and its answer back to the client."""
     url = incumbent_url(config, request)
     span = trace.incumbent_span(str(url))
@@ -239,7 +225,7 @@ class _Upload:
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, arrival: float,
-                 span: NullTrace, account: bool) -> ProxyResult:
+                 span: NullTrace, account: bool) -> ArmResult:
     headers = {k: v for k, v in upstream.headers.items()
                if k.lower() not in HOP_BY_HOP or k.lower() == "content-length"}
     headers["x-baton-arm"] = INCUMBENT
@@ -249,7 +235,7 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, arrival
     stats = SSEStats(arrival) if account and is_sse and not encoded else None
     keep_json = account and stats is None and not encoded
     kept = bytearray()
-    result = ProxyResult(status=upstream.status, ok=upstream.status < 500, response=resp)
+    result = ArmResult(status=upstream.status, ok=upstream.status < 500, response=resp)
     try:
         await resp.prepare(request)
         async with contextlib.aclosing(_read(upstream)) as body:
@@ -294,7 +280,7 @@ async def _read(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         raise _UpstreamBroke() from exc
 
 
-def _read_json_usage(data: bytes, result: ProxyResult) -> None:
+def _read_json_usage(data: bytes, result: ArmResult) -> None:
     try:
         obj = json.loads(data)
         u = obj.get("usage") or {}
