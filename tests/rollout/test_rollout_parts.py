@@ -3,6 +3,7 @@ metric parsing, auto-tune, and the operator settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -204,6 +205,23 @@ def test_auto_tune_reverts_a_nudge_that_cost_throughput_and_does_not_retry_it() 
     assert results[-1].status["blocked"] == ["maxPaddingRatio:down"]
     assert results[3].change is None and results[4].change is None  # still at the cap, not lowered again
     assert results[5].change.to == 0.95  # the other direction is still open
+
+
+def test_auto_tune_makes_no_nudge_in_an_idle_round_and_never_stalls_on_one() -> None:
+    # No tokens in rounds 1-2 (idle): nothing moves. Traffic in round 3: the cap comes down, is judged
+    # in round 4 and comes down again in round 5; before the fix an idle round's nudge froze the tuner.
+    results = tune_rounds([(0.85, 0), (0.85, 0), (0.85, 0), (0.85, 100), (0.85, 200), (0.85, 300)])
+    assert [r.change for r in results[:3]] == [None, None, None]
+    moves = [(r.change.from_, r.change.to) for r in results if r.change]
+    assert moves == [(0.9, 0.8), (0.8, 0.7)]
+    # A status written by an older operator with such a nudge pending (throughput_before 0) moves on.
+    stuck = TuneState.from_status(json.loads(json.dumps(results[3].status)))
+    stuck = dataclasses.replace(stuck, pending=dataclasses.replace(stuck.pending, throughput_before=0.0))
+    again = auto_tune(TUNE, {"maxPaddingRatio": 0.9}, stuck, EngineSample(0.85, 500, 1100.0))
+    assert again.state.pending is None and again.change is None
+    after = auto_tune(TUNE, {"maxPaddingRatio": 0.9}, TuneState.from_status(json.loads(json.dumps(again.status))),
+                      EngineSample(0.85, 600, 1110.0))
+    assert after.change is not None and after.change.to == 0.7
 
 
 def test_auto_tune_reads_the_padding_ratio_of_the_round_from_the_counters() -> None:

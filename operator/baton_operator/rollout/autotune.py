@@ -211,14 +211,15 @@ def auto_tune(spec: AutoTuneSpec, current: Mapping[str, float], previous: TuneSt
     throughput = round_throughput(sample, prev)
     now = _Round(sample.time, padding_ratio, throughput)
     pending, blocked, change = prev.pending, prev.blocked, None
-    # NOTE: a nudge made in a round of 0 tokens/s has throughput_before 0 and is never judged, which holds
-    # the tuner still from then on: a known flaw, kept by the restructure that made this module.
-    if pending is not None and throughput is not None and pending.throughput_before:
-        change = _verdict(spec, pending, values, now, throughput)
-        if change is not None:
-            blocked = blocked | {(pending.nudge.knob, pending.nudge.direction)}
+    if pending is not None and throughput is not None:
+        # A nudge made while nothing flowed (statuses of older operators may hold one) has no
+        # throughput to be judged against: it stands, and the tuner moves on.
+        if pending.throughput_before:
+            change = _verdict(spec, pending, values, now, throughput)
+            if change is not None:
+                blocked = blocked | {(pending.nudge.knob, pending.nudge.direction)}
         pending = None
-    elif pending is None and throughput is not None:
+    elif pending is None and throughput:  # a round without output tokens tells nothing: no nudge
         change = _next_nudge(spec, values, now, throughput, prev.last_throughput, blocked)
         if change is not None:
             pending = Pending(change, throughput)
