@@ -1,4 +1,4 @@
-"""Writing results: JSON (stable keys, see docs/benchmarks.md), a Markdown table, PNG plots."""
+"""Writing results: JSON (stable keys, see docs/benchmarks.md), the Markdown report, PNG plots, a run's files."""
 
 from __future__ import annotations
 
@@ -9,23 +9,19 @@ from typing import Any, Sequence
 
 from .metrics import RequestRecord
 
+# (header, summary key, format), in table order
 TABLE_COLUMNS = (
-    ("output tok/s", "output_tokens_per_s", "{:.1f}"),
-    ("tok/CPU-s", "output_tokens_per_cpu_s", "{:.1f}"),
-    ("req/s", "requests_per_s", "{:.3f}"),
-    ("goodput req/s", "goodput_req_per_s", "{:.3f}"),
-    ("TTFT p50 s", "ttft_p50_s", "{:.3f}"),
-    ("TTFT p95 s", "ttft_p95_s", "{:.3f}"),
-    ("TPOT p50 s", "tpot_p50_s", "{:.4f}"),
-    ("ITL p95 s", "itl_p95_s", "{:.4f}"),
-    ("E2E p50 s", "e2e_p50_s", "{:.2f}"),
-    ("E2E p95 s", "e2e_p95_s", "{:.2f}"),
-    ("E2E p99 s", "e2e_p99_s", "{:.2f}"),
-    ("done", "completed", "{}"),
+    ("output tok/s", "output_tokens_per_s", "{:.1f}"), ("tok/CPU-s", "output_tokens_per_cpu_s", "{:.1f}"),
+    ("req/s", "requests_per_s", "{:.3f}"), ("goodput req/s", "goodput_req_per_s", "{:.3f}"),
+    ("TTFT p50 s", "ttft_p50_s", "{:.3f}"), ("TTFT p95 s", "ttft_p95_s", "{:.3f}"),
+    ("TPOT p50 s", "tpot_p50_s", "{:.4f}"), ("ITL p95 s", "itl_p95_s", "{:.4f}"),
+    ("E2E p50 s", "e2e_p50_s", "{:.2f}"), ("E2E p95 s", "e2e_p95_s", "{:.2f}"),
+    ("E2E p99 s", "e2e_p99_s", "{:.2f}"), ("done", "completed", "{}"),
 )
 
 
-def _fmt(value: Any, pattern: str) -> str:
+def fmt(value: Any, pattern: str = "{:.3f}") -> str:
+    """``value`` formatted, or "-" when it is missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return pattern.format(value)
@@ -39,10 +35,10 @@ def systems_table(systems: dict[str, dict[str, Any]], baseline: str | None = "ba
         header.append(f"{baseline} speed-up")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, summary in systems.items():
-        row = [name, *[_fmt(summary.get(key), fmt) for _, key, fmt in TABLE_COLUMNS]]
+        row = [name, *[fmt(summary.get(key), pattern) for _, key, pattern in TABLE_COLUMNS]]
         if base_tps:
             tps = summary.get("output_tokens_per_s")
-            row.append(_fmt(base_tps / tps if tps else None, "{:.2f}x"))
+            row.append(fmt(base_tps / tps if tps else None, "{:.2f}x"))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -57,7 +53,7 @@ def ceiling_table(ceiling: dict[str, dict[str, float]]) -> str:
 def floors_table(floors: Sequence[dict[str, Any]]) -> str:
     lines = ["| floor | measured | target | met |", "|---|---|---|---|"]
     for f in floors:
-        measured = _fmt(f.get("measured"), "{:.3f}")
+        measured = fmt(f.get("measured"), "{:.3f}")
         met = "-" if f.get("met") is None else ("yes" if f["met"] else "NO")
         lines.append(f"| {f['name']} | {measured} | {f['target']} | {met} |")
     return "\n".join(lines)
@@ -70,7 +66,7 @@ def machine_line(result: dict[str, Any]) -> str:
     cpu = f"{host['cpu_model']}, " if host.get("cpu_model") else ""
     return (f"model `{result.get('model')}` on {result.get('device')}{gpu} ({result.get('dtype')}); "
             f"{cpu}{host.get('cpu_count')} CPUs, torch threads {host.get('torch_threads')}; "
-            f"load average at start {_fmt(host.get('load_avg_start'), '{:.2f}')}")
+            f"load average at start {fmt(host.get('load_avg_start'), '{:.2f}')}")
 
 
 def workload_line(result: dict[str, Any]) -> str:
@@ -83,8 +79,8 @@ def systems_tables(result: dict[str, Any], heading: str = "##") -> list[str]:
     parts = []
     for load in result.get("loads", {}).values():
         parts.append(f"{heading} Offered load {load['load']} "
-                     f"({_fmt(load.get('offered_rate_req_per_s'), '{:.3f}')} req/s, "
-                     f"time scale {_fmt(load.get('time_scale'), '{:.3f}')})")
+                     f"({fmt(load.get('offered_rate_req_per_s'), '{:.3f}')} req/s, "
+                     f"time scale {fmt(load.get('time_scale'), '{:.3f}')})")
         parts.append("")
         parts.append(systems_table(load["systems"], baseline))
         parts.append("")
@@ -97,66 +93,58 @@ def systems_tables(result: dict[str, Any], heading: str = "##") -> list[str]:
 def markdown_report(result: dict[str, Any]) -> str:
     """The whole report as Markdown (also what the CLI prints)."""
     parts = [f"# Baton benchmark: {result.get('title', result['workload'].get('name'))}", ""]
-    parts.append(machine_line(result))
-    parts.append("")
-    parts.append(workload_line(result))
-    parts.append("")
+    parts += [machine_line(result), "", workload_line(result), ""]
     slo = result.get("slo") or {}
-    parts.append("Goodput SLO: " + ", ".join(f"{k} <= {v}" for k, v in slo.items() if v is not None))
-    parts.append("")
-    parts.extend(systems_tables(result))
+    parts += ["Goodput SLO: " + ", ".join(f"{k} <= {v}" for k, v in slo.items() if v is not None), ""]
+    parts += systems_tables(result)
     for name, by_class in (result.get("by_priority") or {}).items():
-        parts.append(f"### {name} by priority class")
-        parts.append("")
-        parts.append(systems_table(by_class, None))
-        parts.append("")
+        parts += [f"### {name} by priority class", "", systems_table(by_class, None), ""]
+    parts += engine_section(result) + ceiling_section(result)
+    if result.get("scenario"):
+        scenario = json.dumps(result["scenario"], indent=1, default=_json_default)
+        parts += ["## Scenario", "", "```json", scenario, "```", ""]
+    if result.get("floors"):
+        parts += ["## Floors", "", floors_table(result["floors"]), ""]
+    parts += [f"- {note}" for note in result.get("notes", ())]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def engine_section(result: dict[str, Any]) -> list[str]:
+    """The engine systems' step statistics (padding, time in decode, prefill and the rest)."""
     engine = {n: s["engine"] for n, s in result["systems"].items() if s.get("engine")}
-    if engine:
-        parts.append("## Engine steps")
-        parts.append("")
-        parts.append("| system | steps | mean batch | padding (time-weighted) | padding (slot-weighted) | "
-                     "decode s | prefill s | other step s |")
-        parts.append("|---|---|---|---|---|---|---|---|")
-        for name, e in engine.items():
-            parts.append(f"| {name} | {e['steps']} | {_fmt(e['mean_batch_size'], '{:.1f}')} | "
-                         f"{_fmt(e['padding_ratio_time_weighted'], '{:.3f}')} | "
-                         f"{_fmt(e['padding_ratio_slot_weighted'], '{:.3f}')} | {e['decode_s']:.2f} | "
-                         f"{e['prefill_s']:.2f} | {e['other_s']:.2f} |")
-        parts.append("")
+    if not engine:
+        return []
+    parts = ["## Engine steps", "",
+             "| system | steps | mean batch | padding (time-weighted) | padding (slot-weighted) | "
+             "decode s | prefill s | other step s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, e in engine.items():
+        parts.append(f"| {name} | {e['steps']} | {fmt(e['mean_batch_size'], '{:.1f}')} | "
+                     f"{fmt(e['padding_ratio_time_weighted'])} | {fmt(e['padding_ratio_slot_weighted'])} | "
+                     f"{e['decode_s']:.2f} | {e['prefill_s']:.2f} | {e['other_s']:.2f} |")
+    return parts + [""]
+
+
+def ceiling_section(result: dict[str, Any]) -> list[str]:
+    """The bare-forward ceiling, the batch-16 decode step against it, and each engine's efficiency."""
+    parts = []
     if result.get("ceiling"):
-        parts.append("## Bare-forward ceiling")
-        parts.append("")
-        parts.append(ceiling_table(result["ceiling"]))
-        parts.append("")
+        parts += ["## Bare-forward ceiling", "", ceiling_table(result["ceiling"]), ""]
     if result.get("decode_step_b16"):
         c = result["decode_step_b16"]
-        parts.append(f"Decode step at batch {c['batch_size']}, context {c['context_len']}: bare forward "
-                     f"{c['bare_forward_s']:.4f} s, engine ModelRunner.decode {c['engine_decode_s']:.4f} s "
-                     f"({c['decode_vs_bare']:.3f}x), whole EngineCore.step {c['engine_step_s']:.4f} s "
-                     f"({c['step_vs_bare']:.3f}x).")
-        parts.append("")
+        parts += [f"Decode step at batch {c['batch_size']}, context {c['context_len']}: bare forward "
+                  f"{c['bare_forward_s']:.4f} s, engine ModelRunner.decode {c['engine_decode_s']:.4f} s "
+                  f"({c['decode_vs_bare']:.3f}x), whole EngineCore.step {c['engine_step_s']:.4f} s "
+                  f"({c['step_vs_bare']:.3f}x).", ""]
     for name, eff in (result.get("efficiency") or {}).items():
         if eff:
-            parts.append(f"Efficiency of {name} against the ceiling: decode {_fmt(eff.get('decode_efficiency'), '{:.2f}')}, "
-                         f"whole step {_fmt(eff.get('step_efficiency'), '{:.2f}')}, wall {_fmt(eff.get('wall_efficiency'), '{:.2f}')}, "
-                         f"throughput / ceiling at batch {eff.get('largest_batch')}: "
-                         f"{_fmt(eff.get('throughput_vs_ceiling'), '{:.2f}')}")
-            parts.append("")
-    if result.get("scenario"):
-        parts.append("## Scenario")
-        parts.append("")
-        parts.append("```json")
-        parts.append(json.dumps(result["scenario"], indent=1, default=_json_default))
-        parts.append("```")
-        parts.append("")
-    if result.get("floors"):
-        parts.append("## Floors")
-        parts.append("")
-        parts.append(floors_table(result["floors"]))
-        parts.append("")
-    for note in result.get("notes", ()):
-        parts.append(f"- {note}")
-    return "\n".join(parts).rstrip() + "\n"
+            parts += [f"Efficiency of {name} against the ceiling: "
+                      f"decode {fmt(eff.get('decode_efficiency'), '{:.2f}')}, "
+                      f"whole step {fmt(eff.get('step_efficiency'), '{:.2f}')}, "
+                      f"wall {fmt(eff.get('wall_efficiency'), '{:.2f}')}, "
+                      f"throughput / ceiling at batch {eff.get('largest_batch')}: "
+                      f"{fmt(eff.get('throughput_vs_ceiling'), '{:.2f}')}", ""]
+    return parts
 
 
 def _short(value: Any) -> str:
@@ -188,6 +176,48 @@ def records_to_json(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
              "preemptions": r.num_preemptions} for r in records]
 
 
+def write_outputs(result: dict[str, Any], runs: dict[str, Any], out: Path, *, json_path: Path | None = None,
+                  plots: bool = True, padding_plot: bool = False) -> Path:
+    """Write a run's files into ``out`` (docs/benchmarks.md) and print its report.
+
+    ``runs`` maps labels to the systems' runs (``records``, ``steps``); ``capacity...`` runs
+    are kept out of the plots. A missing matplotlib skips the plots with a note.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    result["output_dir"] = str(out)
+    write_json(result, out / "result.json")
+    if json_path:
+        write_json(result, json_path)
+    write_json({label: records_to_json(run.records) for label, run in runs.items()}, out / "requests.json")
+    steps = {label: run.steps for label, run in runs.items() if run.steps}
+    if steps:
+        write_json(steps, out / "steps.json")
+    if plots:
+        _write_plots(result, runs, steps, out, padding_plot)
+    markdown = markdown_report(result)
+    (out / "report.md").write_text(markdown)
+    print(markdown)
+    for name, r in (result.get("ratios_vs_baton") or {}).items():
+        print(f"baton vs {name}: output tok/s x{fmt(r.get('output_tokens_per_s'), '{:.2f}')}, "
+              f"e2e p95 x{fmt(r.get('e2e_p95_s'), '{:.2f}')} (baton/{name})")
+    print(f"results: {out}/ (result.json, report.md, requests.json"
+          f"{', steps.json' if steps else ''}{', *.png' if plots else ''})")
+    return out
+
+
+def _write_plots(result: dict[str, Any], runs: dict[str, Any], steps: dict[str, Any], out: Path,
+                 padding: bool) -> None:
+    try:
+        measured = {label: run.records for label, run in runs.items() if not label.startswith("capacity")}
+        plot_latency_cdfs(measured, out / "latency_cdf.png", result.get("title", ""))
+        if result.get("loads"):
+            plot_vs_load(result["loads"], out / "vs_load.png")
+        if padding:
+            plot_padding({k: v for k, v in steps.items() if not k.startswith("capacity")}, out / "padding.png")
+    except ImportError as error:
+        result.setdefault("notes", []).append(f"plots skipped: {error}")
+
+
 # --- plots --------------------------------------------------------------------------------------
 
 def _pyplot():
@@ -197,6 +227,24 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _axis(ax, xlabel: str, ylabel: str | None = None) -> None:
+    ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _save(plt, fig, path: Path, title: str | None = None) -> Path:
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_latency_cdfs(runs: dict[str, Sequence[RequestRecord]], path: Path, title: str = "") -> Path:
@@ -210,16 +258,8 @@ def plot_latency_cdfs(runs: dict[str, Sequence[RequestRecord]], path: Path, titl
                 continue
             ys = [(i + 1) / len(values) for i in range(len(values))]
             ax.step(values, ys, where="post", label=name)
-        ax.set_xlabel(label)
-        ax.set_ylabel("fraction of requests")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title or "latency CDFs")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _axis(ax, label, "fraction of requests")
+    return _save(plt, fig, path, title or "latency CDFs")
 
 
 def plot_vs_load(loads: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
@@ -237,15 +277,8 @@ def plot_vs_load(loads: dict[str, dict[str, Any]], path: Path, title: str = "") 
     axes[0].set_ylabel("output tokens/s")
     axes[1].set_ylabel("p95 end-to-end latency (s)")
     for ax in axes:
-        ax.set_xlabel("offered load (fraction of run-to-completion capacity)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title or "throughput and p95 latency vs offered load")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _axis(ax, "offered load (fraction of run-to-completion capacity)")
+    return _save(plt, fig, path, title or "throughput and p95 latency vs offered load")
 
 
 def plot_padding(step_logs: dict[str, Sequence[dict[str, float]]], path: Path) -> Path:
@@ -258,12 +291,5 @@ def plot_padding(step_logs: dict[str, Sequence[dict[str, float]]], path: Path) -
             continue
         t0 = decode[0]["t"]
         ax.plot([s["t"] - t0 for s in decode], [s["padding_ratio"] for s in decode], label=name, lw=0.8)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("padding ratio before decode")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _axis(ax, "time (s)", "padding ratio before decode")
+    return _save(plt, fig, path)

@@ -10,7 +10,9 @@ import threading
 import pytest
 
 from baton_sidecar.bench import cli, report
+from baton_sidecar.bench.inputs import BenchError, build_workload, parse_loads, token_source
 from baton_sidecar.bench.metrics import RequestRecord
+from baton_sidecar.bench.plans import compare, padding
 from baton_sidecar.bench.systems import URLSystem
 from baton_sidecar.bench.workloads import BenchRequest, Workload
 
@@ -50,16 +52,21 @@ def test_missing_trace_says_so_before_loading_anything(tmp_path, capsys):
 
 
 def test_systems_and_loads_parsing():
-    assert cli._systems(parse(), "baton,rtc") == ["baton", "rtc"]
-    assert cli._systems(parse("--url", "http://h:1"), "baton") == ["url"]
-    assert cli._systems(parse("--url", "http://h:1", "--systems", "baton"), "x") == ["baton", "url"]
-    with pytest.raises(cli.BenchError, match="unknown system"):
-        cli._systems(parse("--systems", "baton,vllm"), "")
-    assert cli._loads(parse(), "0.8") == [0.8]
-    assert cli._loads(parse("--load", "0.5,1"), None) == [0.5, 1.0]
-    with pytest.raises(cli.BenchError):
-        cli._loads(parse("--load", "x"), None)
-    assert cli._padding_settings("1.0:off,0.6:on,0.3") == [(1.0, False), (0.6, True), (0.3, False)]
+    assert compare.parse_systems(None, None, "baton,rtc") == ["baton", "rtc"]
+    assert compare.parse_systems(None, "http://h:1", "baton") == ["url"]
+    assert compare.parse_systems("baton", "http://h:1", "x") == ["baton", "url"]
+    with pytest.raises(BenchError, match="unknown system"):
+        compare.parse_systems("baton,vllm", None, "")
+    with pytest.raises(BenchError, match="listed twice"):
+        compare.parse_systems("baton,baton", None, "")
+    assert parse_loads(None, "0.8") == [0.8]
+    assert parse_loads("0.5,1", None) == [0.5, 1.0]
+    assert parse_loads(None, None) is None
+    with pytest.raises(BenchError):
+        parse_loads("x", None)
+    assert padding.parse_settings("1.0:off,0.6:on,0.3") == [(1.0, False), (0.6, True), (0.3, False)]
+    assert [padding.label(v, b) for v, b in [(1.0, False), (0.6, True), (0.25, True)]] == [
+        "pad1.0_nobucket", "pad0.6_bucket", "pad0.25_bucket"]
 
 
 def _records(n: int, offset: float) -> list[RequestRecord]:
@@ -180,38 +187,6 @@ def test_tiny_real_model_run_writes_documented_keys(tmp_path, real_model, monkey
         assert (out / name).is_file(), name
 
 
-class _FakeSystem:
-    """Finishes every request after ``delays.pop(0)`` seconds (no model)."""
-
-    def __init__(self, name, delays, order):
-        self.name, self.delays, self.order = name, delays, order
-
-    def run(self, workload, progress):
-        from baton_sidecar.bench.systems import SystemRun
-
-        self.order.append(self.name)
-        delay = self.delays.pop(0)
-        records = []
-        for r in workload.requests:
-            rec = RequestRecord(r.index, 0.0, r.prompt_len, r.max_tokens)
-            rec.token_times_s = [delay] * r.max_tokens
-            rec.finished_s, rec.output_tokens = delay, r.max_tokens
-            records.append(rec)
-        return SystemRun(self.name, records, cpu_s=1.0, wall_s=delay)
-
-
-def test_repeat_rotates_the_order_and_keeps_the_median_run():
-    bench = cli.Bench(parse("--repeat", "3", "--no-progress"))
-    order: list[str] = []
-    fakes = {"a": _FakeSystem("a", [1.0, 4.0, 2.0], order), "b": _FakeSystem("b", [1.0, 1.0, 1.0], order)}
-    workload = Workload("w", [BenchRequest(0, (1, 2), 4)])
-    out = bench.run_rounds(fakes, workload)
-    assert order == ["a", "b", "b", "a", "a", "b"]
-    assert out["a"]["repeats"] == [4.0, 1.0, 2.0]
-    assert out["a"]["output_tokens_per_s"] == 2.0  # the median run
-    assert set(bench.runs) == {"a", "b"}
-
-
 @pytest.mark.model
 def test_tiny_scenarios_write_their_summaries(tmp_path, real_model, monkeypatch):
     from baton_sidecar.bench import cli as bench_cli
@@ -242,13 +217,12 @@ def test_tiny_scenarios_write_their_summaries(tmp_path, real_model, monkeypatch)
 def test_synthetic_fallback_when_the_data_is_absent(tmp_path, capsys):
     from tiny import tiny_tokenizer
 
-    bench = cli.Bench(parse("trace", "--data-dir", str(tmp_path), "--synthetic-fallback", "-n", "10"))
-    bench.tokenizer = tiny_tokenizer()
-    source = cli._token_source(bench)
-    workload = cli.build_workload(bench, "trace", source)
+    options = cli.workload_options(parse("trace", "--data-dir", str(tmp_path), "--synthetic-fallback", "-n", "10"))
+    notes: list[str] = []
+    source = token_source(tiny_tokenizer(), options, notes)
+    workload = build_workload("trace", options, tiny_tokenizer(), source, notes)
     assert len(workload.requests) == 10 and workload.description["source"].startswith("synthetic")
-    assert any("absent" in note for note in bench.notes) and "warning" in capsys.readouterr().err
-    strict = cli.Bench(parse("trace", "--data-dir", str(tmp_path)))
-    strict.tokenizer = tiny_tokenizer()
-    with pytest.raises(cli.BenchError, match="--synthetic-fallback"):
-        cli._token_source(strict)
+    assert any("absent" in note for note in notes) and "warning" in capsys.readouterr().err
+    strict = cli.workload_options(parse("trace", "--data-dir", str(tmp_path)))
+    with pytest.raises(BenchError, match="--synthetic-fallback"):
+        token_source(tiny_tokenizer(), strict, [])

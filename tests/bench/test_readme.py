@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from baton_sidecar.bench import cli, readme, report
+from baton_sidecar.bench.runner import Plan, Runner, base_result, command_line
 from baton_sidecar.bench.metrics import RequestRecord, summarize
 from baton_sidecar.bench.workloads import BenchRequest, Workload
 
@@ -162,15 +163,15 @@ def test_the_repository_readme_has_one_marked_section():
     (["baton-sidecar", "bench", "--model", "/models/my model"], "baton-sidecar bench --model '/models/my model'"),
 ])
 def test_command_line(argv, command):
-    assert cli.command_line(argv) == command
+    assert command_line(argv) == command
 
 
 def test_result_records_argv_command_and_machine(monkeypatch):
     parser = argparse.ArgumentParser()
     cli.add_bench_arguments(parser)
-    bench = cli.Bench(parser.parse_args(["--threads", "1"]))
+    runner = Runner(cli.run_options(parser.parse_args(["--threads", "1"])))
     argv = ["/venv/bin/baton-sidecar", "bench", "offline", "--threads", "1"]
     monkeypatch.setattr(sys, "argv", argv)
-    result = cli._base_result(bench, "offline", Workload("w", [BenchRequest(0, (1, 2), 3)]))
+    result = base_result(runner, Plan("offline", "offline", {}, Workload("w", [BenchRequest(0, (1, 2), 3)])))
     assert result["argv"] == argv and result["command"] == "baton-sidecar bench offline --threads 1"
     assert {"cpu_model", "cpu_count", "torch_threads", "load_avg_start", "gpu"} <= set(result["host"])
