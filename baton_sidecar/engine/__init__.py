@@ -4,8 +4,9 @@ from .core import EngineCore, EngineStats
 from .engine import AsyncEngine, RequestStream
 from .request import (AdmissionError, Request, RequestOutput, RequestStatus, RequestValidationError,
                       SamplingParams, TokenLogprob)
+from .step import StepRecord
 
 __all__ = [
     "AdmissionError", "AsyncEngine", "EngineCore", "EngineStats", "Request", "RequestOutput",
-    "RequestStatus", "RequestStream", "RequestValidationError", "SamplingParams", "TokenLogprob",
+    "RequestStatus", "RequestStream", "RequestValidationError", "SamplingParams", "StepRecord", "TokenLogprob",
 ]

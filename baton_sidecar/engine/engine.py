@@ -1,7 +1,8 @@
 """The asyncio-facing engine: submit, stream, cancel. Model work runs on its own thread.
 
-The event loop only validates and enqueues; the engine thread drains its inbox between
-steps, runs ``EngineCore.step`` and hands outputs back with ``call_soon_threadsafe``.
+The event loop validates and admits (``admission.py``: the whole rule is decided in
+``submit``) and enqueues; the engine thread drains its inbox between steps, runs
+``EngineCore.step`` and hands outputs back with ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import threading
 import time
 import uuid
 from collections import Counter
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ..config import EngineConfig, PolicyConfig
 from ..model import LoadedModel, load_model
+from .admission import QueueCount, check_shape, resolve_class, tokenize_prompt
 from .core import EngineCore, EngineStats
 from .request import AdmissionError, Request, RequestOutput, RequestValidationError, SamplingParams
-from .scheduler import projected_peak_slots, queue_admits
+from .step import StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class AsyncEngine:
         self._accepting = False
         self._ready = False
         self._refusals: Counter[str] = Counter()
+        self._queue = QueueCount()  # accepted, not yet started (see admission.py)
+        self._started_seen = 0  # core.started_total already taken off the count
         self._ids = itertools.count()
         self._stats = EngineStats()
         self._policy = self.core.policy
@@ -133,24 +137,28 @@ class AsyncEngine:
     def submit(self, prompt: str | list[int], params: SamplingParams, *, request_id: str | None = None,
                priority: int | None = None, sla_class: str | None = None,
                deadline_s: float | None = None) -> RequestStream:
-        """Validate and admit a request, or raise ``RequestValidationError`` / ``AdmissionError``."""
+        """Validate and admit a request, or raise ``RequestValidationError`` / ``AdmissionError``.
+
+        The whole admission rule (``admission.py``): shutting down (503); what no wait can
+        change, against the current policy (400); queue capacity from one count of accepted,
+        unstarted requests (429). Nothing later refuses a request.
+        """
         if not self._accepting:
             self._refuse("shutting_down")
             raise AdmissionError("shutting_down", "the engine is not accepting requests")
         policy = self._policy
-        token_ids = self._tokenize(prompt)
-        priority, deadline = self._resolve_class(policy, priority, sla_class, deadline_s)
+        token_ids = tokenize_prompt(self.tokenizer, prompt, self.max_model_len)
+        priority, deadline = resolve_class(policy, priority, sla_class, deadline_s)
         max_tokens = params.max_tokens or max(1, self.max_model_len - len(token_ids))
-        self._check_fits(policy, token_ids, max_tokens)
-        with self._lock:
-            waiting = self._stats.waiting + sum(1 for kind, _ in self._inbox if kind == "add")
-        if not queue_admits(waiting, policy.limits.max_queue, priority):
-            self._refuse("queue_full")
-            raise AdmissionError("queue_full", f"the waiting queue is full ({policy.limits.max_queue})",
-                                 retry_after_s=1.0)
         request_id = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
         if request_id in self._streams:
             raise RequestValidationError("request_id", f"{request_id!r} is already in flight")
+        try:
+            check_shape(len(token_ids), max_tokens, self.max_model_len, policy.limits)
+            self._queue.enter(policy.limits, priority)
+        except AdmissionError as refusal:
+            self._refuse(refusal.reason)
+            raise
         request = Request(request_id, token_ids, params, max_tokens, priority=priority,
                           sla_class=sla_class, deadline=deadline)
         stream = RequestStream(request_id, self)
@@ -190,59 +198,10 @@ class AsyncEngine:
         """The engine thread's latest snapshot, with refusals counted up to now."""
         return dataclasses.replace(self._stats, refusals_by_reason=dict(self._refusals))
 
-    # --- validation helpers ---------------------------------------------------------------------
-
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise RequestValidationError("prompt", "must not be empty")
-            token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-            if not token_ids:  # only characters the tokenizer drops (SmolLM2: \x04, \x1d, ...)
-                raise RequestValidationError("prompt", "encodes to no tokens")
-        elif isinstance(prompt, (list, tuple)):
-            token_ids = list(prompt)
-            vocab = len(self.tokenizer)
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in token_ids):
-                raise RequestValidationError("prompt", f"token ids must be integers in [0, {vocab})")
-        else:
-            raise RequestValidationError("prompt", "must be a string or a list of token ids")
-        if not token_ids:
-            raise RequestValidationError("prompt", "must not be empty")
-        if len(token_ids) >= self.max_model_len:
-            raise RequestValidationError(
-                "prompt", f"{len(token_ids)} tokens is longer than the model's context ({self.max_model_len})")
-        return token_ids
-
-    @staticmethod
-    def _resolve_class(policy: PolicyConfig, priority: int | None, sla_class: str | None,
-                       deadline_s: float | None) -> tuple[int, float | None]:
-        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-            raise RequestValidationError("priority", "must be an integer")
-        deadline = None
-        if sla_class is not None:
-            sla = policy.sla_classes.get(sla_class)
-            if sla is None:
-                raise RequestValidationError(
-                    "sla_class", f"unknown class {sla_class!r}; known: {sorted(policy.sla_classes)}")
-            priority = sla.priority if priority is None else priority
-            if sla.e2e_ms is not None:
-                deadline = time.monotonic() + sla.e2e_ms / 1000
-        if deadline_s is not None:
-            if not isinstance(deadline_s, (int, float)) or deadline_s <= 0:
-                raise RequestValidationError("deadline_s", "must be a positive number of seconds")
-            deadline = time.monotonic() + deadline_s
-        return (0 if priority is None else priority), deadline
-
-    def _check_fits(self, policy: PolicyConfig, token_ids: list[int], max_tokens: int) -> None:
-        total = len(token_ids) + max_tokens
-        if total > self.max_model_len:
-            raise RequestValidationError(
-                "max_tokens", f"prompt ({len(token_ids)}) + max_tokens ({max_tokens}) exceeds the "
-                              f"model's context ({self.max_model_len})")
-        if projected_peak_slots([(len(token_ids), max_tokens)]) > policy.limits.max_kv_tokens:
-            self._refuse("too_large")
-            raise AdmissionError("too_large", f"prompt + max_tokens ({total}) can never fit the KV-token "
-                                              f"budget ({policy.limits.max_kv_tokens})")
+    def observe_steps(self, observer: Callable[[StepRecord], None] | None) -> None:
+        """Call ``observer`` on the engine thread after every step with its ``StepRecord``
+        (None stops it). It must be quick: the next step waits for it."""
+        self.core.step_observer = observer
 
     def _refuse(self, reason: str) -> None:
         self._refusals[reason] += 1
@@ -273,6 +232,9 @@ class AsyncEngine:
                     log.exception("engine step failed")
                     outputs.extend(self.core.fail_all(f"engine step failed: {error}"))
             self._stats = self.core.stats()
+            started = self.core.started_total
+            self._queue.leave(started - self._started_seen)  # they no longer count against the queue
+            self._started_seen = started
             if outputs:
                 self._publish(outputs)
             if not self.core.has_work():

@@ -93,14 +93,10 @@ class BatchKVCache:
         return self.rows * self.length
 
     def num_real_tokens(self) -> int:
+        """The mask's count of real tokens: a reduction (and a device sync on CUDA), so the
+        engine counts from row positions instead (``ModelRunner.num_cached_tokens``); tests
+        check that the two agree."""
         return int(self.live_mask().sum()) if self.rows else 0
-
-    def padding_ratio(self) -> float:
-        slots = self.num_slots()
-        return 0.0 if slots == 0 else 1.0 - self.num_real_tokens() / slots
-
-    def row_lengths(self) -> torch.Tensor:
-        return self.live_mask().sum(dim=1)  # [B]
 
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values)) + self.mask.numel()

@@ -174,9 +174,16 @@ class RequestOutput:
     events: tuple[tuple[str, float], ...] = ()  # (name, monotonic time): queued, prefilled, preempted, ...
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: membership tests never compare token lists
 class Request:
-    """A request's full state inside the engine (owned by the engine thread)."""
+    """A request's full state inside the engine (owned by the engine thread).
+
+    ``num_computed_tokens`` counts the tokens whose K/V the engine holds: prefill (whole, or
+    chunk by chunk) raises it to ``num_prefill_tokens``, each decode step adds one, a
+    recompute preemption resets it to 0 (a swap keeps it: the K/V waits on host memory).
+    While the request has a row in the batch it is ``num_tokens - 1``: the last sampled
+    token is pending, fed at the next decode step.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -189,6 +196,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    num_computed_tokens: int = 0
     error: str | None = None
 
     @property
@@ -202,6 +210,17 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens a (re)prefill computes: the prompt, or after a recompute preemption
+        everything but the pending last token."""
+        return self.num_tokens - 1 if self.output_token_ids else len(self.prompt_token_ids)
+
+    def prefill_token_ids(self, start: int = 0, stop: int | None = None) -> list[int]:
+        """Tokens ``[start, stop)`` of what a prefill computes (see ``num_prefill_tokens``)."""
+        stop = self.num_prefill_tokens if stop is None else stop
+        return self.all_token_ids[start:stop]
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

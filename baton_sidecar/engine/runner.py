@@ -1,9 +1,13 @@
 """Model work on the running batch: prefill newcomers apart, embed them, decode, split rows off.
 
 Every method that touches the cache runs under ``torch.inference_mode`` (the buffers are
-inference tensors). The runner knows rows and tensors, not scheduling: it is told what to do by the engine
-core and never calls back into the scheduler. All attention inputs (mask, positions,
-cache views) are built here and in ``kv_cache``.
+inference tensors). The runner knows rows and tensors, not scheduling: the engine core
+executes the scheduler's plan through it, and it never calls the scheduler. All attention
+inputs (mask, positions, cache views) are built here and in ``kv_cache``.
+
+State: the batch (``cache`` plus per-row ``row_ids``, ``next_tokens``, ``positions``, all
+index-aligned) and, apart from it, one ``DynamicCache`` per prompt whose chunked prefill is
+under way (``chunks``).
 """
 
 from __future__ import annotations
@@ -26,16 +30,6 @@ class Prefilled:
     values: list[torch.Tensor]
     mask: torch.Tensor
     last_logits: torch.Tensor  # [n, V] logits at each row's last prompt token
-
-
-@dataclass
-class ChunkedPrefill:
-    """A long prompt prefilled over several steps in its own cache (``done`` tokens so far)."""
-
-    request: object  # the Request; typed loosely to keep the runner free of scheduling types
-    tokens: list[int]
-    done: int = 0
-    cache: DynamicCache | None = None
 
 
 @dataclass
@@ -64,6 +58,7 @@ class ModelRunner:
         self.next_tokens: list[int] = []  # the token each row feeds at the next decode step
         self.positions: list[int] = []  # that token's position (= real tokens before it)
         self.padded_rows = dict(padded_rows or {})
+        self.chunks: dict[str, DynamicCache] = {}  # request id -> its chunked prefill's cache so far
 
     @property
     def num_rows(self) -> int:
@@ -72,6 +67,11 @@ class ModelRunner:
     def num_cached_tokens(self) -> int:
         """Real tokens in the cache: ``cache.num_real_tokens()`` without reducing the mask."""
         return sum(self.positions)  # a row's position = its cached tokens
+
+    def padding_ratio(self) -> float:
+        """Share of the live window's slots that are padding (from positions: no mask reduction)."""
+        slots = self.cache.num_slots()
+        return 0.0 if slots == 0 else 1.0 - self.num_cached_tokens() / slots
 
     def row_of(self, request_id: str) -> int:
         return self.row_ids.index(request_id)
@@ -97,22 +97,37 @@ class ModelRunner:
         return Prefilled(request_ids, keys, values, mask, out.logits[:, -1, :])
 
     @torch.inference_mode()
-    def prefill_chunk(self, state: ChunkedPrefill, chunk_size: int) -> Prefilled | None:
-        """Prefill the next ``chunk_size`` tokens of ``state``; returns ``Prefilled`` after the last."""
-        if state.cache is None:
-            state.cache = DynamicCache(config=self.model.config)
-        start, stop = state.done, min(state.done + chunk_size, len(state.tokens))
-        input_ids = torch.tensor([state.tokens[start:stop]], device=self.device)
+    def prefill_chunk(self, request_id: str, tokens: list[int], start: int, last: bool) -> Prefilled | None:
+        """Prefill prompt tokens ``[start, start + len(tokens))`` in the request's own cache.
+
+        Returns ``Prefilled`` (mask ``[1, P]``) after the ``last`` chunk, which also drops the
+        request's entry in ``chunks``; None before that.
+        """
+        cache = self.chunks.get(request_id) if start else None
+        if cache is None:
+            cache = self.chunks[request_id] = DynamicCache(config=self.model.config)
+        assert cache.get_seq_length() == start, "chunks must arrive in order"
+        stop = start + len(tokens)
+        input_ids = torch.tensor([tokens], device=self.device)  # [1, C]
         positions = torch.arange(start, stop, device=self.device)[None, :]
         mask = torch.ones(1, stop, dtype=torch.long, device=self.device)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=state.cache, use_cache=True, logits_to_keep=1)
-        state.done = stop
-        if stop < len(state.tokens):
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if not last:
             return None
-        layers = state.cache.layers
-        return Prefilled([state.request.request_id], [layer.keys for layer in layers],
-                         [layer.values for layer in layers], mask.bool(), out.logits[:, -1, :])
+        del self.chunks[request_id]
+        return Prefilled([request_id], [layer.keys for layer in cache.layers],
+                         [layer.values for layer in cache.layers], mask.bool(), out.logits[:, -1, :])
+
+    def drop_chunk(self, request_id: str) -> None:
+        self.chunks.pop(request_id, None)
+
+    def discard(self, request_id: str) -> None:
+        """Drop a request's K/V wherever it is: its row, or its unfinished chunked prefill."""
+        if request_id in self.chunks:
+            self.drop_chunk(request_id)
+        else:
+            self.remove([request_id])
 
     @torch.inference_mode()
     def embed(self, prefilled: Prefilled, rows: list[int], next_tokens: list[int]) -> None:
@@ -194,14 +209,7 @@ class ModelRunner:
         return self.cache.shrink_if_sparse(min_utilisation)
 
     def reset(self) -> None:
-        """Drop every row and the cache buffers."""
+        """Drop every row, the cache buffers and every chunked prefill."""
         self.cache.release()
         self.row_ids, self.next_tokens, self.positions = [], [], []
-
-    # --- accounting ---------------------------------------------------------------------------
-
-    def slots_after_insert(self, widths: list[int]) -> int:
-        """Padded slots the batch would hold after embedding rows of the given lengths."""
-        if not widths:
-            return self.cache.num_slots()
-        return (self.num_rows + len(widths)) * max(self.cache.length, max(widths))
+        self.chunks.clear()

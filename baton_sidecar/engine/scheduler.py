@@ -1,33 +1,35 @@
-"""Who runs next: waiting order, admission, preemption victims, as a plan per step.
+"""Who runs next: waiting order, admission into the batch, preemption victims, as a plan per step.
 
-Each engine step is plan -> execute -> apply. ``Scheduler.schedule`` returns a ``StepPlan``
-(who is preempted, resumed from host memory, or prefilled and embedded); the engine core
-executes it with the runner and applies the results. Every decision is a small pure
-function below, so unit tests drive them without a model.
+Each engine step is plan -> execute -> apply, as in vLLM v1 (see ``step.py``)::
+
+    plan   = scheduler.schedule(now, batch)               # StepPlan: the whole decision
+             the core executes it on the runner           # never calls back in here
+    update = scheduler.update_from_output(plan, results)  # every state change, in one place
+
+Between steps the scheduler owns request state: the queues below, each request's status,
+preemption count and computed-token count. Each decision is a small pure function, so unit
+tests drive them without a model. ``RunToCompletionScheduler`` is the static-batching
+baseline, the same interface with its own rules.
+
+Queues (a request is in at most one)::
+
+    waiting     new and recompute-preempted requests           (no K/V)
+    swapped     swap-preempted; their K/V wait on host memory
+    prefilling  admitted, chunked prefill under way, no row yet (oldest first)
+    running     rows of the batch
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import PolicyConfig
-from .request import Request, RequestStatus
-
-
-@dataclass
-class StepPlan:
-    preempt: list[Request] = field(default_factory=list)  # split off the batch this step
-    preemption_mode: str = "off"  # how: swap (K/V to host) or recompute (drop K/V)
-    resume: list[Request] = field(default_factory=list)  # swapped rows to embed back
-    prefill: list[Request] = field(default_factory=list)  # new or recompute-resumed requests
-
-    @property
-    def empty(self) -> bool:
-        return not (self.preempt or self.resume or self.prefill)
-
+from .request import Request, RequestOutput, RequestStatus
+from .step import Preemption, PrefillChunk, StepPlan, StepResults, StepUpdate
 
 # --- pure decisions -----------------------------------------------------------------------
+
 
 def effective_priority(request: Request, now: float, aging_s: float) -> int:
     """Priority after aging: one level more urgent per ``aging_s`` seconds of waiting."""
@@ -74,23 +76,25 @@ def projected_peak_slots(rows: list[tuple[int, int]], rows_leave: bool = True) -
     return peak
 
 
-def queue_admits(waiting: int, max_queue: int, priority: int) -> bool:
-    """Bounded queue that refuses low-urgency work first.
-
-    Urgent requests (priority <= 0) may fill the queue; others are refused once it is
-    80% full, keeping headroom for urgent arrivals.
-    """
-    limit = max_queue if priority <= 0 else max(1, int(max_queue * 0.8))
-    return waiting < limit
-
-
 def padding_ratio_after(real_tokens: int, rows: int, length: int, new_len: int) -> float:
     """Padding ratio of the batch after embedding one row of ``new_len`` tokens."""
     slots = (rows + 1) * max(length, new_len)
     return 1.0 - (real_tokens + new_len) / slots
 
 
-# --- the scheduler ------------------------------------------------------------------------
+def next_chunk(request: Request, limit: int) -> PrefillChunk:
+    """The next ``limit`` tokens of a prompt too long for one step, from its computed count."""
+    start, total = request.num_computed_tokens, request.num_prefill_tokens
+    stop = min(start + limit, total)
+    return PrefillChunk(request, start, stop, last=stop == total)
+
+
+def _row(request: Request) -> tuple[int, int]:
+    """``(length, remaining steps)``: a request's row as ``projected_peak_slots`` sees it."""
+    return request.num_tokens, request.max_tokens - len(request.output_token_ids)
+
+
+# --- budgets --------------------------------------------------------------------------------
 
 @dataclass
 class BatchView:
@@ -99,7 +103,6 @@ class BatchView:
     rows: int = 0
     length: int = 0  # live columns
     real_tokens: int = 0
-    prefill_reserved: int = 0  # prefill tokens this step already owes to a chunked prompt
 
 
 UNLIMITED = 1 << 62
@@ -139,81 +142,89 @@ class PrefillBudget:
             self.group_width = max(self.group_width, width)
 
 
-class Scheduler:
-    def __init__(self, policy: PolicyConfig, run_to_completion: bool = False) -> None:
-        self.policy = policy
-        self.run_to_completion = run_to_completion
-        self.waiting: list[Request] = []  # new and recompute-preempted requests
-        self.swapped: list[Request] = []  # swap-preempted; their K/V is on host memory
-        self.running: dict[str, Request] = {}
+# --- the scheduler ------------------------------------------------------------------------
 
-    # --- bookkeeping -------------------------------------------------------------------------
+class Scheduler:
+    """Iteration-level re-batching: newcomers join a running batch, finished rows leave at once."""
+
+    rows_leave = True  # finished rows leave the batch in the step they finish
+
+    def __init__(self, policy: PolicyConfig) -> None:
+        self.policy = policy
+        self.waiting: list[Request] = []
+        self.swapped: list[Request] = []
+        self.prefilling: dict[str, Request] = {}
+        self.running: dict[str, Request] = {}
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def remove(self, request: Request) -> None:
-        """Forget a request wherever it is (finished or cancelled)."""
-        self.running.pop(request.request_id, None)
-        if request in self.waiting:
-            self.waiting.remove(request)
-        if request in self.swapped:
-            self.swapped.remove(request)
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.swapped or self.prefilling or self.running)
 
     @property
-    def num_waiting(self) -> int:
-        return len(self.waiting) + len(self.swapped)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.swapped or self.running)
+    def num_running(self) -> int:
+        """Requests holding or being given a row (chunked prefills under way included)."""
+        return len(self.running) + len(self.prefilling)
 
     @property
     def prefill_token_limit(self) -> int:
-        """Prefill tokens per step. Run-to-completion forms each batch from everything that
-        fits, in one prefill, as static batching does: a budget would shrink its batches."""
-        return UNLIMITED if self.run_to_completion else self.policy.limits.max_prefill_tokens
+        """Prefill tokens per step; a prompt longer than this is prefilled in chunks of it."""
+        return self.policy.limits.max_prefill_tokens
 
     # --- planning ---------------------------------------------------------------------------
 
     def schedule(self, now: float, batch: BatchView) -> StepPlan:
-        limits = self.policy.limits
-        plan = StepPlan(preemption_mode=self.policy.preemption.mode)
-        if self.run_to_completion and self.running:
-            return plan  # nothing joins a run-to-completion batch midway
+        plan = StepPlan()
+        limit = self.prefill_token_limit
+        ongoing = next(iter(self.prefilling.values()), None)
+        admitted: list[Request] = []
+        if self.waiting or self.swapped:
+            owed = next_chunk(ongoing, limit) if ongoing is not None else None
+            budget = PrefillBudget(limit, 0 if owed is None else owed.stop - owed.start)
+            admitted = self._admit(now, batch, plan, budget)
+        # Chunking is decided here, once, from what is left to compute.
+        plan.prefill = [r for r in admitted if r.num_prefill_tokens <= limit]
+        preempted = {p.request for p in plan.preempt}
+        chunk_order = [*self.prefilling.values(), *(r for r in admitted if r.num_prefill_tokens > limit)]
+        plan.chunk = next((next_chunk(r, limit) for r in chunk_order if r not in preempted), None)
+        plan.decode = [r for r in self.running.values() if r not in preempted] + plan.resume
+        return plan
 
-        running = list(self.running.values())
-        rows = [(r.num_tokens, r.max_tokens - len(r.output_token_ids)) for r in running]
+    def _admit(self, now: float, batch: BatchView, plan: StepPlan, budget: PrefillBudget) -> list[Request]:
+        """Admit waiting and swapped requests in order while they fit, preempting for them.
+
+        Fills ``plan.preempt`` and ``plan.resume``; returns the requests to prefill (new or
+        recompute-resumed). The head of the line that cannot fit stops admission: order is kept.
+        """
+        present = [*self.running.values(), *self.prefilling.values()]  # holding or getting a row
+        rows = [_row(r) for r in present]
+        admitted: list[Request] = []
         batch_rows, batch_len, real_tokens = batch.rows, batch.length, batch.real_tokens
-        budget = PrefillBudget(self.prefill_token_limit, batch.prefill_reserved)
         for candidate in self._candidates(now, batch_len):
             swapped = candidate in self.swapped
-            width = candidate.num_tokens
-            if not swapped and not budget.admits(width):
+            if not swapped and not budget.admits(candidate.num_prefill_tokens):
                 break  # prefill budget for this step is spent
-            if self._held_back_for_padding(candidate, now, batch_rows, batch_len, real_tokens, running):
+            if self._held_back_for_padding(candidate, now, batch_rows, batch_len, real_tokens, present):
                 continue
-            entry = (width, candidate.max_tokens - len(candidate.output_token_ids))
-            while not self._fits(rows + [entry], len(running) + 1):
-                victim = None
-                if plan.preemption_mode != "off" and not self.run_to_completion:
-                    already_running = [r for r in running if r not in plan.prefill and r not in plan.resume]
-                    victim = choose_victim(already_running, candidate,
-                                           self.policy.preemption.max_preemptions_per_request)
+            entry = _row(candidate)
+            while not self._fits(rows + [entry], len(present) + 1):
+                victim = self._victim(present, candidate, plan, admitted)
                 if victim is None:
-                    return plan  # head of line can't fit: keep order, try next step
-                running.remove(victim)
-                rows = [(r.num_tokens, r.max_tokens - len(r.output_token_ids)) for r in running]
-                plan.preempt.append(victim)
+                    return admitted  # head of line can't fit: keep order, try next step
+                present.remove(victim)
+                rows = [_row(r) for r in present]
+                plan.preempt.append(Preemption(victim, self._preemption_mode(victim)))
                 batch_rows -= 1
                 real_tokens -= victim.num_tokens
-            (plan.resume if swapped else plan.prefill).append(candidate)
-            running.append(candidate)
+            (plan.resume if swapped else admitted).append(candidate)
+            present.append(candidate)
             rows.append(entry)
             if not swapped:
-                budget.add(width)
-            batch_rows, batch_len = batch_rows + 1, max(batch_len, width)
-            real_tokens += width
-        return plan
+                budget.add(candidate.num_prefill_tokens)
+            batch_rows, batch_len = batch_rows + 1, max(batch_len, candidate.num_tokens)
+            real_tokens += candidate.num_tokens
+        return admitted
 
     def _candidates(self, now: float, batch_len: int) -> list[Request]:
         aging = self.policy.aging_s
@@ -227,12 +238,24 @@ class Scheduler:
     def _fits(self, rows: list[tuple[int, int]], batch_size: int) -> bool:
         limits = self.policy.limits
         return (batch_size <= limits.max_batch_size
-                and projected_peak_slots(rows, rows_leave=not self.run_to_completion) <= limits.max_kv_tokens)
+                and projected_peak_slots(rows, rows_leave=self.rows_leave) <= limits.max_kv_tokens)
+
+    def _victim(self, present: list[Request], candidate: Request, plan: StepPlan,
+                admitted: list[Request]) -> Request | None:
+        """Who to split off for ``candidate``; never a request admitted in this same plan."""
+        if self.policy.preemption.mode == "off":
+            return None
+        earlier = [r for r in present if r not in admitted and r not in plan.resume]
+        return choose_victim(earlier, candidate, self.policy.preemption.max_preemptions_per_request)
+
+    def _preemption_mode(self, victim: Request) -> str:
+        # A prompt whose chunked prefill is under way has no row to swap: it starts over.
+        return "recompute" if victim.request_id in self.prefilling else self.policy.preemption.mode
 
     def _held_back_for_padding(self, candidate: Request, now: float, rows: int, length: int,
                                real_tokens: int, running: list[Request]) -> bool:
         """Length-aware admission: don't let a non-urgent newcomer bloat the padding."""
-        if rows == 0 or self.run_to_completion:
+        if rows == 0:
             return False
         if running and candidate.priority < min(r.priority for r in running):
             return False  # more urgent than everything running
@@ -241,18 +264,143 @@ class Scheduler:
         ratio = padding_ratio_after(real_tokens, rows, length, candidate.num_tokens)
         return ratio > self.policy.padding.max_padding_ratio
 
-    # --- applying a plan --------------------------------------------------------------------
+    # --- applying a step ----------------------------------------------------------------------
 
-    def on_preempted(self, request: Request, mode: str) -> None:
+    def update_from_output(self, plan: StepPlan, results: StepResults) -> StepUpdate:
+        """Apply an executed plan to request state: the only state change a step makes here."""
+        for preemption in plan.preempt:
+            self._requeue(preemption)
+        for request in (*plan.resume, *results.joined):
+            self._to_running(request)
+        chunk = plan.chunk
+        if chunk is not None and not chunk.request.status.finished:
+            chunk.request.num_computed_tokens = chunk.stop
+            if not chunk.last:
+                self._to_prefilling(chunk.request)
+        for request in (*plan.decode, *results.joined):
+            request.num_computed_tokens = request.num_tokens - 1  # a row caches all but its pending token
+        return self._settle(results)
+
+    def _settle(self, results: StepResults) -> StepUpdate:
+        """Finished requests are forgotten; those with a row leave the batch now."""
+        leave = [r for r in results.finished if r.request_id in self.running]
+        for request in results.finished:
+            self._forget(request)
+        return StepUpdate(leave, results.outputs)
+
+    def finish_requests(self, requests: list[Request]) -> list[Request]:
+        """Between steps (cancellation): forget them; returns those whose row leaves now."""
+        leave = [r for r in requests if r.request_id in self.running]
+        for request in requests:
+            self._forget(request)
+        return leave
+
+    def reset(self) -> list[RequestOutput]:
+        """Forget every request (after an unexpected step failure); returns held outputs."""
+        self.waiting, self.swapped, self.prefilling, self.running = [], [], {}, {}
+        return []
+
+    def _requeue(self, preemption: Preemption) -> None:
+        request = preemption.request
         self.running.pop(request.request_id, None)
+        self.prefilling.pop(request.request_id, None)
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
-        (self.swapped if mode == "swap" else self.waiting).append(request)
+        if preemption.mode == "swap":
+            self.swapped.append(request)
+        else:
+            request.num_computed_tokens = 0
+            self.waiting.append(request)
 
-    def on_running(self, request: Request) -> None:
+    def _leave_queues(self, request: Request) -> None:
         if request in self.waiting:
             self.waiting.remove(request)
         if request in self.swapped:
             self.swapped.remove(request)
+
+    def _to_prefilling(self, request: Request) -> None:
+        self._leave_queues(request)
         request.status = RequestStatus.RUNNING
+        self.prefilling[request.request_id] = request
+
+    def _to_running(self, request: Request) -> None:
+        self._leave_queues(request)
+        self.prefilling.pop(request.request_id, None)
+        if not request.status.finished:  # it may have joined and finished in the same step
+            request.status = RequestStatus.RUNNING
         self.running[request.request_id] = request
+
+    def _forget(self, request: Request) -> None:
+        self._leave_queues(request)
+        self.prefilling.pop(request.request_id, None)
+        self.running.pop(request.request_id, None)
+
+
+class RunToCompletionScheduler(Scheduler):
+    """The static-batching baseline (``EngineConfig.batching == "run_to_completion"``).
+
+    - Each batch is formed from everything that fits, prefilled at once: a per-step prefill
+      budget would shrink its batches. KV admission assumes no row leaves early.
+    - Nothing joins a running batch; nobody is preempted; padding holds nobody back.
+    - Finished rows ride along until the longest is done: they stay in ``running`` and in
+      the batch (the core discards their tokens). Their final outputs (stop, length) are
+      held and delivered together when the last row finishes, as a static batch returns.
+      Cancellations and errors are delivered at once.
+    """
+
+    rows_leave = False
+
+    def __init__(self, policy: PolicyConfig) -> None:
+        super().__init__(policy)
+        self.held: list[RequestOutput] = []
+
+    @property
+    def prefill_token_limit(self) -> int:
+        return UNLIMITED
+
+    def schedule(self, now: float, batch: BatchView) -> StepPlan:
+        if self.running:
+            return StepPlan(decode=list(self.running.values()))  # nothing joins midway
+        return super().schedule(now, batch)
+
+    def _victim(self, present: list[Request], candidate: Request, plan: StepPlan,
+                admitted: list[Request]) -> Request | None:
+        return None
+
+    def _held_back_for_padding(self, *args) -> bool:
+        return False
+
+    def _settle(self, results: StepResults) -> StepUpdate:
+        update = StepUpdate()
+        for output in results.outputs:
+            riding = output.finished and output.request_id in self.running and output.finish_reason in (
+                "stop", "length")
+            (self.held if riding else update.outputs).append(output)
+        for request in results.finished:
+            if request.request_id not in self.running:
+                self._forget(request)  # finished before joining (first token, failed prefill)
+        return self._release_if_done(update)
+
+    def finish_requests(self, requests: list[Request]) -> list[Request]:
+        for request in requests:
+            if request.request_id not in self.running:  # a cancelled row rides along
+                self._forget(request)
+        return []
+
+    def _release_if_done(self, update: StepUpdate) -> StepUpdate:
+        """Once every row has finished, the whole batch leaves and the held outputs go out."""
+        if self.running and all(r.status.finished for r in self.running.values()):
+            update.leave = list(self.running.values())
+            update.outputs.extend(self.held)
+            self.running, self.held = {}, []
+        return update
+
+    def reset(self) -> list[RequestOutput]:
+        held, self.held = self.held, []
+        super().reset()
+        return held
+
+
+def make_scheduler(batching: str, policy: PolicyConfig) -> Scheduler:
+    """``EngineConfig.batching`` -> the scheduler that implements it."""
+    return RunToCompletionScheduler(policy) if batching == "run_to_completion" else Scheduler(policy)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -49,13 +50,20 @@ async def test_cancel_frees_the_row_and_memory(engine):
 
 
 async def test_finished_rows_leave_while_others_keep_running(engine):
+    records = []
+    engine.observe_steps(records.append)
     short = engine.submit([5, 6], SamplingParams(max_tokens=3, **GREEDY))
     long_one = engine.submit([7, 8, 9], SamplingParams(max_tokens=60, **GREEDY))
-    short_done = [o async for o in short][-1]
-    assert short_done.finished
-    assert not long_one.finished
-    assert engine.stats().batch_size <= 1  # the short row left the batch at once
-    assert [o async for o in long_one][-1].completion_tokens == 60
+    short_out, long_out = await asyncio.gather(_drain(short), _drain(long_one))
+    engine.observe_steps(None)
+    assert short_out[-1].completion_tokens == 3 and long_out[-1].completion_tokens == 60
+    # The short result is delivered while the long request still has most of its tokens to go.
+    assert short_out[-1].times.finished < long_out[-1].times.first_token + 0.5 * (
+        long_out[-1].times.finished - long_out[-1].times.first_token)
+    # The step that finished the short request ended with one row: it left in that same step,
+    # and the long one kept decoding alone.
+    assert [r.batch_rows for r in records if r.finished] == [1, 0]
+    assert sum(1 for r in records if r.decode_rows == 1) >= 60 - 3 - 1
 
 
 async def test_a_failing_prefill_ends_only_its_own_requests(engine, monkeypatch):
@@ -122,12 +130,15 @@ async def test_run_to_completion_holds_results_until_the_batch_is_done(tiny_mode
     try:
         short = asyncio.ensure_future(engine.generate([5, 6], SamplingParams(max_tokens=2, **GREEDY)))
         long_one = asyncio.ensure_future(engine.generate([7, 8], SamplingParams(max_tokens=40, **GREEDY)))
+        received = {}
+        short.add_done_callback(lambda _: received.setdefault("short", time.monotonic()))
         short_out, long_out = await asyncio.gather(short, long_one)
         assert short_out.completion_tokens == 2 and long_out.completion_tokens == 40
-        # the short request's result was held until the long one finished
-        assert short_out.times.finished <= long_out.times.finished
+        # The short request finished early, but its result was held until the long one finished.
         held = [t for name, t in short_out.events if name == "finished"][0]
-        assert held < long_out.times.finished
+        assert held == short_out.times.finished < long_out.times.first_token + 0.5 * (
+            long_out.times.finished - long_out.times.first_token)
+        assert received["short"] >= long_out.times.finished
         await wait_until(lambda: engine.stats().batch_size == 0)
     finally:
         await engine.shutdown(drain_timeout_s=2)

@@ -7,10 +7,11 @@ import itertools
 import pytest
 
 from baton_sidecar.config import Limits, PaddingPolicy, PolicyConfig, PreemptionPolicy
-from baton_sidecar.engine.request import Request, RequestStatus, RequestTimes, SamplingParams
-from baton_sidecar.engine.scheduler import (BatchView, Scheduler, choose_victim, effective_priority,
-                                            padding_ratio_after, projected_peak_slots, queue_admits,
+from baton_sidecar.engine.request import Request, RequestOutput, RequestStatus, RequestTimes, SamplingParams
+from baton_sidecar.engine.scheduler import (BatchView, RunToCompletionScheduler, Scheduler, choose_victim,
+                                            effective_priority, padding_ratio_after, projected_peak_slots,
                                             waiting_key)
+from baton_sidecar.engine.step import PrefillChunk, StepPlan, StepResults
 
 _ids = itertools.count()
 
@@ -25,6 +26,28 @@ def make(priority=0, arrival=0.0, prompt=10, max_tokens=10, deadline=None, gener
 
 def policy(**limits) -> PolicyConfig:
     return PolicyConfig(limits=Limits(**limits), padding=PaddingPolicy(max_padding_ratio=1.0))
+
+
+def start(scheduler: Scheduler, *requests: Request) -> None:
+    """Bring requests into the batch through the step contract: plan, then their first token."""
+    for request in requests:
+        scheduler.add(request)
+    plan = scheduler.schedule(now=0.0, batch=BatchView())
+    assert plan.prefill == list(requests)
+    for request in requests:
+        request.append_token(7)  # what executing the plan does: the first token
+    scheduler.update_from_output(plan, StepResults(joined=list(requests)))
+
+
+def view(*requests: Request) -> BatchView:
+    """The batch as the runner would report it for these rows (no padding: equal lengths)."""
+    length = max((r.num_tokens for r in requests), default=0)
+    return BatchView(len(requests), length, sum(r.num_tokens for r in requests))
+
+
+def final(request: Request, reason: str = "length") -> RequestOutput:
+    request.finish(RequestStatus.FINISHED_LENGTH if reason == "length" else RequestStatus.FINISHED_CANCELLED)
+    return RequestOutput(request.request_id, (), "", None, finished=True, finish_reason=reason)
 
 
 def test_waiting_order_is_priority_then_deadline_then_arrival():
@@ -71,17 +94,13 @@ def test_projected_peak_slots_matches_a_step_by_step_simulation():
     assert projected_peak_slots([]) == 0
 
 
-def test_queue_refuses_low_urgency_work_first():
-    assert queue_admits(79, 100, priority=5)
-    assert not queue_admits(80, 100, priority=5)
-    assert queue_admits(99, 100, priority=0)
-    assert not queue_admits(100, 100, priority=0)
-
-
 def test_padding_ratio_after_insert():
     # 2 rows of 10 real tokens in a 10-wide window, add a 5-token row: 25 real / 30 slots
     assert padding_ratio_after(20, 2, 10, 5) == pytest.approx(1 - 25 / 30)
 
+
+
+# --- planning -------------------------------------------------------------------------------
 
 def test_schedule_admits_in_order_within_batch_limit():
     scheduler = Scheduler(policy(max_batch_size=2))
@@ -89,32 +108,40 @@ def test_schedule_admits_in_order_within_batch_limit():
     for r in (third, first, second):
         scheduler.add(r)
     plan = scheduler.schedule(now=3.0, batch=BatchView())
-    assert plan.prefill == [first, second] and not plan.preempt
+    assert plan.prefill == [first, second] and not plan.preempt and plan.chunk is None
+
+
+def urgent_arrives_at_a_full_batch(mode: str):
+    """Two low-priority rows fill a batch of 2; an urgent request arrives. Returns the plan."""
+    scheduler = Scheduler(PolicyConfig(limits=Limits(max_batch_size=2),
+                                       preemption=PreemptionPolicy(mode=mode)))
+    low_old, low_new = make(priority=10, arrival=0), make(priority=10, arrival=1)
+    start(scheduler, low_old, low_new)
+    urgent = make(priority=0, arrival=2)
+    scheduler.add(urgent)
+    return scheduler, low_old, low_new, urgent, scheduler.schedule(now=2.0, batch=view(low_old, low_new))
 
 
 def test_urgent_request_preempts_least_urgent_when_batch_is_full():
-    scheduler = Scheduler(PolicyConfig(limits=Limits(max_batch_size=2),
-                                       preemption=PreemptionPolicy(mode="recompute")))
-    low_old, low_new = make(priority=10, arrival=0), make(priority=10, arrival=1)
-    for r in (low_old, low_new):
-        scheduler.on_running(r)
-    urgent = make(priority=0, arrival=2)
-    scheduler.add(urgent)
-    plan = scheduler.schedule(now=2.0, batch=BatchView(rows=2, length=10, real_tokens=20))
-    assert plan.preempt == [low_new] and plan.prefill == [urgent]
-    assert plan.preemption_mode == "recompute"
+    _, low_old, low_new, urgent, plan = urgent_arrives_at_a_full_batch("recompute")
+    assert [(p.request, p.mode) for p in plan.preempt] == [(low_new, "recompute")]
+    assert plan.prefill == [urgent]
+    assert plan.decode == [low_old]  # the victim is not decoded; the newcomer joins by its results
 
 
 def test_no_preemption_when_mode_off_or_candidate_not_more_urgent():
     off = Scheduler(PolicyConfig(limits=Limits(max_batch_size=1), preemption=PreemptionPolicy(mode="off")))
-    off.on_running(make(priority=10))
+    low = make(priority=10)
+    start(off, low)
     off.add(make(priority=0))
-    assert off.schedule(1.0, BatchView(rows=1, length=10, real_tokens=10)).empty
+    plan = off.schedule(1.0, view(low))
+    assert plan.empty and plan.decode == [low]
 
     same = Scheduler(PolicyConfig(limits=Limits(max_batch_size=1)))
-    same.on_running(make(priority=0))
+    running = make(priority=0)
+    start(same, running)
     same.add(make(priority=0))
-    assert same.schedule(1.0, BatchView(rows=1, length=10, real_tokens=10)).empty
+    assert same.schedule(1.0, view(running)).empty
 
 
 def test_kv_budget_limits_admission():
@@ -142,59 +169,167 @@ def test_prefill_budget_counts_the_padded_group_not_real_tokens():
     assert scheduler.schedule(now=2.0, batch=BatchView()).prefill == [long]
 
 
-def test_prefill_budget_admits_one_chunked_prompt_and_charges_one_chunk():
+def test_chunking_is_planned_once_from_the_computed_token_count():
     scheduler = Scheduler(policy(max_prefill_tokens=16))
-    huge, tiny = make(prompt=100, arrival=0.0), make(prompt=4, arrival=1.0)
+    huge, tiny = make(prompt=40, arrival=0.0), make(prompt=4, arrival=1.0)
     scheduler.add(huge)
     scheduler.add(tiny)
-    assert scheduler.schedule(now=2.0, batch=BatchView()).prefill == [huge]  # its first chunk fills the step
-    # A step that already owes a chunk admits nothing more.
+    plan = scheduler.schedule(now=2.0, batch=BatchView())
+    assert plan.prefill == [] and plan.chunk == PrefillChunk(huge, 0, 16, last=False)  # its chunk fills the step
+    scheduler.update_from_output(plan, StepResults())
+    assert scheduler.prefilling == {huge.request_id: huge} and huge.num_computed_tokens == 16
+    assert scheduler.waiting == [tiny]
+
+    plan = scheduler.schedule(now=3.0, batch=BatchView())
+    assert plan.chunk == PrefillChunk(huge, 16, 32, last=False)
+    assert plan.prefill == []  # the step owes a whole chunk: nothing else fits its budget
+    scheduler.update_from_output(plan, StepResults())
+
+    plan = scheduler.schedule(now=4.0, batch=BatchView())
+    assert plan.chunk == PrefillChunk(huge, 32, 40, last=True)
+    assert plan.prefill == [tiny]  # 8 tokens owed, 4 more fit
+    huge.append_token(7)
+    tiny.append_token(7)
+    scheduler.update_from_output(plan, StepResults(joined=[tiny, huge]))
+    assert list(scheduler.running) == [tiny.request_id, huge.request_id] and not scheduler.prefilling
+    assert (huge.num_computed_tokens, tiny.num_computed_tokens) == (40, 4)  # all but the pending token
+
+
+def test_a_recompute_resumed_request_is_chunked_by_what_it_re_prefills():
+    # 16 prompt + 1 generated: it re-prefills 16 tokens (the 17th is pending), which fits a budget of 16.
+    resumed = make(prompt=16, generated=1, preempted=1)
     scheduler = Scheduler(policy(max_prefill_tokens=16))
-    scheduler.add(make(prompt=4))
-    assert scheduler.schedule(now=2.0, batch=BatchView(prefill_reserved=16)).empty
+    scheduler.add(resumed)
+    plan = scheduler.schedule(now=1.0, batch=BatchView())
+    assert plan.prefill == [resumed] and plan.chunk is None
+    assert resumed.prefill_token_ids() == resumed.prompt_token_ids
 
 
-def test_run_to_completion_admits_nothing_while_a_batch_runs():
-    scheduler = Scheduler(policy(), run_to_completion=True)
-    scheduler.on_running(make())
-    scheduler.add(make())
-    assert scheduler.schedule(now=1.0, batch=BatchView(rows=1, length=10, real_tokens=10)).empty
+def test_a_prompt_mid_chunked_prefill_is_preempted_by_recompute_even_in_swap_mode():
+    scheduler = Scheduler(PolicyConfig(limits=Limits(max_batch_size=1, max_prefill_tokens=8),
+                                       preemption=PreemptionPolicy(mode="swap")))
+    long_low = make(priority=10, prompt=10, arrival=0.0)  # 8 tokens, then 2 (room for 6 more that step)
+    scheduler.add(long_low)
+    scheduler.update_from_output(plan := scheduler.schedule(0.0, BatchView()), StepResults())
+    assert plan.chunk.request is long_low and long_low.num_computed_tokens == 8
+    urgent = make(priority=0, prompt=4, arrival=1.0)
+    scheduler.add(urgent)
+    plan = scheduler.schedule(now=1.0, batch=BatchView())
+    assert [(p.request, p.mode) for p in plan.preempt] == [(long_low, "recompute")]
+    assert plan.prefill == [urgent] and plan.chunk is None  # its chunk is not planned any more
+    scheduler.update_from_output(plan, StepResults(joined=[urgent]))
+    assert scheduler.waiting == [long_low] and long_low.num_computed_tokens == 0  # starts over later
+    assert long_low.status == RequestStatus.PREEMPTED and long_low.num_preemptions == 1
 
 
 def test_padding_policy_holds_back_a_bloating_newcomer_until_it_has_waited():
     strict = PolicyConfig(padding=PaddingPolicy(max_padding_ratio=0.3), aging_s=10.0)
     scheduler = Scheduler(strict)
-    scheduler.on_running(make(prompt=100, arrival=0))
+    long_row = make(prompt=100, arrival=0)
+    start(scheduler, long_row)
     tiny = make(prompt=5, arrival=1.0)
     scheduler.add(tiny)
-    batch = BatchView(rows=1, length=100, real_tokens=100)
+    batch = view(long_row)
     assert scheduler.schedule(now=2.0, batch=batch).empty  # ratio would be ~0.48
     assert scheduler.schedule(now=12.0, batch=batch).prefill == [tiny]  # waited aging_s
 
 
-def test_policy_swap_takes_effect_on_the_next_plan():
-    scheduler = Scheduler(policy(max_batch_size=1))
-    scheduler.add(make(arrival=0))
-    scheduler.add(make(arrival=1))
-    scheduler.policy = policy(max_batch_size=2)
-    assert len(scheduler.schedule(now=2.0, batch=BatchView()).prefill) == 2
+def test_a_tighter_policy_evicts_nobody_and_holds_newcomers_until_rows_leave():
+    scheduler = Scheduler(policy(max_batch_size=2))
+    a, b = make(arrival=0), make(arrival=1)
+    start(scheduler, a, b)
+    waiting = make(arrival=2)
+    scheduler.add(waiting)
+    scheduler.policy = policy(max_batch_size=1)  # as EngineCore.apply_policy does between steps
+    plan = scheduler.schedule(now=3.0, batch=view(a, b))
+    assert plan.empty and plan.decode == [a, b]  # in-flight requests keep running
+    a.finish(RequestStatus.FINISHED_LENGTH)
+    update = scheduler.update_from_output(plan, StepResults(finished=[a]))
+    assert update.leave == [a]
+    assert scheduler.schedule(now=4.0, batch=view(b)).empty  # one row left: still at the new limit
+    b.finish(RequestStatus.FINISHED_LENGTH)
+    scheduler.update_from_output(StepPlan(decode=[b]), StepResults(finished=[b]))
+    assert scheduler.schedule(now=5.0, batch=BatchView()).prefill == [waiting]
 
 
-def test_preempted_request_goes_to_the_right_queue():
+# --- applying a step ------------------------------------------------------------------------
+
+def test_preemptions_are_applied_from_the_plan():
+    scheduler, keep, swapped, urgent, plan = urgent_arrives_at_a_full_batch("swap")
+    assert [p.request for p in plan.preempt] == [swapped]
+    assert swapped.status == RequestStatus.RUNNING  # planning changes no state
+    urgent.append_token(7)
+    scheduler.update_from_output(plan, StepResults(joined=[urgent]))
+    assert scheduler.swapped == [swapped] and swapped.status == RequestStatus.PREEMPTED
+    assert swapped.num_preemptions == 1 and swapped.num_computed_tokens == swapped.num_tokens - 1  # K/V on host
+    assert list(scheduler.running) == [keep.request_id, urgent.request_id]
+    # Once there is room, it is resumed (embedded back), not prefilled again.
+    urgent.finish(RequestStatus.FINISHED_LENGTH)
+    scheduler.update_from_output(StepPlan(decode=[keep, urgent]), StepResults(finished=[urgent]))
+    plan = scheduler.schedule(now=3.0, batch=view(keep))
+    assert plan.resume == [swapped] and plan.prefill == [] and plan.decode == [keep, swapped]
+
+
+def test_finished_rows_leave_and_requests_finished_before_joining_do_not():
     scheduler = Scheduler(policy())
-    swapped, recomputed = make(), make()
-    for r in (swapped, recomputed):
-        scheduler.on_running(r)
-    scheduler.on_preempted(swapped, "swap")
-    scheduler.on_preempted(recomputed, "recompute")
-    assert scheduler.swapped == [swapped] and scheduler.waiting == [recomputed]
-    assert swapped.status == RequestStatus.PREEMPTED and swapped.num_preemptions == 1
+    row, other = make(arrival=0), make(arrival=1)
+    start(scheduler, row, other)
+    newcomer = make(arrival=2)
+    scheduler.add(newcomer)
+    plan = scheduler.schedule(now=3.0, batch=view(row, other))
+    assert plan.prefill == [newcomer]
+    outputs = [final(row), final(newcomer)]  # the newcomer's first token finished it: it never got a row
+    update = scheduler.update_from_output(plan, StepResults(finished=[row, newcomer], outputs=outputs))
+    assert update.leave == [row] and update.outputs == outputs
+    assert list(scheduler.running) == [other.request_id] and not scheduler.waiting
+    assert scheduler.finish_requests([other]) == [other]  # a cancelled row leaves at once
+    assert not scheduler.has_work()
+
+
+# --- run-to-completion ----------------------------------------------------------------------
+
+def test_run_to_completion_admits_nothing_while_a_batch_runs():
+    scheduler = RunToCompletionScheduler(policy())
+    running = make()
+    start(scheduler, running)
+    scheduler.add(make())
+    plan = scheduler.schedule(now=1.0, batch=view(running))
+    assert plan.empty and plan.decode == [running]
 
 
 def test_run_to_completion_forms_its_batch_from_everything_that_fits():
     # A prefill budget would shrink static batches: run-to-completion ignores it.
-    scheduler = Scheduler(policy(max_prefill_tokens=16), run_to_completion=True)
+    scheduler = RunToCompletionScheduler(policy(max_prefill_tokens=16))
     waiting = [make(prompt=30, arrival=i) for i in range(5)]
     for request in waiting:
         scheduler.add(request)
     assert scheduler.schedule(now=9.0, batch=BatchView()).prefill == waiting
+
+
+def test_run_to_completion_rows_ride_along_and_results_wait_for_the_whole_batch():
+    scheduler = RunToCompletionScheduler(policy())
+    short, cancelled, long_one = make(arrival=0), make(arrival=1), make(arrival=2)
+    start(scheduler, short, cancelled, long_one)
+    plan = scheduler.schedule(now=1.0, batch=view(short, cancelled, long_one))
+    short_final = final(short)
+    update = scheduler.update_from_output(plan, StepResults(finished=[short], outputs=[short_final]))
+    assert update.leave == [] and update.outputs == []  # it rides along; its result is held
+    final(cancelled, reason="cancelled")
+    assert scheduler.finish_requests([cancelled]) == []  # a cancelled row rides along too
+    plan = scheduler.schedule(now=2.0, batch=view(short, cancelled, long_one))
+    assert plan.decode == [short, cancelled, long_one]
+    long_final = final(long_one)
+    update = scheduler.update_from_output(plan, StepResults(finished=[long_one], outputs=[long_final]))
+    assert update.leave == [short, cancelled, long_one]  # the whole batch leaves at once
+    assert update.outputs == [short_final, long_final]
+    assert not scheduler.has_work()
+
+
+def test_run_to_completion_never_holds_a_request_that_finished_before_joining():
+    scheduler = RunToCompletionScheduler(policy())
+    one_token = make()
+    scheduler.add(one_token)
+    plan = scheduler.schedule(now=1.0, batch=BatchView())
+    output = final(one_token)
+    update = scheduler.update_from_output(plan, StepResults(finished=[one_token], outputs=[output]))
+    assert update.outputs == [output] and update.leave == [] and not scheduler.has_work()

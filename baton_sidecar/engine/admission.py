@@ -1,0 +1,121 @@
+"""Admission: whether the engine accepts a request at all. One rule, decided in ``submit``.
+
+``AsyncEngine.submit`` runs on the event-loop thread and answers synchronously, in this
+order (HTTP status as ``server/local.py`` maps it):
+
+1. shutting down                                        -> AdmissionError shutting_down (503)
+2. what no wait can change, against the current policy  -> RequestValidationError (400)
+   the prompt (empty, bad token ids, as long as the context), priority, SLA class,
+   deadline, a request id already in flight, prompt + max_tokens over the context;
+   the request's projected KV peak alone over the budget -> AdmissionError too_large (400)
+3. queue capacity                                       -> AdmissionError queue_full (429, Retry-After)
+   ``queue_admits`` on one count, ``QueueCount``: requests accepted and not yet started.
+   submit checks and raises it under a lock; the engine thread lowers it after each loop
+   by the requests that were first scheduled or ended unstarted (cancelled, failed) in it
+   (``EngineCore.started_total``). Mid-step the count may still include requests that step
+   is starting, so it errs towards refusing, never towards more than ``max_queue``
+   accepted and waiting. Preempted requests do not count: they were admitted already.
+
+Nothing after ``submit`` refuses: an accepted request waits until the scheduler admits it
+into the batch (batch size, KV budget, prefill budget, padding policy, priorities), which
+is scheduling, not admission (``scheduler.py``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ..config import Limits, PolicyConfig
+from .request import AdmissionError, RequestValidationError
+from .scheduler import projected_peak_slots
+
+URGENT_HEADROOM = 0.8  # low-urgency work is refused once the queue is this full
+
+
+def queue_admits(queued: int, max_queue: int, priority: int) -> bool:
+    """Bounded queue that refuses low-urgency work first.
+
+    Urgent requests (priority <= 0) may fill the queue; others are refused once it is
+    80% full, keeping headroom for urgent arrivals.
+    """
+    limit = max_queue if priority <= 0 else max(1, int(max_queue * URGENT_HEADROOM))
+    return queued < limit
+
+
+class QueueCount:
+    """Requests accepted and not yet started: the one count queue-capacity refusals use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.queued = 0
+
+    def enter(self, limits: Limits, priority: int) -> None:
+        """Count one more request, or raise ``queue_full`` (event-loop thread)."""
+        with self._lock:
+            if not queue_admits(self.queued, limits.max_queue, priority):
+                raise AdmissionError("queue_full", f"the waiting queue is full ({limits.max_queue})",
+                                     retry_after_s=1.0)
+            self.queued += 1
+
+    def leave(self, n: int) -> None:
+        """``n`` requests started or ended unstarted (engine thread)."""
+        if n:
+            with self._lock:
+                self.queued -= n
+
+
+def tokenize_prompt(tokenizer, prompt: str | list[int], max_model_len: int) -> list[int]:
+    """A prompt's token ids, or ``RequestValidationError("prompt", ...)``."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise RequestValidationError("prompt", "must not be empty")
+        token_ids = tokenizer.encode(prompt, add_special_tokens=True)
+        if not token_ids:  # only characters the tokenizer drops (SmolLM2: \x04, \x1d, ...)
+            raise RequestValidationError("prompt", "encodes to no tokens")
+    elif isinstance(prompt, (list, tuple)):
+        token_ids = list(prompt)
+        vocab = len(tokenizer)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in token_ids):
+            raise RequestValidationError("prompt", f"token ids must be integers in [0, {vocab})")
+    else:
+        raise RequestValidationError("prompt", "must be a string or a list of token ids")
+    if not token_ids:
+        raise RequestValidationError("prompt", "must not be empty")
+    if len(token_ids) >= max_model_len:
+        raise RequestValidationError(
+            "prompt", f"{len(token_ids)} tokens is longer than the model's context ({max_model_len})")
+    return token_ids
+
+
+def resolve_class(policy: PolicyConfig, priority: int | None, sla_class: str | None,
+                  deadline_s: float | None) -> tuple[int, float | None]:
+    """``(priority, absolute deadline)`` from the request's own values and its SLA class."""
+    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
+        raise RequestValidationError("priority", "must be an integer")
+    deadline = None
+    if sla_class is not None:
+        sla = policy.sla_classes.get(sla_class)
+        if sla is None:
+            raise RequestValidationError(
+                "sla_class", f"unknown class {sla_class!r}; known: {sorted(policy.sla_classes)}")
+        priority = sla.priority if priority is None else priority
+        if sla.e2e_ms is not None:
+            deadline = time.monotonic() + sla.e2e_ms / 1000
+    if deadline_s is not None:
+        if not isinstance(deadline_s, (int, float)) or deadline_s <= 0:
+            raise RequestValidationError("deadline_s", "must be a positive number of seconds")
+        deadline = time.monotonic() + deadline_s
+    return (0 if priority is None else priority), deadline
+
+
+def check_shape(num_prompt_tokens: int, max_tokens: int, max_model_len: int, limits: Limits) -> None:
+    """Refuse what can never run: over the model's context (400) or, alone, over the KV budget."""
+    total = num_prompt_tokens + max_tokens
+    if total > max_model_len:
+        raise RequestValidationError(
+            "max_tokens", f"prompt ({num_prompt_tokens}) + max_tokens ({max_tokens}) exceeds the "
+                          f"model's context ({max_model_len})")
+    if projected_peak_slots([(num_prompt_tokens, max_tokens)]) > limits.max_kv_tokens:
+        raise AdmissionError("too_large", f"prompt + max_tokens ({total}) can never fit the KV-token "
+                                          f"budget ({limits.max_kv_tokens})")

@@ -1,0 +1,106 @@
+"""From sampled tokens to what callers see: stop checks, detokenization, ``RequestOutput`` deltas.
+
+``OutputProcessor`` appends each sampled token to its request, decides whether it ends the
+request (stop token ids, EOS, stop strings, ``max_tokens``, the model's context) and builds
+the delta to stream. It decides nothing about rows, queues or when a delta is delivered:
+that is the scheduler's (``update_from_output``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .request import Request, RequestOutput, RequestStatus, TokenLogprob
+from .sampler import RowSampler, SampledToken
+
+
+@dataclass
+class Tracked:
+    """Engine-side companions of one request, kept until it has neither a queue entry nor a row."""
+
+    request: Request
+    sampler: RowSampler
+    detokenizer: IncrementalDetokenizer
+    stop_ids: frozenset[int]
+    events: list[tuple[str, float]] = field(default_factory=list)  # not yet delivered
+
+    def event(self, name: str, at: float | None = None) -> None:
+        self.events.append((name, time.monotonic() if at is None else at))
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: frozenset[int], max_model_len: int,
+                 device: torch.device) -> None:
+        self.tokenizer = tokenizer  # the engine thread's own copy
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.device = device
+        self.finished_by_reason: Counter[str] = Counter()
+
+    def track(self, request: Request) -> Tracked:
+        params = request.params
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        return Tracked(request, RowSampler(params, self.device),
+                       IncrementalDetokenizer(self.tokenizer, params.stop), frozenset(stop_ids),
+                       events=[("queued", request.times.arrival)])
+
+    def apply_token(self, tracked: Tracked, token: SampledToken) -> RequestOutput:
+        """Append one token; the delta to stream (the final one if the token ends the request)."""
+        request = tracked.request
+        request.append_token(token.token_id)
+        if request.times.first_token is None:
+            request.times.first_token = time.monotonic()
+            tracked.event("first_token", request.times.first_token)
+        status = self._stop_status(tracked, token.token_id)
+        if status is not None:
+            return self.finish(tracked, status, last_token=token)
+        return self._delta(tracked, (token.token_id,), (token.logprob,) if token.logprob else None)
+
+    def finish(self, tracked: Tracked, status: RequestStatus, error: str | None = None,
+               last_token: SampledToken | None = None) -> RequestOutput:
+        """End the request; its final delta (carrying ``last_token`` when a token ended it)."""
+        request = tracked.request
+        request.finish(status, error)
+        tracked.event("finished", request.times.finished)
+        self.finished_by_reason[status.finish_reason] += 1
+        token_ids = (last_token.token_id,) if last_token else ()
+        logprobs = (last_token.logprob,) if last_token and last_token.logprob else None
+        return self._delta(tracked, token_ids, logprobs, final=True)
+
+    def final(self, tracked: Tracked) -> RequestOutput:
+        """A closing delta for a request already finished (nothing new in it)."""
+        return self._delta(tracked, (), None, final=True)
+
+    def _stop_status(self, tracked: Tracked, token_id: int) -> RequestStatus | None:
+        request = tracked.request
+        if token_id in tracked.stop_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if token_id not in self.eos_token_ids or request.params.ignore_eos:
+            tracked.detokenizer.add(token_id)
+        if tracked.detokenizer.stopped:
+            return RequestStatus.FINISHED_STOPPED
+        if len(request.output_token_ids) >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    @staticmethod
+    def _delta(tracked: Tracked, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprob, ...] | None,
+               final: bool = False) -> RequestOutput:
+        request = tracked.request
+        events, tracked.events = tuple(tracked.events), []
+        return RequestOutput(
+            request_id=request.request_id, token_ids=token_ids,
+            text=tracked.detokenizer.take_delta(final), logprobs=logprobs,
+            finished=final, finish_reason=request.status.finish_reason if final else None,
+            error=request.error, prompt_tokens=request.num_prompt_tokens,
+            completion_tokens=len(request.output_token_ids), num_preemptions=request.num_preemptions,
+            times=request.times, events=events)
