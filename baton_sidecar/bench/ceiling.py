@@ -8,7 +8,7 @@ decode faster on this machine with this model and attention implementation.
 
 ``compare_decode_step`` puts Baton's engine next to it at one batch size and context:
 ``EngineCore`` with ``B`` equal-length prompts (no padding), timing ``core.step()``
-and the ``ModelRunner.decode()`` inside it, interleaved with bare forwards at the same
+and the ``ModelRunner.decode()`` inside it (from the core's ``StepRecord``), interleaved with bare forwards at the same
 context length so that CPU contention hits both alike. Medians are reported.
 """
 
@@ -161,11 +161,11 @@ def compare_decode_step(loaded: LoadedModel, source: TokenSource, batch: int = 1
     """One engine decode step at ``batch`` vs the bare forward at ``batch``, same context length."""
     from ..engine.core import EngineCore
     from ..engine.request import Request, SamplingParams
-    from .systems import instrument_engine_core
+    from ..engine.step import StepRecord
 
     core = EngineCore(loaded, EngineConfig(), PolicyConfig())
-    log: list[dict[str, float]] = []
-    instrument_engine_core(core, log)
+    log: list[StepRecord] = []
+    core.step_observer = log.append
     rng = random.Random(seed)
     params = SamplingParams(max_tokens=warmup + steps + 8, temperature=0.0, ignore_eos=True)
     for i in range(batch):
@@ -178,9 +178,9 @@ def compare_decode_step(loaded: LoadedModel, source: TokenSource, batch: int = 1
         core.step()
         bare_s = bare.step_s()
         if i >= warmup:
-            engine_steps.append(log[-1]["step_s"])
-            engine_decodes.append(log[-1]["decode_s"])
-            lengths.append(log[-1]["length"])
+            engine_steps.append(log[-1].step_s)
+            engine_decodes.append(log[-1].decode_s)
+            lengths.append(log[-1].context)
             bare_steps.append(bare_s)
     bare_med = statistics.median(bare_steps)
     decode_med = statistics.median(engine_decodes)
