@@ -149,7 +149,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarize_steps(steps: Sequence[dict[str, float]]) -> dict[str, Any]:
-    """Engine-side numbers from the per-step log (see ``systems.instrument_engine_core``).
+    """Engine-side numbers from the per-step log (``systems.step_entry`` of each ``StepRecord``).
 
     ``padding_ratio_time_weighted`` weights each decode step's padding ratio by that step's
     decode time; ``padding_ratio_slot_weighted`` is masked slots / all slots summed over

@@ -19,10 +19,11 @@ from .request import Request, RequestOutput
 
 @dataclass(frozen=True)
 class Preemption:
+    """A running request split off the batch. ``mode`` "swap": its K/V go to host memory and come
+    back with no recomputation; "recompute": its K/V are dropped and re-prefilled later (always so
+    for a prompt whose chunked prefill had not finished: it has no row to swap)."""
+
     request: Request
-    # swap: its K/V go to host memory and come back with no recomputation;
-    # recompute: its K/V are dropped and re-prefilled later (always so for a prompt whose
-    # chunked prefill had not finished: it has no row to swap).
     mode: str
 
 
