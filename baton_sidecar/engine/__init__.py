@@ -3,10 +3,11 @@
 from .core import EngineCore, EngineStats
 from .engine import AsyncEngine, RequestStream
 from .request import (AdmissionError, Request, RequestOutput, RequestStatus, RequestValidationError,
-                      SamplingParams, TokenLogprob)
+                      SamplingParams, StructuredOutput, TokenLogprob)
 from .step import StepRecord
 
 __all__ = [
     "AdmissionError", "AsyncEngine", "EngineCore", "EngineStats", "Request", "RequestOutput",
-    "RequestStatus", "RequestStream", "RequestValidationError", "SamplingParams", "StepRecord", "TokenLogprob",
+    "RequestStatus", "RequestStream", "RequestValidationError", "SamplingParams", "StepRecord", "StructuredOutput",
+    "TokenLogprob",
 ]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from ..config import EngineConfig, PolicyConfig
 from ..model import LoadedModel
 from . import row_padding
+from .grammar import GrammarCompiler
 from .outputs import OutputProcessor, Tracked
 from .request import Request, RequestOutput, RequestStatus
 from .runner import ModelRunner, Prefilled, SwappedRow
@@ -64,8 +65,12 @@ class EngineCore:
         padded_rows = row_padding.calibrate(loaded.model, loaded.device) if config.decode_row_padding == "auto" else {}
         self.runner = ModelRunner(loaded, padded_rows)
         self.scheduler = make_scheduler(config.batching, policy)
+        self.vocab_size = loaded.model.get_output_embeddings().weight.shape[0]  # the logits' width
+        # Compiles structured-output grammars off this thread (AsyncEngine.compile_grammar);
+        # the engine thread only fills masks from the requests' matchers.
+        self.grammars = GrammarCompiler(loaded.tokenizer, self.vocab_size, loaded.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, loaded.eos_token_ids, loaded.max_model_len,
-                                       self.runner.device)
+                                       self.runner.device, self.vocab_size)
         self.tracked: dict[str, Tracked] = {}
         self.swapped_kv: dict[str, SwappedRow] = {}
         # Called mid-step with the outputs produced so far (prefills' first tokens); without
@@ -204,7 +209,8 @@ class EngineCore:
         stamp = time.monotonic()
         fresh = [i for i, r in enumerate(requests) if not r.output_token_ids]
         sampled = dict(zip(fresh, sample(prefilled.last_logits[fresh],
-                                         [self.tracked[requests[i].request_id].sampler for i in fresh])))
+                                         [self.tracked[requests[i].request_id].sampler for i in fresh],
+                                         self.grammars)))
         rows, next_tokens = [], []
         for i, request in enumerate(requests):
             tracked = self.tracked[request.request_id]
@@ -242,7 +248,7 @@ class EngineCore:
         finally:
             results.decode_s = time.perf_counter() - start
         rows = [self.tracked[rid] for rid in runner.row_ids]
-        tokens = sample(logits, [t.sampler for t in rows])
+        tokens = sample(logits, [t.sampler for t in rows], self.grammars)
         runner.set_next_tokens([t.token_id for t in tokens])
         for tracked, token in zip(rows, tokens):
             if tracked.request.status.finished:

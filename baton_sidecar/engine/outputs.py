@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .detokenizer import IncrementalDetokenizer
+from .grammar import RowGrammar
+from .logits import RowLogits, bad_word_ids
 from .request import Request, RequestOutput, RequestStatus, TokenLogprob
 from .sampler import RowSampler, SampledToken
 
@@ -29,17 +31,22 @@ class Tracked:
     stop_ids: frozenset[int]
     events: list[tuple[str, float]] = field(default_factory=list)  # not yet delivered
 
+    @property
+    def grammar(self) -> RowGrammar | None:
+        return self.sampler.processors.grammar if self.sampler.processors is not None else None
+
     def event(self, name: str, at: float | None = None) -> None:
         self.events.append((name, time.monotonic() if at is None else at))
 
 
 class OutputProcessor:
     def __init__(self, tokenizer, eos_token_ids: frozenset[int], max_model_len: int,
-                 device: torch.device) -> None:
+                 device: torch.device, vocab_size: int) -> None:
         self.tokenizer = tokenizer  # the engine thread's own copy
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.device = device
+        self.vocab_size = vocab_size  # the logits' width
         self.finished_by_reason: Counter[str] = Counter()
 
     def track(self, request: Request) -> Tracked:
@@ -47,7 +54,12 @@ class OutputProcessor:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
-        return Tracked(request, RowSampler(params, self.device),
+        processors = None
+        if params.processed:
+            banned = bad_word_ids(self.tokenizer, params.bad_words) + list(params.bad_words_ids)
+            processors = RowLogits(params, request.prompt_token_ids, frozenset(stop_ids), banned,
+                                   self.vocab_size, self.device, request.grammar)
+        return Tracked(request, RowSampler(params, self.device, processors),
                        IncrementalDetokenizer(self.tokenizer, params.stop), frozenset(stop_ids),
                        events=[("queued", request.times.arrival)])
 
@@ -55,12 +67,14 @@ class OutputProcessor:
         """Append one token; the delta to stream (the final one if the token ends the request)."""
         request = tracked.request
         request.append_token(token.token_id)
+        tracked.sampler.advance(token.token_id)
         if request.times.first_token is None:
             request.times.first_token = time.monotonic()
             tracked.event("first_token", request.times.first_token)
         status = self._stop_status(tracked, token.token_id)
         if status is not None:
-            return self.finish(tracked, status, last_token=token)
+            error = f"grammar: {tracked.grammar.error}" if status is RequestStatus.FINISHED_ERROR else None
+            return self.finish(tracked, status, error, last_token=token)
         return self._delta(tracked, (token.token_id,), (token.logprob,) if token.logprob else None)
 
     def finish(self, tracked: Tracked, status: RequestStatus, error: str | None = None,
@@ -86,6 +100,9 @@ class OutputProcessor:
             tracked.detokenizer.add(token_id)
         if tracked.detokenizer.stopped:
             return RequestStatus.FINISHED_STOPPED
+        grammar = tracked.grammar
+        if grammar is not None and grammar.done:  # complete: only EOS could follow
+            return RequestStatus.FINISHED_ERROR if grammar.error else RequestStatus.FINISHED_STOPPED
         if len(request.output_token_ids) >= request.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         if request.num_tokens >= self.max_model_len:

@@ -11,6 +11,10 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping
+
+if TYPE_CHECKING:
+    from .grammar import RowGrammar
 
 
 class RequestValidationError(ValueError):
@@ -55,10 +59,21 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; N = chosen token's logprob plus top-N alternatives
+    # Logits processors (engine/logits.py), in vLLM's order: bans, min_tokens, logit_bias, penalties.
+    presence_penalty: float = 0.0  # OpenAI's: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # vLLM's / transformers': prompt + output tokens, / if > 0 else *
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), a mapping accepted; clamped to ±100
+    min_tokens: int = 0  # stop tokens (EOS included unless ignore_eos) are masked until this many
+    bad_words: tuple[str, ...] = ()  # vLLM's: each word tokenized, with and without a leading space
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # transformers': the last id is banned after the rest
+    structured: StructuredOutput | None = None  # a grammar the output must follow (engine/grammar.py)
 
     def __post_init__(self) -> None:
         def bad(name: str, message: str) -> None:
             raise RequestValidationError(name, message)
+
+        self._normalise()
 
         if self.max_tokens is not None and (not is_int64(self.max_tokens) or self.max_tokens < 1):
             bad("max_tokens", "must be an integer >= 1")
@@ -76,10 +91,83 @@ class SamplingParams:
             bad("stop_token_ids", "must be non-negative integers")
         if self.logprobs is not None and (not is_int64(self.logprobs) or not 0 <= self.logprobs <= 20):
             bad("logprobs", "must be an integer in [0, 20]")
+        self._check_processors(bad)
+
+    def _normalise(self) -> None:
+        """Mappings and lists in, tuples stored: the params stay a hashable value."""
+        bias = self.logit_bias
+        if isinstance(bias, Mapping):
+            bias = tuple(bias.items())
+        if isinstance(bias, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in bias):
+            # Clamped as vLLM does (OpenAI documents the same range).
+            bias = tuple((t, max(-100.0, min(100.0, float(b)))) if is_number(b) else (t, b) for t, b in bias)
+        object.__setattr__(self, "logit_bias", bias)
+        for name in ("stop", "stop_token_ids", "bad_words"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.bad_words_ids, (list, tuple)):
+            object.__setattr__(self, "bad_words_ids", tuple(
+                tuple(ids) if isinstance(ids, (list, tuple)) else ids for ids in self.bad_words_ids))
+
+    def _check_processors(self, bad: Callable[[str, str], None]) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not is_number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                bad(name, "must be a number in [-2, 2]")
+        if not is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 2**31:
+            bad("repetition_penalty", "must be a number > 0")
+        if not isinstance(self.logit_bias, tuple) or not all(
+                is_int64(t) and t >= 0 and is_number(b) for t, b in self.logit_bias):
+            bad("logit_bias", "must map token ids (integers >= 0) to numbers")
+        if not is_int64(self.min_tokens) or self.min_tokens < 0:
+            bad("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must be at most max_tokens ({self.max_tokens})")
+        if not isinstance(self.bad_words, tuple) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+            bad("bad_words", "must be non-blank strings")
+        if not isinstance(self.bad_words_ids, tuple) or not all(
+                isinstance(ids, tuple) and ids and all(is_int64(t) and t >= 0 for t in ids)
+                for ids in self.bad_words_ids):
+            bad("bad_words_ids", "must be non-empty lists of token ids (integers >= 0)")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            bad("structured", "must be a StructuredOutput")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the request names must exist: ``RequestValidationError`` naming the field."""
+        if any(t >= vocab_size for t, _ in self.logit_bias):
+            raise RequestValidationError("logit_bias", f"token ids must be in [0, {vocab_size})")
+        if any(t >= vocab_size for ids in self.bad_words_ids for t in ids):
+            raise RequestValidationError("bad_words_ids", f"token ids must be in [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def processed(self) -> bool:
+        """Whether any logits processor applies (rows without one skip them all)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens or self.bad_words or self.bad_words_ids
+                    or self.structured is not None)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the whole output, compiled by ``engine/grammar.py`` (llguidance).
+
+    ``kind``: "json" (``spec`` a JSON schema, as text), "json_object" (any JSON object; ``spec``
+    unused), "regex", "choice" (``spec`` a JSON list of strings), "grammar" (Lark or GBNF).
+    ``field`` is the request field it came from, named by errors about it.
+    """
+
+    KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+    kind: str
+    spec: str = ""
+    field: str = "structured"
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS or not isinstance(self.spec, str):
+            raise RequestValidationError(self.field, f"kind must be one of {', '.join(self.KINDS)}")
 
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -198,6 +286,7 @@ class Request:
     num_preemptions: int = 0
     num_computed_tokens: int = 0
     error: str | None = None
+    grammar: RowGrammar | None = None  # its matcher when params.structured is set (made at submit)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,8 +1,11 @@
 """Turn a batch of logits into tokens, each row with its own sampling parameters.
 
-Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p as tensor
-ops over the whole batch, then draw by inverse-CDF from one uniform number per row. Each
-seeded request owns a ``torch.Generator``, so its draws do not depend on its neighbours.
+Rows with logits processors (penalties, biases, bans, grammar masks: ``logits.py``) are
+processed first, as batch ops over those rows only. Greedy rows then take the argmax.
+Sampled rows apply temperature, top-k and top-p as tensor ops over the whole batch, then
+draw by inverse-CDF from one uniform number per row. Each seeded request owns a
+``torch.Generator``, so its draws do not depend on its neighbours. Logprobs are those of
+the raw logits, before any processor (vLLM's default).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .grammar import GrammarCompiler
+from .logits import RowLogits, apply_processors
 from .request import SamplingParams, TokenLogprob
 
 
@@ -21,10 +26,12 @@ class SampledToken:
 
 
 class RowSampler:
-    """Per-request sampling state: its parameters and its random generator."""
+    """Per-request sampling state: its parameters, its random generator, its processors."""
 
-    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+    def __init__(self, params: SamplingParams, device: torch.device,
+                 processors: RowLogits | None = None) -> None:
         self.params = params
+        self.processors = processors  # None: the row pays nothing for processors
         # Uniform draws come from a CPU generator: reproducible across devices and cheap.
         self.generator = torch.Generator(device="cpu")
         if params.seed is not None:
@@ -35,11 +42,20 @@ class RowSampler:
     def uniform(self) -> float:
         return float(torch.rand((), generator=self.generator))
 
+    def advance(self, token_id: int) -> None:
+        """The request took ``token_id``: its processors' state follows."""
+        if self.processors is not None:
+            self.processors.advance(token_id)
 
-def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[SampledToken]:
-    """``logits [n, V]`` (float) -> one token per row."""
+
+def sample(logits: torch.Tensor, samplers: list[RowSampler],
+           grammars: GrammarCompiler | None = None) -> list[SampledToken]:
+    """``logits [n, V]`` (float; changed in place where processors apply) -> one token per row."""
     n = logits.shape[0]
     logits = logits.float()
+    logprob_rows = [i for i, s in enumerate(samplers) if s.params.logprobs is not None]
+    raw = logits.index_select(0, torch.tensor(logprob_rows, device=logits.device)) if logprob_rows else None
+    logits = apply_processors(logits, [s.processors for s in samplers], grammars)
     chosen = torch.argmax(logits, dim=-1)  # [n]; greedy rows keep it
     sampled_rows = [i for i, s in enumerate(samplers) if not s.params.greedy]
     if sampled_rows:
@@ -56,11 +72,10 @@ def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[SampledToke
         chosen[index] = drawn[:, 0]
 
     token_ids = chosen.tolist()
-    logprob_rows = [i for i, s in enumerate(samplers) if s.params.logprobs is not None]
     logprobs: dict[int, TokenLogprob] = {}
     if logprob_rows:
         index = torch.tensor(logprob_rows, device=logits.device)
-        log_probs = torch.log_softmax(logits.index_select(0, index), dim=-1)  # [m, V]
+        log_probs = torch.log_softmax(raw, dim=-1)  # [m, V]
         top_n = max(samplers[i].params.logprobs for i in logprob_rows)
         top_values, top_ids = log_probs.topk(max(top_n, 1), dim=-1)
         picked = log_probs.gather(1, chosen.index_select(0, index)[:, None])[:, 0].tolist()

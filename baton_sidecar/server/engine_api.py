@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 if TYPE_CHECKING:
     from baton_sidecar.config import PolicyConfig
     from baton_sidecar.engine.core import EngineStats
-    from baton_sidecar.engine.request import RequestOutput, SamplingParams
+    from baton_sidecar.engine.request import RequestOutput, SamplingParams, StructuredOutput
 
 
 class Stream(Protocol):
@@ -33,6 +33,11 @@ class Engine(Protocol):
                request_id: str | None = None, priority: int | None = None,
                sla_class: str | None = None) -> Stream:
         """Admit a request or raise ``RequestValidationError`` / ``AdmissionError``."""
+        ...
+
+    async def compile_grammar(self, structured: StructuredOutput) -> None:
+        """Compile a structured-output grammar before ``submit`` (off the event loop); raise
+        ``RequestValidationError`` naming its field when it does not compile."""
         ...
 
     def apply_policy(self, policy: PolicyConfig) -> None: ...

@@ -60,11 +60,8 @@ def parse(app: web.Application, kind: str, raw: bytes) -> ParsedRequest:
     model's name)."""
     state = app[STATE]
     body = decode_json_body(raw)
-    if kind == "chat":
-        parsed = parse_chat(body)
-    else:
-        vocab = len(state.engine.tokenizer) if state.engine is not None else None
-        parsed = parse_completion(body, vocab)
+    vocab = len(state.engine.tokenizer) if state.engine is not None else None
+    parsed = parse_chat(body, vocab) if kind == "chat" else parse_completion(body, vocab)
     served = state.config.served_model_name
     if parsed.model is not None and parsed.model != served:
         raise APIError(404, f"model '{parsed.model}' does not exist; this server serves "

@@ -106,6 +106,8 @@ class LocalRun:
         if parsed.sla_class is not None:
             extra["sla_class"] = parsed.sla_class
         try:
+            if parsed.params.structured is not None:  # compiled off the loop and the engine thread
+                await self.engine.compile_grammar(parsed.params.structured)
             self.stream = self.engine.submit(prompt, parsed.params, request_id=self.request_id,
                                              **extra)
         except RequestValidationError as exc:  # the engine says max_tokens for either cap

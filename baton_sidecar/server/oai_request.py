@@ -3,7 +3,7 @@
 Parsing is pure: it raises ``APIError`` naming the offending field, or returns the request with its
 ``SamplingParams`` built (once, here, so every range check happens at parse time). Unknown fields are
 ignored (as vLLM and OpenAI do); known fields whose values Baton cannot honour (``n`` other than 1,
-``echo``, penalties, tools, ...) are refused by name (``unsupported_value``) rather than silently
+``echo``, tools, ...) are refused by name (``unsupported_value``) rather than silently
 dropped, so a client never gets a different answer than it asked for; with an incumbent such a
 request goes there instead (see ``eligibility``).
 """
@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 from baton_sidecar.engine.request import (RequestValidationError, SamplingParams, is_int64,
                                           is_number)
 from baton_sidecar.server.errors import bad_request
+from baton_sidecar.server.oai_structured import parse_structured
 
 MAX_STOP_SEQUENCES = 16
 MAX_LOGPROBS = 20
@@ -89,12 +90,6 @@ def _refuse_unsupported(body: Mapping[str, Any], kind: str) -> None:
     n = _opt_int(body, "n")
     if n is not None and n != 1:
         raise bad_request("n", "only n=1 is supported", code="unsupported_value")
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = _opt_number(body, name)
-        if v not in (None, 0, 0.0):
-            raise bad_request(name, "is not supported (only 0)", code="unsupported_value")
-    if body.get("logit_bias"):
-        raise bad_request("logit_bias", "is not supported", code="unsupported_value")
     if kind == "completion":
         best_of = _opt_int(body, "best_of")
         if best_of is not None and best_of != 1:
@@ -107,14 +102,6 @@ def _refuse_unsupported(body: Mapping[str, Any], kind: str) -> None:
         if body.get("tools") or body.get("functions"):
             name = "tools" if body.get("tools") else "functions"
             raise bad_request(name, "tool calling is not supported", code="unsupported_value")
-        fmt = body.get("response_format")
-        if fmt is not None:
-            if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
-                raise bad_request("response_format", "must be an object with a string `type`",
-                                  code="invalid_type")
-            if fmt["type"] != "text":
-                raise bad_request("response_format", "only type 'text' is supported",
-                                  code="unsupported_value")
 
 
 def _common(body: Mapping[str, Any], kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -166,17 +153,71 @@ def _common(body: Mapping[str, Any], kind: str) -> tuple[dict[str, Any], dict[st
                               code="invalid_type")
         sampling["stop_token_ids"] = tuple(stop_ids)
 
+    sampling.update(_processors(body))
+    structured = parse_structured(body)
+    if structured is not None:
+        sampling["structured"] = structured
     fields = dict(model=model, stream=stream, include_usage=include_usage,
                   user=_opt_str(body, "user"), priority=_opt_int(body, "priority"),
                   sla_class=_opt_str(body, "sla_class"))
     return fields, sampling
 
 
+def _logit_bias(body: Mapping[str, Any]) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias``: token ids as JSON object keys ("28"), numbers as values."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise bad_request("logit_bias", "must be an object mapping token ids to numbers",
+                          code="invalid_type")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 18):
+            raise bad_request("logit_bias", f"keys must be token ids (non-negative integers), got {key!r}")
+        if not is_number(value):
+            raise bad_request("logit_bias", f"the bias of token {key} must be a number",
+                              code="invalid_type")
+        out[int(key)] = float(value)
+    return out
+
+
+def _processors(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Penalties, biases and bans as ``SamplingParams`` fields (their ranges are checked there)."""
+    sampling: dict[str, Any] = {}
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        v = _opt_number(body, name)
+        if v is not None:
+            sampling[name] = float(v)
+    bias = _logit_bias(body)
+    if bias:
+        sampling["logit_bias"] = bias
+    min_tokens = _opt_int(body, "min_tokens", lo=0)
+    if min_tokens is not None:
+        sampling["min_tokens"] = min_tokens
+    words = body.get("bad_words")
+    if words is not None:
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise bad_request("bad_words", "must be a list of strings", code="invalid_type")
+        sampling["bad_words"] = tuple(words)
+    ids = body.get("bad_words_ids")
+    if ids is not None:
+        if not isinstance(ids, list) or not all(
+                isinstance(seq, list) and all(is_int64(t) for t in seq) for seq in ids):
+            raise bad_request("bad_words_ids", "must be a list of lists of token ids",
+                              code="invalid_type")
+        sampling["bad_words_ids"] = tuple(tuple(seq) for seq in ids)
+    return sampling
+
+
 def _sampling_params(sampling: dict[str, Any], max_tokens: int | None,
-                     logprobs: int | None) -> SamplingParams:
+                     logprobs: int | None, vocab_size: int | None) -> SamplingParams:
     """The request's one ``SamplingParams``; its range checks become 400s naming the field."""
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **sampling)
+        params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **sampling)
+        if vocab_size is not None:
+            params.check_vocab(vocab_size)
+        return params
     except RequestValidationError as exc:
         raise bad_request(exc.field, exc.message) from None
 
@@ -213,7 +254,7 @@ def parse_completion(body: Mapping[str, Any], vocab_size: int | None = None) -> 
     logprobs = _opt_int(body, "logprobs", lo=0, hi=MAX_LOGPROBS)
     max_tokens = _max_tokens(body, ("max_tokens",)) or COMPLETION_DEFAULT_MAX_TOKENS
     return ParsedRequest(kind="completion", prompt=prompt,
-                         params=_sampling_params(sampling, max_tokens, logprobs), **common)
+                         params=_sampling_params(sampling, max_tokens, logprobs, vocab_size), **common)
 
 
 def _message_text(content: Any, where: str) -> str:
@@ -231,9 +272,10 @@ def _message_text(content: Any, where: str) -> str:
     raise bad_request(where, "must be a string or a list of text parts", code="invalid_type")
 
 
-def parse_chat(body: Mapping[str, Any]) -> ParsedRequest:
+def parse_chat(body: Mapping[str, Any], vocab_size: int | None = None) -> ParsedRequest:
     """POST /v1/chat/completions: ``messages`` in, rendered later with the tokenizer's template.
-    Without ``max_completion_tokens`` or ``max_tokens`` it may use the rest of the context."""
+    Without ``max_completion_tokens`` or ``max_tokens`` it may use the rest of the context. Token
+    ids (``logit_bias``, ``bad_words_ids``) are bounded by ``vocab_size`` when known."""
     common, sampling = _common(body, "chat")
     messages = body.get("messages")
     if messages is None:
@@ -262,4 +304,4 @@ def parse_chat(body: Mapping[str, Any]) -> ParsedRequest:
     cap_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else (
         "max_tokens")
     return ParsedRequest(kind="chat", messages=flat, max_tokens_field=cap_field,
-                         params=_sampling_params(sampling, max_tokens, logprobs), **common)
+                         params=_sampling_params(sampling, max_tokens, logprobs, vocab_size), **common)

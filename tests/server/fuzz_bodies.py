@@ -133,14 +133,38 @@ COMMON = {
     "sla_class": (st.sampled_from(["interactive", "batch"]),
                   st.sampled_from(["platinum", "Interactive", ""]) | TEXT | NOT_STR),
     "n": (st.just(1), st.sampled_from([0, 2, -1, 128, "1", 1.5]) | HUGE_INTS),
-    "presence_penalty": (st.sampled_from([0, 0.0, -0.0]),
-                         st.sampled_from([0.5, -2, 2, "0"]) | FLOATS.filter(lambda f: f != 0)),
-    "frequency_penalty": (st.sampled_from([0, 0.0]),
-                          st.sampled_from([1, -1.5, "0", [0]]) | FLOATS.filter(lambda f: f != 0)),
-    "logit_bias": (st.sampled_from([{}, None]),
-                   st.dictionaries(st.integers(0, VOCAB).map(str), st.integers(-100, 100),
-                                   min_size=1)
+    "presence_penalty": (st.floats(-2, 2), st.sampled_from([2.5, -3, "0", [0]]) | FLOATS.filter(
+        lambda f: not -2 <= f <= 2) | HUGE_INTS),
+    "frequency_penalty": (st.floats(-2, 2), st.sampled_from([2.01, -2.5, "0", [0]]) | FLOATS.filter(
+        lambda f: not -2 <= f <= 2) | HUGE_INTS),
+    "repetition_penalty": (st.floats(0.5, 2), st.sampled_from([0, -1, "1", [1]]) | HUGE_INTS),
+    "logit_bias": (st.dictionaries(st.integers(0, VOCAB - 1).map(str), st.integers(-200, 200) | st.floats(-100, 100),
+                                   max_size=3) | st.none(),
+                   st.dictionaries(st.integers(VOCAB, INT64_MAX).map(str) | st.sampled_from(["-1", "a", "1.5", ""]),
+                                   st.integers(-100, 100), min_size=1, max_size=2)
+                   | st.dictionaries(st.integers(0, VOCAB - 1).map(str), NOT_NUMBER, min_size=1, max_size=2)
                    | st.sampled_from([[1], "x", 1, True])),
+    "min_tokens": (st.integers(0, 1), st.integers(max_value=-1) | st.sampled_from([MAX_GEN + 20, "1", 1.5])),
+    "bad_words": (st.lists(st.sampled_from(["the", "Paris", "hello world"]), max_size=2),
+                  st.sampled_from(["the", [1], [""], [" "], {"a": 1}])),
+    "guided_regex": (st.sampled_from(["[a-z]+", "yes|no", "[0-9]{3}"]),
+                     st.sampled_from(["([a-z", "", 1, ["x"]])),
+    "guided_choice": (st.lists(st.sampled_from(["yes", "no", "maybe"]), min_size=1, max_size=3),
+                      st.sampled_from([[], "yes", [1], [""], {"a": 1}])),
+    "structured_outputs": (st.sampled_from([{"json": {"type": "object"}}, {"choice": ["a", "b"]},
+                                            {"json_object": True}, {"regex": "[a-z]{2}"}]),
+                           st.sampled_from([{}, {"json": 5}, {"choice": []}, {"regex": "a", "choice": ["a"]},
+                                            {"grammar": "start: nope"}, "json", [], {"json": {"type": "nope"}}])),
+    "response_format": (st.sampled_from([{"type": "text"}, None, {"type": "json_object"},
+                                         {"type": "json_schema", "json_schema": {
+                                             "name": "n", "schema": {"type": "object", "properties": {
+                                                 "a": {"type": "integer"}}}, "strict": True}}]),
+                        st.sampled_from([{"type": 1}, {}, "text", [], {"type": "json_schema", "json_schema": {}},
+                                         {"type": "xml"},
+                                         {"type": "json_schema", "json_schema": {"name": "n", "schema": 5}},
+                                         {"type": "json_schema", "json_schema": {
+                                             "name": "n", "schema": {"type": "nonsense"}}}])
+                        | st.dictionaries(SHORT_TEXT, JUNK, max_size=2)),
 }
 
 # Characters SmolLM2's tokenizer drops: a prompt of only these has no tokens (400).
@@ -199,10 +223,6 @@ CHAT_FIELDS = {
               st.sampled_from([[{"type": "function", "function": {"name": "f"}}], "x", [1],
                                {"a": 1}])),
     "functions": (st.sampled_from([[], None]), st.sampled_from([[{"name": "f"}], "x"])),
-    "response_format": (st.sampled_from([{"type": "text"}, None]),
-                        st.sampled_from([{"type": "json_object"}, {"type": 1}, {}, "text", [],
-                                         {"type": "json_schema", "json_schema": {}}])
-                        | st.dictionaries(SHORT_TEXT, JUNK, max_size=2)),
 }
 
 REQUIRED = {COMPLETIONS: "prompt", CHAT: "messages"}

@@ -80,8 +80,15 @@ def test_completion_single_element_batch_is_unwrapped():
     ({"prompt": "x", "sla_class": 1}, "sla_class"),
     ({"prompt": "x", "ignore_eos": "no"}, "ignore_eos"),
     ({"prompt": "x", "model": 3}, "model"),
-    ({"prompt": "x", "presence_penalty": 1}, "presence_penalty"),
-    ({"prompt": "x", "logit_bias": {"1": 2}}, "logit_bias"),
+    ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "logit_bias": {"x": 2}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": "2"}}, "logit_bias"),
+    ({"prompt": "x", "min_tokens": 20}, "min_tokens"),
+    ({"prompt": "x", "bad_words": [""]}, "bad_words"),
+    ({"prompt": "x", "guided_choice": []}, "guided_choice"),
+    ({"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"prompt": "x", "structured_outputs": {"json": 5}}, "structured_outputs.json"),
     ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
 ])
 def test_completion_rejections_name_the_field(body, param):
@@ -122,8 +129,13 @@ def test_chat_parse_and_defaults():
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1},
      "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
-     "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+     "response_format.type"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
+     "response_format.json_schema"),
+    ({"messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+     "response_format.json_schema.name"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
 ])
 def test_chat_rejections_name_the_field(body, param):

@@ -194,10 +194,10 @@ def test_a_client_leaving_a_passed_through_stream_is_let_go(sidecar, hf_incumben
 
 ELIGIBLE = [("completion", C, completion()), ("completion stream", C, completion(stream=True)),
             ("chat", CC, chat()), ("chat stream", CC, chat(stream=True)),
-            ("chat, model named", CC, chat(max_completion_tokens=3))]
+            ("chat, model named", CC, chat(max_completion_tokens=3)),
+            ("chat json mode", CC, chat(response_format={"type": "json_object"})),
+            ("chat penalties and bias", CC, chat(frequency_penalty=0.5, presence_penalty=0.2, logit_bias={"28": 5}))]
 INELIGIBLE = [("unsupported:tools", CC, chat(tools=TOOLS)), ("unsupported:n", CC, chat(n=2)),
-              ("unsupported:response_format", CC, chat(response_format={"type": "json_object"})),
-              ("unsupported:frequency_penalty", CC, chat(frequency_penalty=0.5)),
               ("unsupported:echo", C, completion(echo=True)),
               ("other_model", CC, chat(model="my-lora-adapter")),
               ("invalid:max_tokens", C, completion(max_tokens="a")),
