@@ -63,7 +63,8 @@ class RowLogits:
         self.static_values = torch.tensor(values, dtype=torch.float32, device=device)
         self.prefix_bans = [(s[:-1], s[-1]) for s in banned if len(s) > 1]
         self.min_tokens = params.min_tokens
-        self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+        # A stop id past the logits (stop_token_ids may name any id) can never be sampled anyway.
+        self.stop_ids = torch.tensor(sorted(t for t in stop_ids if t < vocab_size), dtype=torch.long, device=device)
 
     def advance(self, token_id: int) -> None:
         """The row sampled ``token_id``: O(1) tensor updates, no rebuild."""

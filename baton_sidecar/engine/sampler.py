@@ -99,6 +99,7 @@ def _filtered_probs(scaled: torch.Tensor, params: list[SamplingParams]) -> torch
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     drop |= mass_before >= top_p[:, None]
+    drop[:, 0] = False  # even a top_p that underflows to 0 keeps the most likely token
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     filtered = torch.full_like(scaled, float("-inf")).scatter(1, sorted_ids, sorted_logits)
     return torch.softmax(filtered, dim=-1)

@@ -41,6 +41,15 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
         assert nucleus.token_id in (0, 1)  # 0.5 + 0.3 reaches 0.7; 2 and 3 are cut
 
 
+@pytest.mark.parametrize("top_p", [5e-324, 1e-45, 1e-9])
+def test_a_top_p_that_underflows_keeps_the_most_likely_token(top_p):
+    """A top_p that is 0 in float32 dropped every token: NaN probabilities, an arbitrary draw."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0], [2.0, float("-inf"), 1.5, float("-inf")]])
+    for seed in range(10):
+        params = SamplingParams(temperature=1.0, top_p=top_p, seed=seed)
+        assert [t.token_id for t in sample(logits.clone(), samplers(params, params))] == [1, 0]
+
+
 def test_seeded_row_is_independent_of_its_neighbours():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
@@ -81,3 +90,18 @@ def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(RequestValidationError) as info:
         SamplingParams(**{field: value})
     assert info.value.field == field
+
+
+def test_min_tokens_masks_stop_ids_inside_the_vocabulary_only():
+    """A stop_token_ids entry past the logits never occurs; masking it indexed out of bounds."""
+    from baton_sidecar.engine.logits import RowLogits, apply_processors
+
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(3, 10 ** 6))
+    rows = [RowLogits(params, [1], frozenset({3, 10 ** 6}), [], 8, CPU)]
+    logits = torch.zeros(1, 8)
+    logits[0, 3] = 5.0
+    assert int(apply_processors(logits, rows).argmax()) != 3
+    for _ in range(2):
+        rows[0].advance(0)
+    logits[0, 3] = 5.0
+    assert int(apply_processors(logits, rows).argmax()) == 3  # min_tokens reached

@@ -226,6 +226,7 @@ CHAT_FIELDS = {
 }
 
 REQUIRED = {COMPLETIONS: "prompt", CHAT: "messages"}
+CONSTRAINTS = ("response_format", "structured_outputs", "guided_regex", "guided_choice")
 FIELDS = {COMPLETIONS: COMPLETION_FIELDS, CHAT: CHAT_FIELDS}
 # Token caps: never replaced by free-form junk (a null or mid-sized value would be served slowly).
 CAPS = {COMPLETIONS: ("max_tokens",), CHAT: ("max_tokens", "max_completion_tokens")}
@@ -268,6 +269,10 @@ def _valid_body(draw, route: str) -> dict[str, Any]:
         body["stream_options"] = draw(st.sampled_from(
             [{"include_usage": True}, {"include_usage": False}, {"include_usage": None}, {},
              {"include_usage": True, "continuous_usage_stats": True}]))
+    # One output constraint per request (two are a 400 naming the second): keep the first drawn.
+    constraints = [k for k in names if k in CONSTRAINTS and body[k] not in (None, {"type": "text"})]
+    for name in constraints[1:]:
+        del body[name]
     body.update(draw(EXTRA_FIELDS))
     return body
 

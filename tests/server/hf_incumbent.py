@@ -84,9 +84,10 @@ class TransformersServe:
         requests.post(self.url + "/v1/completions", timeout=timeout,
                       json={"model": self.model_id, "prompt": "warm up", "max_tokens": 2})
 
-    def served(self, path: str = "/v1/") -> int:
-        """Requests to paths starting with ``path`` that it answered 200, from its access log."""
-        pattern = re.compile(r'"(?:GET|POST) (\S+) HTTP/1\.1" 200')
+    def served(self, path: str = "/v1/", status: str = "200") -> int:
+        """Requests to paths starting with ``path`` that it answered with ``status`` (a regex:
+        ``r"\d+"`` for any), from its access log."""
+        pattern = re.compile(r'"(?:GET|POST) (\S+) HTTP/1\.1" (' + status + ")")
         return sum(1 for line in list(self.lines)
                    if (m := pattern.search(line)) and m.group(1).startswith(path))
 
