@@ -6,15 +6,18 @@ order (HTTP status as ``server/local.py`` maps it):
 1. shutting down                                        -> AdmissionError shutting_down (503)
 2. what no wait can change, against the current policy  -> RequestValidationError (400)
    the prompt (empty, bad token ids, as long as the context), priority, SLA class,
-   deadline, a request id already in flight, prompt + max_tokens over the context;
-   the request's projected KV peak alone over the budget -> AdmissionError too_large (400)
+   deadline, a request id already in flight, prompt + max_tokens over the context, more
+   choices (n, best_of) than the batch has rows, prompt logprobs on a model that cannot
+   score them; the request's projected KV peak alone (all its choices' rows) over the
+   budget -> AdmissionError too_large (400)
 3. queue capacity                                       -> AdmissionError queue_full (429, Retry-After)
    ``queue_admits`` on one count, ``QueueCount``: requests accepted and not yet started.
    submit checks and raises it under a lock; the engine thread lowers it after each loop
    by the requests that were first scheduled or ended unstarted (cancelled, failed) in it
    (``EngineCore.started_total``). Mid-step the count may still include requests that step
    is starting, so it errs towards refusing, never towards more than ``max_queue``
-   accepted and waiting. Preempted requests do not count: they were admitted already.
+   accepted and waiting. Preempted requests do not count: they were admitted already. A
+   request with n choices counts once: it is one prefill.
 
 Nothing after ``submit`` refuses: an accepted request waits until the scheduler admits it
 into the batch (batch size, KV budget, prefill budget, padding policy, priorities), which
@@ -109,13 +112,19 @@ def resolve_class(policy: PolicyConfig, priority: int | None, sla_class: str | N
     return (0 if priority is None else priority), deadline
 
 
-def check_shape(num_prompt_tokens: int, max_tokens: int, max_model_len: int, limits: Limits) -> None:
-    """Refuse what can never run: over the model's context (400) or, alone, over the KV budget."""
+def check_shape(num_prompt_tokens: int, max_tokens: int, max_model_len: int, limits: Limits,
+                rows: int = 1, rows_field: str = "n") -> None:
+    """Refuse what can never run: over the model's context (400), more rows (choices) than the
+    batch holds (400 naming ``rows_field``) or, alone, over the KV budget."""
     total = num_prompt_tokens + max_tokens
     if total > max_model_len:
         raise RequestValidationError(
             "max_tokens", f"prompt ({num_prompt_tokens}) + max_tokens ({max_tokens}) exceeds the "
                           f"model's context ({max_model_len})")
-    if projected_peak_slots([(num_prompt_tokens, max_tokens)]) > limits.max_kv_tokens:
-        raise AdmissionError("too_large", f"prompt + max_tokens ({total}) can never fit the KV-token "
-                                          f"budget ({limits.max_kv_tokens})")
+    if rows > limits.max_batch_size:
+        raise RequestValidationError(
+            rows_field, f"{rows} choices need {rows} rows at once; the batch holds {limits.max_batch_size}")
+    if projected_peak_slots([(num_prompt_tokens, max_tokens)] * rows) > limits.max_kv_tokens:
+        what = f" x {rows} choices" if rows > 1 else ""
+        raise AdmissionError("too_large", f"prompt + max_tokens ({total}){what} can never fit the "
+                                          f"KV-token budget ({limits.max_kv_tokens})")

@@ -8,8 +8,9 @@
     runner.remove(update.leave); step_observer(StepRecord)   # if an observer is set
 
 Execution never calls the scheduler: everything it needs is in the plan. The core keeps each
-request's sampler, detokenizer and pending events (``outputs.Tracked``) and the swapped rows'
-K/V on host memory.
+choice's sampler, detokenizer and pending events (``outputs.Tracked``), the choices of each
+``n`` > 1 request (``groups``, for cancelling them together) and the swapped rows' K/V on host
+memory.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .grammar import GrammarCompiler
 from .outputs import OutputProcessor, Tracked
 from .request import Request, RequestOutput, RequestStatus
 from .runner import ModelRunner, Prefilled, SwappedRow
-from .sampler import sample
+from .sampler import SampledToken, sample
 from .scheduler import BatchView, make_scheduler
 from .step import Preemption, PrefillChunk, StepPlan, StepRecord, StepResults
 
@@ -71,7 +72,8 @@ class EngineCore:
         self.grammars = GrammarCompiler(loaded.tokenizer, self.vocab_size, loaded.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, loaded.eos_token_ids, loaded.max_model_len,
                                        self.runner.device, self.vocab_size)
-        self.tracked: dict[str, Tracked] = {}
+        self.tracked: dict[str, Tracked] = {}  # by choice id
+        self.groups: dict[str, list[Request]] = {}  # caller's id -> its choices, while any is tracked (n > 1)
         self.swapped_kv: dict[str, SwappedRow] = {}
         # Called mid-step with the outputs produced so far (prefills' first tokens); without
         # it everything is returned by ``step``. Set by AsyncEngine.
@@ -97,18 +99,23 @@ class EngineCore:
     # --- intake ---------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        self.tracked[request.request_id] = self.outputs.track(request)
+        """A new request; its pending forks (choices 1..) are tracked now, scheduled with it."""
+        for choice in (request, *request.forks):
+            self.tracked[choice.request_id] = self.outputs.track(choice)
+        if request.forks:
+            self.groups[request.request_id] = [request, *request.forks]
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> list[RequestOutput]:
-        """Between steps: cancel a request; its row leaves now unless the scheduler keeps it."""
+        """Between steps: cancel a request, every choice of it; rows leave now unless the
+        scheduler keeps them."""
         tracked = self.tracked.get(request_id)
-        if tracked is None or tracked.request.status.finished:
-            return []
-        output = self._end(tracked, RequestStatus.FINISHED_CANCELLED)
-        self._remove_rows(self.scheduler.finish_requests([tracked.request]))
-        self._forget([tracked.request])
-        return [output]
+        choices = self.groups.get(request_id) or ([tracked.request] if tracked is not None else [])
+        live = [c for c in choices if not c.status.finished]
+        outputs = [self._end(self.tracked[c.request_id], RequestStatus.FINISHED_CANCELLED) for c in live]
+        self._remove_rows(self.scheduler.finish_requests(live))
+        self._forget(live)
+        return outputs
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -164,9 +171,11 @@ class EngineCore:
         """Prefill requests together, apart from the batch; only they fail if it fails."""
         self._mark_scheduled(requests)
         tokens = [r.prefill_token_ids() for r in requests]
+        scores = {i: (r.prompt_token_ids[1:], r.params.prompt_logprobs)
+                  for i, r in enumerate(requests) if r.wants_prompt_logprobs}
         start = time.perf_counter()
         try:
-            prefilled = self.runner.prefill([r.request_id for r in requests], tokens)
+            prefilled = self.runner.prefill([r.request_id for r in requests], tokens, scores)
         except Exception as error:  # the running batch is untouched
             self._fail(requests, f"prefill failed: {error}", results)
             return
@@ -180,9 +189,12 @@ class EngineCore:
         request = chunk.request
         self._mark_scheduled([request])
         tokens = request.prefill_token_ids(chunk.start, chunk.stop)
+        # Positions [start, stop) score prompt tokens [start + 1, stop + 1) (the next chunk's first).
+        scores = ((request.prompt_token_ids[chunk.start + 1: chunk.stop + 1], request.params.prompt_logprobs)
+                  if request.wants_prompt_logprobs else None)
         start = time.perf_counter()
         try:
-            prefilled = self.runner.prefill_chunk(request.request_id, tokens, chunk.start, chunk.last)
+            prefilled = self.runner.prefill_chunk(request.request_id, tokens, chunk.start, chunk.last, scores)
         except Exception as error:
             self.runner.drop_chunk(request.request_id)
             self._fail([request], f"prefill failed: {error}", results)
@@ -198,34 +210,53 @@ class EngineCore:
         for request in requests:
             if request.times.first_scheduled is None:
                 request.times.first_scheduled = now
-                self.tracked[request.request_id].event("scheduled", now)
-                self.started_total += 1
+                self.started_total += 1  # a group counts once: its forks wait inside it
+                for choice in (request, *request.forks):
+                    choice.times.first_scheduled = now
+                    self.tracked[choice.request_id].event("scheduled", now)
 
     def _join(self, requests: list[Request], prefilled: Prefilled, results: StepResults) -> None:
-        """Sample prefilled requests' first token, then embed the unfinished ones into the batch.
+        """Sample prefilled requests' first tokens, then embed the unfinished ones into the batch.
 
-        A recompute-resumed request samples nothing: its pending token is its last output.
+        A fresh request samples a first token per choice from its one row of logits, and each
+        unfinished choice gets its own copy of that row (the fork: n choices, one prefill). A
+        recompute-resumed request samples nothing: its pending token is its last output.
         """
         stamp = time.monotonic()
-        fresh = [i for i, r in enumerate(requests) if not r.output_token_ids]
-        sampled = dict(zip(fresh, sample(prefilled.last_logits[fresh],
-                                         [self.tracked[requests[i].request_id].sampler for i in fresh],
-                                         self.grammars)))
-        rows, next_tokens = [], []
+        for i, scores in prefilled.prompt_scores.items():
+            logprobs = scores.token_logprobs()  # delivered with each choice's first delta
+            for choice in (requests[i], *requests[i].forks):
+                self.tracked[choice.request_id].prompt_logprobs = logprobs
+        sampled = self._first_tokens(requests, prefilled)
+        joining: list[tuple[int, Request, int]] = []  # (prefilled row, choice, its next token)
         for i, request in enumerate(requests):
-            tracked = self.tracked[request.request_id]
-            tracked.event("prefilled" if i in sampled else "resumed", stamp)
-            if i in sampled:
-                results.outputs.append(self.outputs.apply_token(tracked, sampled[i]))
-                if request.status.finished:
-                    results.finished.append(request)  # it never joins
-                    continue
-                next_tokens.append(sampled[i].token_id)
-            else:
-                next_tokens.append(request.output_token_ids[-1])
-            rows.append(i)
-        self.runner.embed(prefilled, rows, next_tokens)
-        results.joined.extend(requests[i] for i in rows)
+            if request.output_token_ids:
+                self.tracked[request.request_id].event("resumed", stamp)
+                joining.append((i, request, request.output_token_ids[-1]))
+                continue
+            for choice in (request, *request.forks):
+                tracked, token = self.tracked[choice.request_id], sampled.get(choice.request_id)
+                tracked.event("prefilled", stamp)
+                results.outputs.append(self.outputs.apply_token(tracked, token) if token is not None else
+                                       self.outputs.finish(tracked, RequestStatus.FINISHED_LENGTH))
+                if choice.status.finished:
+                    results.finished.append(choice)  # it never joins
+                else:
+                    joining.append((i, choice, token.token_id))
+        self.runner.embed(prefilled, [i for i, _, _ in joining], [t for _, _, t in joining],
+                          [c.request_id for _, c, _ in joining])
+        results.joined.extend(c for _, c, _ in joining)
+
+    def _first_tokens(self, requests: list[Request], prefilled: Prefilled) -> dict[str, SampledToken]:
+        """Each fresh choice's first token (by choice id), drawn from its prompt's row of logits.
+        A choice with ``max_tokens`` 0 (prompt logprobs only) draws none."""
+        drawn = [(i, c) for i, r in enumerate(requests) if not r.output_token_ids
+                 for c in (r, *r.forks) if c.max_tokens > 0]
+        if not drawn:
+            return {}
+        logits = prefilled.last_logits[[i for i, _ in drawn]]  # [choices, V]: a row per choice
+        tokens = sample(logits, [self.tracked[c.request_id].sampler for _, c in drawn], self.grammars)
+        return {c.request_id: token for (_, c), token in zip(drawn, tokens)}
 
     def _decode(self, results: StepResults) -> None:
         """One token for every row. A row whose request already finished (a run-to-completion
@@ -259,9 +290,9 @@ class EngineCore:
 
     def _fail(self, requests: list[Request], error: str, results: StepResults) -> None:
         log.error("%s (requests %s)", error, [r.request_id for r in requests])
-        for request in requests:
-            results.outputs.append(self._end(self.tracked[request.request_id], RequestStatus.FINISHED_ERROR, error))
-            results.finished.append(request)
+        for choice in (c for r in requests for c in (r, *r.forks)):  # forks that never joined end with it
+            results.outputs.append(self._end(self.tracked[choice.request_id], RequestStatus.FINISHED_ERROR, error))
+            results.finished.append(choice)
 
     # --- leaving ----------------------------------------------------------------------------
 
@@ -269,8 +300,8 @@ class EngineCore:
         """End a request from outside its token stream (cancel, failure); free what it held apart
         from a row (its row is the scheduler's to release)."""
         request = tracked.request
-        if request.times.first_scheduled is None:
-            self.started_total += 1  # ends without ever starting
+        if request.times.first_scheduled is None and request.parent_id is None:
+            self.started_total += 1  # ends without ever starting (a fork never counted)
         self.swapped_kv.pop(request.request_id, None)
         self.runner.drop_chunk(request.request_id)
         return self.outputs.finish(tracked, status, error)
@@ -284,6 +315,9 @@ class EngineCore:
         for request in requests:
             if request.status.finished and request.request_id not in self.runner.row_ids:
                 self.tracked.pop(request.request_id, None)
+                group = self.groups.get(request.group_id)
+                if group is not None and not any(c.request_id in self.tracked for c in group):
+                    del self.groups[request.group_id]
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Last resort after an unexpected step failure: end every request, reset the batch."""
@@ -297,6 +331,7 @@ class EngineCore:
             else:
                 outputs.append(self._end(tracked, RequestStatus.FINISHED_ERROR, error))
         self.tracked.clear()
+        self.groups.clear()
         self.swapped_kv.clear()
         self.runner.reset()
         return outputs

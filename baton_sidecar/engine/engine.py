@@ -23,7 +23,7 @@ from .admission import QueueCount, check_shape, resolve_class, tokenize_prompt
 from .core import EngineCore, EngineStats
 from .grammar import RowGrammar
 from .request import (AdmissionError, Request, RequestOutput, RequestValidationError, SamplingParams,
-                      StructuredOutput)
+                      StructuredOutput, best_choices, choice_id, collect)
 from .step import StepRecord
 
 log = logging.getLogger(__name__)
@@ -32,12 +32,15 @@ _IDLE_WAIT_S = 0.05
 
 
 class RequestStream:
-    """Async iterator over one request's ``RequestOutput`` deltas; the last is ``finished``."""
+    """Async iterator over one request's ``RequestOutput`` deltas, its choices' interleaved
+    (``out.index``); it ends after every choice's final delta (``out.finished``)."""
 
-    def __init__(self, request_id: str, engine: "AsyncEngine") -> None:
+    def __init__(self, request_id: str, engine: "AsyncEngine", choices: int = 1) -> None:
         self.request_id = request_id
+        self.choices = choices
         self._engine = engine
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._open = choices  # choices without their final delta yet
         self.finished = False
 
     def _put(self, output: RequestOutput) -> None:
@@ -50,7 +53,8 @@ class RequestStream:
         if self.finished:
             raise StopAsyncIteration
         output = await self._queue.get()
-        self.finished = output.finished
+        self._open -= output.finished
+        self.finished = self._open == 0
         return output
 
     def cancel(self) -> None:
@@ -154,20 +158,28 @@ class AsyncEngine:
         params.check_vocab(len(self.tokenizer))
         grammar = self._grammar(params)
         priority, deadline = resolve_class(policy, priority, sla_class, deadline_s)
-        max_tokens = params.max_tokens or max(1, self.max_model_len - len(token_ids))
+        if params.prompt_logprobs is not None and not self.core.runner.scores_prompts:
+            raise RequestValidationError("prompt_logprobs", "this model transforms its logits after the "
+                                                            "output head; its prompt cannot be scored")
+        max_tokens = params.max_tokens if params.max_tokens is not None else max(
+            1, self.max_model_len - len(token_ids))
         request_id = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
-        if request_id in self._streams:
-            raise RequestValidationError("request_id", f"{request_id!r} is already in flight")
+        rows = params.num_sequences
+        choice_ids = [choice_id(request_id, i) for i in range(rows)]
+        if any(c in self._streams for c in choice_ids):
+            raise RequestValidationError("request_id", f"{request_id!r} (or a choice of it) is already in flight")
         try:
-            check_shape(len(token_ids), max_tokens, self.max_model_len, policy.limits)
+            check_shape(len(token_ids), max_tokens, self.max_model_len, policy.limits, rows,
+                        "best_of" if params.ranks_choices else "n")
             self._queue.enter(policy.limits, priority)
         except AdmissionError as refusal:
             self._refuse(refusal.reason)
             raise
         request = Request(request_id, token_ids, params, max_tokens, priority=priority,
                           sla_class=sla_class, deadline=deadline, grammar=grammar)
-        stream = RequestStream(request_id, self)
-        self._streams[request_id] = stream
+        request.fork()
+        stream = RequestStream(request_id, self, rows)
+        self._streams.update(dict.fromkeys(choice_ids, stream))  # outputs arrive by choice id
         self._send("add", request)
         return stream
 
@@ -188,24 +200,25 @@ class AsyncEngine:
         return self.core.grammars.compile(params.structured).matcher()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, **kwargs) -> RequestOutput:
-        """Run one request to the end and return a single output with all its tokens and text."""
+        """Run a one-choice request to the end; a single output with all its tokens and text."""
+        if params.num_sequences != 1:
+            raise ValueError("generate() returns one choice; use generate_choices() for n or best_of > 1")
+        return (await self.generate_choices(prompt, params, **kwargs))[0]
+
+    async def generate_choices(self, prompt: str | list[int], params: SamplingParams,
+                               **kwargs) -> list[RequestOutput]:
+        """Run a request to the end: one collected output per choice, by index. With ``best_of``
+        > ``n``, the ``n`` best (``best_choices``), re-indexed."""
         stream = self.submit(prompt, params, **kwargs)
-        token_ids, text, logprobs = [], [], []
+        deltas: list[list[RequestOutput]] = [[] for _ in range(stream.choices)]
         try:
             async for out in stream:
-                token_ids.extend(out.token_ids)
-                text.append(out.text)
-                logprobs.extend(out.logprobs or ())
-                last = out
+                deltas[out.index].append(out)
         except BaseException:
             stream.cancel()
             raise
-        return RequestOutput(
-            request_id=last.request_id, token_ids=tuple(token_ids), text="".join(text),
-            logprobs=tuple(logprobs) if params.logprobs is not None else None, finished=True,
-            finish_reason=last.finish_reason, error=last.error, prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens, num_preemptions=last.num_preemptions,
-            times=last.times, events=last.events)
+        collected = [collect(d, params) for d in deltas]
+        return best_choices(collected, params.n) if params.ranks_choices else collected
 
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
@@ -268,7 +281,7 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
-            stream = self._streams.get(output.request_id)
+            stream = self._streams.get(output.request_id)  # by choice id
             if stream is None:
                 continue
             stream._put(output)

@@ -68,6 +68,10 @@ class RowGrammar:
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self.matcher = matcher
 
+    def fork(self) -> RowGrammar:
+        """An independent copy in the same state (another choice of an ``n`` > 1 request)."""
+        return RowGrammar(self.matcher.deep_copy())
+
     def advance(self, token_id: int) -> None:
         """Consume a sampled token (it was allowed by the mask, so this cannot fail but for EOS
         after a stop, which the engine never feeds)."""

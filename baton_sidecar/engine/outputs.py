@@ -30,6 +30,7 @@ class Tracked:
     detokenizer: IncrementalDetokenizer
     stop_ids: frozenset[int]
     events: list[tuple[str, float]] = field(default_factory=list)  # not yet delivered
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # scored, for the next delta only
 
     @property
     def grammar(self) -> RowGrammar | None:
@@ -59,7 +60,7 @@ class OutputProcessor:
             banned = bad_word_ids(self.tokenizer, params.bad_words) + list(params.bad_words_ids)
             processors = RowLogits(params, request.prompt_token_ids, frozenset(stop_ids), banned,
                                    self.vocab_size, self.device, request.grammar)
-        return Tracked(request, RowSampler(params, self.device, processors),
+        return Tracked(request, RowSampler(params, self.device, processors, request.index),
                        IncrementalDetokenizer(self.tokenizer, params.stop), frozenset(stop_ids),
                        events=[("queued", request.times.arrival)])
 
@@ -68,14 +69,17 @@ class OutputProcessor:
         request = tracked.request
         request.append_token(token.token_id)
         tracked.sampler.advance(token.token_id)
+        logprob = token.logprob if request.params.logprobs is not None else None  # a ranked row's is not reported
+        if token.logprob is not None and request.params.ranks_choices:
+            request.cumulative_logprob += token.logprob.logprob
         if request.times.first_token is None:
             request.times.first_token = time.monotonic()
             tracked.event("first_token", request.times.first_token)
         status = self._stop_status(tracked, token.token_id)
         if status is not None:
             error = f"grammar: {tracked.grammar.error}" if status is RequestStatus.FINISHED_ERROR else None
-            return self.finish(tracked, status, error, last_token=token)
-        return self._delta(tracked, (token.token_id,), (token.logprob,) if token.logprob else None)
+            return self.finish(tracked, status, error, last_token=SampledToken(token.token_id, logprob))
+        return self._delta(tracked, (token.token_id,), (logprob,) if logprob else None)
 
     def finish(self, tracked: Tracked, status: RequestStatus, error: str | None = None,
                last_token: SampledToken | None = None) -> RequestOutput:
@@ -114,10 +118,14 @@ class OutputProcessor:
                final: bool = False) -> RequestOutput:
         request = tracked.request
         events, tracked.events = tuple(tracked.events), []
+        prompt_logprobs, tracked.prompt_logprobs = tracked.prompt_logprobs, None
+        ranked = final and request.params.ranks_choices
         return RequestOutput(
             request_id=request.request_id, token_ids=token_ids,
             text=tracked.detokenizer.take_delta(final), logprobs=logprobs,
             finished=final, finish_reason=request.status.finish_reason if final else None,
             error=request.error, prompt_tokens=request.num_prompt_tokens,
             completion_tokens=len(request.output_token_ids), num_preemptions=request.num_preemptions,
-            times=request.times, events=events)
+            times=request.times, events=events, index=request.index,
+            prompt_token_ids=tuple(request.prompt_token_ids) if prompt_logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs, cumulative_logprob=request.cumulative_logprob if ranked else None)

@@ -6,6 +6,7 @@ Token lists change only through ``Request`` methods; ``RequestStatus`` is ordere
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import sys
@@ -51,6 +52,13 @@ GREEDY_BELOW = 1e-5
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = 16  # None: to the end of the model's context (``Request.max_tokens``)
+    # Choices: ``best_of`` (default ``n``) are generated from one prefill, forked into that many
+    # rows; the ``n`` with the highest cumulative logprob are returned (``best_choices``).
+    n: int = 1
+    best_of: int | None = None
+    # Logprobs of the prompt's tokens (top-N alternatives each), scored by its own prefill
+    # forward. With it, ``max_tokens`` may be 0: prefill only, nothing generated.
+    prompt_logprobs: int | None = None
     temperature: float = 1.0  # 0 (or anything under GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = disabled; at or above the vocabulary it keeps every token (the sampler clamps)
@@ -75,8 +83,16 @@ class SamplingParams:
 
         self._normalise()
 
-        if self.max_tokens is not None and (not is_int64(self.max_tokens) or self.max_tokens < 1):
-            bad("max_tokens", "must be an integer >= 1")
+        lowest = 0 if self.prompt_logprobs is not None else 1
+        if self.max_tokens is not None and (not is_int64(self.max_tokens) or self.max_tokens < lowest):
+            bad("max_tokens", "must be an integer >= 1 (0 only with prompt_logprobs)")
+        if not is_int64(self.n) or not 1 <= self.n <= MAX_CHOICES:
+            bad("n", f"must be an integer in [1, {MAX_CHOICES}]")
+        if self.best_of is not None and (not is_int64(self.best_of) or not self.n <= self.best_of <= MAX_CHOICES):
+            bad("best_of", f"must be an integer in [n, {MAX_CHOICES}]")
+        if self.prompt_logprobs is not None and (
+                not is_int64(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= 20):
+            bad("prompt_logprobs", "must be an integer in [0, 20]")
         if not is_number(self.temperature) or self.temperature < 0:
             bad("temperature", "must be a number >= 0")
         if not is_number(self.top_p) or not 0 < self.top_p <= 1:
@@ -149,6 +165,19 @@ class SamplingParams:
                     or self.logit_bias or self.min_tokens or self.bad_words or self.bad_words_ids
                     or self.structured is not None)
 
+    @property
+    def num_sequences(self) -> int:
+        """Choices generated: ``best_of``, or ``n``. Each is a row of the batch."""
+        return self.n if self.best_of is None else self.best_of
+
+    @property
+    def ranks_choices(self) -> bool:
+        """More choices are generated than returned: each needs its cumulative logprob."""
+        return self.num_sequences > self.n
+
+
+MAX_CHOICES = 128  # OpenAI's bound on ``n``; the batch size bounds it further (admission.py)
+
 
 @dataclass(frozen=True)
 class StructuredOutput:
@@ -168,7 +197,6 @@ class StructuredOutput:
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS or not isinstance(self.spec, str):
             raise RequestValidationError(self.field, f"kind must be one of {', '.join(self.KINDS)}")
-
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -243,9 +271,10 @@ class RequestTimes:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """One delta streamed to the caller; the last one has ``finished=True``.
+    """One delta of one choice streamed to the caller; each choice's last has ``finished=True``.
 
     ``text`` is the new text since the previous delta (stop strings already cut off).
+    ``request_id`` is the choice's own id (``choice_id``): the caller's for choice 0.
     """
 
     request_id: str
@@ -260,6 +289,34 @@ class RequestOutput:
     num_preemptions: int = 0
     times: RequestTimes | None = None
     events: tuple[tuple[str, float], ...] = ()  # (name, monotonic time): queued, prefilled, preempted, ...
+    index: int = 0  # the choice (0 .. num_sequences - 1)
+    # On a choice's first delta, when ``prompt_logprobs`` was asked: the prompt's ids and the
+    # logprobs of its tokens 1 .. P-1 (the first token has none: nothing precedes it).
+    prompt_token_ids: tuple[int, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    cumulative_logprob: float | None = None  # on a final delta when choices are ranked (best_of)
+
+
+def choice_id(request_id: str, index: int) -> str:
+    """The engine-wide id of choice ``index`` of a request: the caller's id for choice 0."""
+    return request_id if index == 0 else f"{request_id}#{index}"
+
+
+def collect(deltas: list[RequestOutput], params: SamplingParams) -> RequestOutput:
+    """One choice's deltas as a single output: all its tokens, text and logprobs."""
+    first, last = deltas[0], deltas[-1]
+    logprobs = [lp for out in deltas for lp in out.logprobs or ()]
+    return dataclasses.replace(
+        last, token_ids=tuple(t for out in deltas for t in out.token_ids), text="".join(out.text for out in deltas),
+        logprobs=tuple(logprobs) if params.logprobs is not None else None,
+        prompt_token_ids=first.prompt_token_ids, prompt_logprobs=first.prompt_logprobs)
+
+
+def best_choices(finals: list[RequestOutput], n: int) -> list[RequestOutput]:
+    """``best_of``: the ``n`` choices with the highest cumulative logprob (ties: lower index
+    first), re-indexed 0 .. n-1, as vLLM ranks them. Each output needs ``cumulative_logprob``."""
+    ranked = sorted(finals, key=lambda out: (-(out.cumulative_logprob or 0.0), out.index))[:n]
+    return [dataclasses.replace(out, index=i) for i, out in enumerate(ranked)]
 
 
 @dataclass(eq=False)  # identity equality: membership tests never compare token lists
@@ -271,6 +328,11 @@ class Request:
     recompute preemption resets it to 0 (a swap keeps it: the K/V waits on host memory).
     While the request has a row in the batch it is ``num_tokens - 1``: the last sampled
     token is pending, fed at the next decode step.
+
+    A request with ``n`` (or ``best_of``) > 1 is choice 0 of a group: until its first prefill
+    it carries the other choices in ``forks``; that prefill's row is copied into one row per
+    choice (one prefill for all), after which every choice is a request of its own (own
+    tokens, sampler, preemptions), and ``forks`` is empty.
     """
 
     request_id: str
@@ -287,6 +349,40 @@ class Request:
     num_computed_tokens: int = 0
     error: str | None = None
     grammar: RowGrammar | None = None  # its matcher when params.structured is set (made at submit)
+    index: int = 0  # the choice it is
+    parent_id: str | None = None  # choice 0's id, for choices >= 1
+    forks: list[Request] = field(default_factory=list)  # choices 1.. until its first prefill
+    cumulative_logprob: float = 0.0  # summed over sampled tokens; kept only when choices are ranked
+
+    @property
+    def group_id(self) -> str:
+        """The caller's id: choice 0's."""
+        return self.parent_id or self.request_id
+
+    @property
+    def num_rows(self) -> int:
+        """Rows it takes in the batch once it joins: itself and its pending forks."""
+        return 1 + len(self.forks)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its next prefill scores the prompt: asked for, and not delivered yet (a
+        recompute re-prefill after the first token has them already)."""
+        return self.params.prompt_logprobs is not None and not self.output_token_ids
+
+    def fork(self) -> None:
+        """Create choices 1 .. num_sequences - 1, waiting inside this one for its prefill; each
+        constrained choice gets its own copy of the grammar matcher."""
+        self.forks = [
+            Request(choice_id(self.request_id, i), self.prompt_token_ids, self.params, self.max_tokens,
+                    priority=self.priority, sla_class=self.sla_class, deadline=self.deadline,
+                    times=RequestTimes(arrival=self.times.arrival), index=i, parent_id=self.request_id,
+                    grammar=self.grammar.fork() if self.grammar is not None else None)
+            for i in range(1, self.params.num_sequences)]
+
+    def release_forks(self) -> None:
+        """After its first prefill: the forks have rows (or ended) of their own."""
+        self.forks = []
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -7,18 +7,26 @@ inputs (mask, positions, cache views) are built here and in ``kv_cache``.
 
 State: the batch (``cache`` plus per-row ``row_ids``, ``next_tokens``, ``positions``, all
 index-aligned) and, apart from it, one ``DynamicCache`` per prompt whose chunked prefill is
-under way (``chunks``).
+under way (``chunks``, with the prompt scores of its chunks so far in ``chunk_scores``).
+
+A prefill row can be embedded several times (``embed`` with a repeated row): that is how the
+choices of an ``n`` > 1 request fork from its one prefill.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from ..model import LoadedModel
 from .kv_cache import BatchKVCache, RowKV
+from .prompt_logprobs import PromptScores, capture_hidden, head_is_plain, score
+
+# What a prefill row scores of its prompt (``prompt_logprobs``): (the tokens its positions
+# predict, top-k alternatives per token).
+ScoreRequest = tuple[list[int], int]
 
 
 @dataclass
@@ -30,6 +38,7 @@ class Prefilled:
     values: list[torch.Tensor]
     mask: torch.Tensor
     last_logits: torch.Tensor  # [n, V] logits at each row's last prompt token
+    prompt_scores: dict[int, PromptScores] = field(default_factory=dict)  # row -> its prompt's logprobs
 
 
 @dataclass
@@ -59,6 +68,10 @@ class ModelRunner:
         self.positions: list[int] = []  # that token's position (= real tokens before it)
         self.padded_rows = dict(padded_rows or {})
         self.chunks: dict[str, DynamicCache] = {}  # request id -> its chunked prefill's cache so far
+        self.chunk_scores: dict[str, list[PromptScores]] = {}  # ... and its chunks' prompt scores
+        # Prompt logprobs are exact only for a model whose logits are its plain output head
+        # (see prompt_logprobs); checked once, with a 2-token forward.
+        self.scores_prompts = head_is_plain(self.model, self.device)
 
     @property
     def num_rows(self) -> int:
@@ -79,8 +92,13 @@ class ModelRunner:
     # --- prefill ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, request_ids: list[str], token_lists: list[list[int]]) -> Prefilled:
-        """Run the prompts alone (left-padded together), never touching the running batch."""
+    def prefill(self, request_ids: list[str], token_lists: list[list[int]],
+                scores: dict[int, ScoreRequest] | None = None) -> Prefilled:
+        """Run the prompts alone (left-padded together), never touching the running batch.
+
+        ``scores``: rows whose prompt positions are scored too (``prompt_logprobs``).
+        """
+        scores = scores or {}
         n, width = len(token_lists), max(len(t) for t in token_lists)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(n, width, dtype=torch.bool)
@@ -90,37 +108,50 @@ class ModelRunner:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.long().cumsum(dim=-1) - 1).clamp_min(0)  # [n, P]
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with capture_hidden(self.model, enabled=bool(scores)) as hidden:
+            out = self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        # Row i's prompt starts at column width - len: left padding.
+        prompt_scores = {i: score(self.model, hidden[0][i, width - len(token_lists[i]):], targets, k)
+                         for i, (targets, k) in scores.items()}
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
-        return Prefilled(request_ids, keys, values, mask, out.logits[:, -1, :])
+        return Prefilled(request_ids, keys, values, mask, out.logits[:, -1, :], prompt_scores)
 
     @torch.inference_mode()
-    def prefill_chunk(self, request_id: str, tokens: list[int], start: int, last: bool) -> Prefilled | None:
+    def prefill_chunk(self, request_id: str, tokens: list[int], start: int, last: bool,
+                      scores: ScoreRequest | None = None) -> Prefilled | None:
         """Prefill prompt tokens ``[start, start + len(tokens))`` in the request's own cache.
 
         Returns ``Prefilled`` (mask ``[1, P]``) after the ``last`` chunk, which also drops the
-        request's entry in ``chunks``; None before that.
+        request's entry in ``chunks``; None before that. ``scores``: this chunk's positions
+        are scored too; the last chunk returns every chunk's scores.
         """
         cache = self.chunks.get(request_id) if start else None
         if cache is None:
             cache = self.chunks[request_id] = DynamicCache(config=self.model.config)
+            self.chunk_scores[request_id] = []
         assert cache.get_seq_length() == start, "chunks must arrive in order"
         stop = start + len(tokens)
         input_ids = torch.tensor([tokens], device=self.device)  # [1, C]
         positions = torch.arange(start, stop, device=self.device)[None, :]
         mask = torch.ones(1, stop, dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with capture_hidden(self.model, enabled=scores is not None) as hidden:
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if scores is not None:
+            self.chunk_scores[request_id].append(score(self.model, hidden[0][0], *scores))
         if not last:
             return None
         del self.chunks[request_id]
+        parts = self.chunk_scores.pop(request_id)
         return Prefilled([request_id], [layer.keys for layer in cache.layers],
-                         [layer.values for layer in cache.layers], mask.bool(), out.logits[:, -1, :])
+                         [layer.values for layer in cache.layers], mask.bool(), out.logits[:, -1, :],
+                         {0: PromptScores.cat(parts)} if scores is not None else {})
 
     def drop_chunk(self, request_id: str) -> None:
         self.chunks.pop(request_id, None)
+        self.chunk_scores.pop(request_id, None)
 
     def discard(self, request_id: str) -> None:
         """Drop a request's K/V wherever it is: its row, or its unfinished chunked prefill."""
@@ -130,11 +161,16 @@ class ModelRunner:
             self.remove([request_id])
 
     @torch.inference_mode()
-    def embed(self, prefilled: Prefilled, rows: list[int], next_tokens: list[int]) -> None:
-        """Embed rows ``rows`` of ``prefilled`` into the running batch, each with its next token."""
+    def embed(self, prefilled: Prefilled, rows: list[int], next_tokens: list[int],
+              ids: list[str] | None = None) -> None:
+        """Embed rows ``rows`` of ``prefilled`` into the running batch, each with its next token.
+
+        A row may be listed more than once: each copy becomes a batch row of its own (the
+        choices of one prompt), named by ``ids`` (default: the prefilled request's id).
+        """
         if not rows:
             return
-        index = torch.tensor(rows, device=self.device)
+        index = torch.tensor(rows, device=self.device)  # repeated rows are copied by index_select
         keys = [k.index_select(0, index) for k in prefilled.keys]
         values = [v.index_select(0, index) for v in prefilled.values]
         mask = prefilled.mask.index_select(0, index)
@@ -146,7 +182,7 @@ class ModelRunner:
             mask = mask[:, first:]
         self.cache.insert(keys, values, mask)
         lengths = mask.sum(dim=1).tolist()
-        self.row_ids.extend(prefilled.request_ids[r] for r in rows)
+        self.row_ids.extend(ids if ids is not None else [prefilled.request_ids[r] for r in rows])
         self.next_tokens.extend(next_tokens)
         self.positions.extend(int(n) for n in lengths)
 
@@ -213,3 +249,4 @@ class ModelRunner:
         self.cache.release()
         self.row_ids, self.next_tokens, self.positions = [], [], []
         self.chunks.clear()
+        self.chunk_scores.clear()

@@ -26,16 +26,23 @@ class SampledToken:
 
 
 class RowSampler:
-    """Per-request sampling state: its parameters, its random generator, its processors."""
+    """Per-choice sampling state: its parameters, its random generator, its processors.
+
+    With a seed, choice ``index`` draws from ``seed + index`` (as vLLM's parallel sampling):
+    each choice is reproducible whatever else is batched, and choice 0 is the same request
+    with ``n`` = 1. ``logprobs``: alternatives to report per token (None: no logprob at all);
+    ranked choices (best_of) need the chosen token's logprob even when none is reported.
+    """
 
     def __init__(self, params: SamplingParams, device: torch.device,
-                 processors: RowLogits | None = None) -> None:
+                 processors: RowLogits | None = None, index: int = 0) -> None:
         self.params = params
         self.processors = processors  # None: the row pays nothing for processors
+        self.logprobs = params.logprobs if params.logprobs is not None or not params.ranks_choices else 0
         # Uniform draws come from a CPU generator: reproducible across devices and cheap.
         self.generator = torch.Generator(device="cpu")
         if params.seed is not None:
-            self.generator.manual_seed(params.seed)
+            self.generator.manual_seed(params.seed + index)  # < 2**64, manual_seed's range
         else:
             self.generator.seed()
 
@@ -53,7 +60,7 @@ def sample(logits: torch.Tensor, samplers: list[RowSampler],
     """``logits [n, V]`` (float; changed in place where processors apply) -> one token per row."""
     n = logits.shape[0]
     logits = logits.float()
-    logprob_rows = [i for i, s in enumerate(samplers) if s.params.logprobs is not None]
+    logprob_rows = [i for i, s in enumerate(samplers) if s.logprobs is not None]
     raw = logits.index_select(0, torch.tensor(logprob_rows, device=logits.device)) if logprob_rows else None
     logits = apply_processors(logits, [s.processors for s in samplers], grammars)
     chosen = torch.argmax(logits, dim=-1)  # [n]; greedy rows keep it
@@ -76,12 +83,12 @@ def sample(logits: torch.Tensor, samplers: list[RowSampler],
     if logprob_rows:
         index = torch.tensor(logprob_rows, device=logits.device)
         log_probs = torch.log_softmax(raw, dim=-1)  # [m, V]
-        top_n = max(samplers[i].params.logprobs for i in logprob_rows)
+        top_n = max(samplers[i].logprobs for i in logprob_rows)
         top_values, top_ids = log_probs.topk(max(top_n, 1), dim=-1)
         picked = log_probs.gather(1, chosen.index_select(0, index)[:, None])[:, 0].tolist()
         top_values, top_ids = top_values.tolist(), top_ids.tolist()
         for j, i in enumerate(logprob_rows):
-            k = samplers[i].params.logprobs
+            k = samplers[i].logprobs
             logprobs[i] = TokenLogprob(token_ids[i], picked[j],
                                        tuple(zip(top_ids[j][:k], top_values[j][:k])))
     return [SampledToken(token_ids[i], logprobs.get(i)) for i in range(n)]

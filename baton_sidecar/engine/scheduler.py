@@ -17,6 +17,13 @@ Queues (a request is in at most one)::
     swapped     swap-preempted; their K/V wait on host memory
     prefilling  admitted, chunked prefill under way, no row yet (oldest first)
     running     rows of the batch
+
+A request with ``n`` > 1 is scheduled as one until its first prefill: it is admitted only
+when all its rows fit (``Request.num_rows``), prefilled once, and its choices join as copies
+of its row. From then on each choice is a request of its own: it is decoded, finishes and is
+preempted (swapped, or recomputed from its own tokens) independently of its siblings, which
+is exact because each choice has its own tokens and sampler state and nothing is shared
+between rows (see docs/architecture.md, "n: one prefill, forked rows").
 """
 
 from __future__ import annotations
@@ -89,9 +96,10 @@ def next_chunk(request: Request, limit: int) -> PrefillChunk:
     return PrefillChunk(request, start, stop, last=stop == total)
 
 
-def _row(request: Request) -> tuple[int, int]:
-    """``(length, remaining steps)``: a request's row as ``projected_peak_slots`` sees it."""
-    return request.num_tokens, request.max_tokens - len(request.output_token_ids)
+def _rows(request: Request) -> list[tuple[int, int]]:
+    """``(length, remaining steps)`` of each row the request holds or will hold (its forks'
+    too), as ``projected_peak_slots`` sees them."""
+    return [(request.num_tokens, request.max_tokens - len(request.output_token_ids))] * request.num_rows
 
 
 # --- budgets --------------------------------------------------------------------------------
@@ -197,8 +205,8 @@ class Scheduler:
         Fills ``plan.preempt`` and ``plan.resume``; returns the requests to prefill (new or
         recompute-resumed). The head of the line that cannot fit stops admission: order is kept.
         """
-        present = [*self.running.values(), *self.prefilling.values()]  # holding or getting a row
-        rows = [_row(r) for r in present]
+        present = [*self.running.values(), *self.prefilling.values()]  # holding or getting rows
+        rows = [row for r in present for row in _rows(r)]
         admitted: list[Request] = []
         batch_rows, batch_len, real_tokens = batch.rows, batch.length, batch.real_tokens
         for candidate in self._candidates(now, batch_len):
@@ -207,23 +215,23 @@ class Scheduler:
                 break  # prefill budget for this step is spent
             if self._held_back_for_padding(candidate, now, batch_rows, batch_len, real_tokens, present):
                 continue
-            entry = _row(candidate)
-            while not self._fits(rows + [entry], len(present) + 1):
+            entry = _rows(candidate)
+            while not self._fits(rows + entry):
                 victim = self._victim(present, candidate, plan, admitted)
                 if victim is None:
                     return admitted  # head of line can't fit: keep order, try next step
                 present.remove(victim)
-                rows = [_row(r) for r in present]
+                rows = [row for r in present for row in _rows(r)]
                 plan.preempt.append(Preemption(victim, self._preemption_mode(victim)))
                 batch_rows -= 1
                 real_tokens -= victim.num_tokens
             (plan.resume if swapped else admitted).append(candidate)
             present.append(candidate)
-            rows.append(entry)
+            rows.extend(entry)
             if not swapped:
-                budget.add(candidate.num_prefill_tokens)
-            batch_rows, batch_len = batch_rows + 1, max(batch_len, candidate.num_tokens)
-            real_tokens += candidate.num_tokens
+                budget.add(candidate.num_prefill_tokens)  # one prefill, whatever its rows
+            batch_rows, batch_len = batch_rows + len(entry), max(batch_len, candidate.num_tokens)
+            real_tokens += candidate.num_tokens * len(entry)
         return admitted
 
     def _candidates(self, now: float, batch_len: int) -> list[Request]:
@@ -235,9 +243,9 @@ class Scheduler:
                               r.times.arrival))
         return sorted(self.waiting + self.swapped, key=key)
 
-    def _fits(self, rows: list[tuple[int, int]], batch_size: int) -> bool:
+    def _fits(self, rows: list[tuple[int, int]]) -> bool:
         limits = self.policy.limits
-        return (batch_size <= limits.max_batch_size
+        return (len(rows) <= limits.max_batch_size
                 and projected_peak_slots(rows, rows_leave=self.rows_leave) <= limits.max_kv_tokens)
 
     def _victim(self, present: list[Request], candidate: Request, plan: StepPlan,
@@ -277,6 +285,8 @@ class Scheduler:
             chunk.request.num_computed_tokens = chunk.stop
             if not chunk.last:
                 self._to_prefilling(chunk.request)
+        for request in (*plan.prefill, *([chunk.request] if chunk is not None and chunk.last else [])):
+            request.release_forks()  # its choices joined as copies of its row, or ended
         for request in (*plan.decode, *results.joined):
             request.num_computed_tokens = request.num_tokens - 1  # a row caches all but its pending token
         return self._settle(results)

@@ -38,6 +38,7 @@ from baton_sidecar.server.passthrough import OWN_PREFIX, make_catch_all, models
 from baton_sidecar.server.router import Router
 from baton_sidecar.server.state import (ABSTATS, CONFIG, ELIGIBILITY, EXECUTOR, METRICS, ROUTER,
                                         SESSION, STATE, TRACING, WATCHER, ServerState)
+from baton_sidecar.server.tokenize import detokenize, tokenize
 from baton_sidecar.server.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -305,4 +306,6 @@ OWN_ROUTES = {
 }
 # Answered at the root too, as a vLLM server's are, while no incumbent is configured (with one,
 # the root belongs to the incumbent).
-STANDALONE_ALIASES = {"/health": health, "/ready": ready, "/metrics": metrics_handler}
+# vLLM's /tokenize and /detokenize likewise: with an incumbent they are its own, relayed.
+STANDALONE_ALIASES = {"/health": {"GET": health}, "/ready": {"GET": ready}, "/metrics": {"GET": metrics_handler},
+                      "/tokenize": {"POST": tokenize}, "/detokenize": {"POST": detokenize}}

@@ -16,8 +16,10 @@ from typing import Any
 
 from aiohttp import web
 
-from baton_sidecar.engine.request import AdmissionError, RequestOutput, RequestValidationError
+from baton_sidecar.engine.request import (AdmissionError, RequestOutput, RequestValidationError, best_choices,
+                                          collect)
 from baton_sidecar.server import oai_response as shapes
+from baton_sidecar.server.choices import ChoiceFormatter
 from baton_sidecar.server.engine_api import Engine, Stream
 from baton_sidecar.server.errors import APIError, bad_request
 from baton_sidecar.server.oai_request import ParsedRequest
@@ -90,8 +92,10 @@ class LocalRun:
         self.created = shapes.now()
         self.result = ArmResult()
         self.stream: Stream | None = None
-        self._text_offset = 0
-        self._lp = shapes.LogprobFormatter(self._token_text)
+        self.formatter: ChoiceFormatter | None = None  # made at submit, once the prompt is known
+        self._open_choices = parsed.params.num_sequences  # choices without their final delta yet
+        self._completion_tokens: dict[int, int] = {}  # by choice
+        self._failed: RequestOutput | None = None  # the first choice that ended in error
 
     def _token_text(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])
@@ -100,6 +104,10 @@ class LocalRun:
         parsed = self.parsed
         prompt = await prepare_prompt(self.engine, parsed, executor)
         self.trace.set_request(parsed.params, parsed.priority, parsed.sla_class, parsed.stream)
+        echo = None
+        if parsed.echo:  # the prompt as given; token ids decoded
+            echo = parsed.prompt if isinstance(parsed.prompt, str) else self.engine.tokenizer.decode(prompt)
+        self.formatter = ChoiceFormatter(parsed, self._token_text, echo)
         extra: dict[str, Any] = {}
         if parsed.priority is not None:
             extra["priority"] = parsed.priority
@@ -111,7 +119,7 @@ class LocalRun:
             self.stream = self.engine.submit(prompt, parsed.params, request_id=self.request_id,
                                              **extra)
         except RequestValidationError as exc:  # the engine says max_tokens for either cap
-            field = parsed.max_tokens_field if exc.field == "max_tokens" else exc.field
+            field = {"max_tokens": parsed.max_tokens_field, "prompt_logprobs": "echo"}.get(exc.field, exc.field)
             raise bad_request(field, exc.message) from None
         except AdmissionError as exc:
             raise admission_error(exc, parsed.kind) from None
@@ -133,23 +141,34 @@ class LocalRun:
             self.result.e2e_s = time.monotonic() - self.arrival
 
     def _note(self, out: RequestOutput) -> None:
+        """Account one delta. The request is done when every choice has had its final delta:
+        its finish reason is the last choice's (the first error wins), its completion tokens
+        the choices' sum, its prompt counted once."""
         self.trace.engine_events(out.events)
-        if out.token_ids and self.result.ttft_s is None:
-            self.result.ttft_s = time.monotonic() - self.arrival
-        if out.finished:
-            r = self.result
-            r.finish_reason = out.finish_reason or "stop"
-            r.prompt_tokens, r.completion_tokens = out.prompt_tokens, out.completion_tokens
-            r.preemptions = out.num_preemptions
-            if out.times is not None:
-                r.queue_s = out.times.queue_s
-                if out.times.first_token is not None:  # the engine's stamp, same clock
-                    r.ttft_s = out.times.first_token - self.arrival
-            if r.finish_reason == "error":
-                r.ok, r.status, r.error = False, 500, out.error or "engine error"
-            elif r.finish_reason == "cancelled":  # by the server: drain deadline passed
-                r.ok, r.status = False, 503
-                r.error = out.error or "cancelled by the server (shutting down)"
+        r = self.result
+        if out.token_ids and r.ttft_s is None:
+            r.ttft_s = time.monotonic() - self.arrival
+        if not out.finished:
+            return
+        self._open_choices -= 1
+        self._completion_tokens[out.index] = out.completion_tokens
+        r.preemptions = max(r.preemptions, out.num_preemptions)
+        if out.finish_reason in ("error", "cancelled") and self._failed is None:
+            self._failed = out
+        if self._open_choices:
+            return
+        r.prompt_tokens, r.completion_tokens = out.prompt_tokens, sum(self._completion_tokens.values())
+        if out.times is not None:
+            r.queue_s = out.times.queue_s
+            if out.times.first_token is not None:  # the engine's stamp, same clock
+                r.ttft_s = min(r.ttft_s or math.inf, out.times.first_token - self.arrival)
+        failed = self._failed
+        r.finish_reason = (failed or out).finish_reason or "stop"
+        if r.finish_reason == "error":
+            r.ok, r.status, r.error = False, 500, failed.error or "engine error"
+        elif r.finish_reason == "cancelled":  # by the server: drain deadline passed
+            r.ok, r.status = False, 503
+            r.error = failed.error or "cancelled by the server (shutting down)"
 
     def _failure(self) -> APIError:
         r = self.result
@@ -162,85 +181,55 @@ class LocalRun:
         return {"x-request-id": self.request_id, "x-baton-arm": "baton"}
 
     async def _respond_json(self) -> web.Response:
-        texts: list[str] = []
-        logprobs: list = []
+        deltas: list[list[RequestOutput]] = [[] for _ in range(self.parsed.params.num_sequences)]
         async for out in self.stream:
             self._note(out)
-            texts.append(out.text)
-            if out.logprobs:
-                logprobs.extend(out.logprobs)
-            if out.finished:
-                break
+            deltas[out.index].append(out)
             if client_gone(self.request):
                 return web.Response(status=499)  # never reaches anyone; ends the handler
         r = self.result
-        if r.finish_reason is None:  # the stream ended without a final delta
+        if r.finish_reason is None:  # the stream ended without every final delta
             raise RuntimeError("engine stream ended without a finished output")
         if not r.ok:
             raise self._failure()
-        text = "".join(texts)
-        want_lp = self.parsed.logprobs is not None
-        if self.parsed.kind == "chat":
-            body = shapes.chat_body(self.response_id, self.created, self.model_name, text, r.finish_reason,
-                                self._lp.chat(logprobs) if want_lp else None, r.prompt_tokens,
-                                r.completion_tokens)
-        else:
-            body = shapes.completion_body(self.response_id, self.created, self.model_name, text,
-                                      r.finish_reason,
-                                      self._lp.completion(logprobs, 0) if want_lp else None,
-                                      r.prompt_tokens, r.completion_tokens)
+        params = self.parsed.params
+        outputs = [collect(d, params) for d in deltas]
+        if params.ranks_choices:  # best_of > n: the n most likely; usage counts those returned
+            outputs = best_choices(outputs, params.n)
+            r.completion_tokens = sum(o.completion_tokens for o in outputs)
+        body = shapes.body(self.parsed.kind, self.response_id, self.created, self.model_name,
+                           [self.formatter.choice(o) for o in outputs], r.prompt_tokens, r.completion_tokens)
         return web.json_response(body, headers=self._headers())
-
-    def _chunk(self, text: str | None, reason: str | None, logprobs: tuple | None,
-               role: bool = False) -> dict:
-        p = self.parsed
-        if p.kind == "chat":
-            delta: dict[str, Any] = {}
-            if role:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            if role:  # as OpenAI's opening delta: the model never refuses here
-                delta["refusal"] = None
-            lp = self._lp.chat(logprobs) if logprobs else None
-            return shapes.chat_chunk(self.response_id, self.created, self.model_name, delta, reason, lp,
-                                 p.include_usage)
-        lp = None
-        if logprobs:
-            lp = self._lp.completion(logprobs, self._text_offset)
-        self._text_offset += len(text or "")
-        return shapes.completion_chunk(self.response_id, self.created, self.model_name, text or "", reason, lp,
-                                   p.include_usage)
 
     async def _respond_stream(self) -> web.StreamResponse:
         resp = web.StreamResponse(headers={**SSE_HEADERS, **self._headers()})
         p = self.parsed
-        want_lp = p.logprobs is not None
+
+        def chunk(choice: dict) -> bytes:
+            return shapes.sse(shapes.chunk(p.kind, self.response_id, self.created, self.model_name, choice,
+                                           p.include_usage))
         try:
             await resp.prepare(self.request)
-            if p.kind == "chat":
-                await resp.write(shapes.sse(self._chunk("", None, None, role=True)))
+            for opening in self.formatter.opening():
+                await resp.write(chunk(opening))
             async for out in self.stream:
                 self._note(out)
                 if client_gone(self.request):
                     return resp
-                lps = out.logprobs if want_lp else None
-                if out.text or lps:
-                    await resp.write(shapes.sse(self._chunk(out.text, None, lps)))
-                if out.finished:
-                    break
+                choice = self.formatter.delta(out)
+                if choice is not None:
+                    await resp.write(chunk(choice))
+                if out.finished and out.finish_reason not in ("error", "cancelled"):
+                    await resp.write(chunk(self.formatter.finish(out)))
             r = self.result
             if r.finish_reason is None:
                 raise RuntimeError("engine stream ended without a finished output")
             if not r.ok:
                 await resp.write(shapes.sse(self._failure().body()))
-            else:
-                await resp.write(shapes.sse(self._chunk(None if p.kind == "chat" else "",
-                                                    r.finish_reason, None)))
-                if p.include_usage:
-                    await resp.write(shapes.sse(shapes.usage_chunk(
-                        self.response_id, self.created, self.model_name, p.kind, r.prompt_tokens or 0,
-                        r.completion_tokens or 0)))
+            elif p.include_usage:
+                await resp.write(shapes.sse(shapes.usage_chunk(
+                    self.response_id, self.created, self.model_name, p.kind, r.prompt_tokens or 0,
+                    r.completion_tokens or 0)))
             await resp.write(shapes.SSE_DONE)
             await resp.write_eof()
         except ConnectionError:  # aiohttp's write to a closed client

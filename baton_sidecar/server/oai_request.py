@@ -2,10 +2,10 @@
 
 Parsing is pure: it raises ``APIError`` naming the offending field, or returns the request with its
 ``SamplingParams`` built (once, here, so every range check happens at parse time). Unknown fields are
-ignored (as vLLM and OpenAI do); known fields whose values Baton cannot honour (``n`` other than 1,
-``echo``, tools, ...) are refused by name (``unsupported_value``) rather than silently
-dropped, so a client never gets a different answer than it asked for; with an incumbent such a
-request goes there instead (see ``eligibility``).
+ignored (as vLLM and OpenAI do); known fields whose values Baton cannot honour (tools, ``suffix``,
+...) are refused by name (``unsupported_value``) rather than silently dropped, so a client never
+gets a different answer than it asked for; with an incumbent such a request goes there instead
+(see ``eligibility``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from baton_sidecar.server.oai_structured import parse_structured
 
 MAX_STOP_SEQUENCES = 16
 MAX_LOGPROBS = 20
+MAX_CHOICES = 128  # OpenAI's bound on n; the engine's batch size bounds it further
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -34,6 +35,7 @@ class ParsedRequest:
     prompt: str | list[int] | None = None  # completions
     messages: list[dict[str, str]] | None = None  # chat, content flattened to text
     max_tokens_field: str = "max_tokens"  # the body field the cap came from, for errors about it
+    echo: bool = False  # completions: the prompt before each choice's text (and its logprobs)
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
@@ -87,15 +89,7 @@ def _opt_str(body, name) -> str | None:
 
 def _refuse_unsupported(body: Mapping[str, Any], kind: str) -> None:
     """Fields Baton understands but cannot honour: refuse non-default values by name."""
-    n = _opt_int(body, "n")
-    if n is not None and n != 1:
-        raise bad_request("n", "only n=1 is supported", code="unsupported_value")
     if kind == "completion":
-        best_of = _opt_int(body, "best_of")
-        if best_of is not None and best_of != 1:
-            raise bad_request("best_of", "only best_of=1 is supported", code="unsupported_value")
-        if _opt_bool(body, "echo"):
-            raise bad_request("echo", "is not supported", code="unsupported_value")
         if _opt_str(body, "suffix"):
             raise bad_request("suffix", "is not supported", code="unsupported_value")
     else:
@@ -132,6 +126,7 @@ def _common(body: Mapping[str, Any], kind: str) -> tuple[dict[str, Any], dict[st
     seed = _opt_int(body, "seed")
     if seed is not None:
         sampling["seed"] = seed
+    sampling.update(_choices(body, kind, stream))
     ignore_eos = _opt_bool(body, "ignore_eos")
     if ignore_eos is not None:
         sampling["ignore_eos"] = ignore_eos
@@ -210,11 +205,28 @@ def _processors(body: Mapping[str, Any]) -> dict[str, Any]:
     return sampling
 
 
-def _sampling_params(sampling: dict[str, Any], max_tokens: int | None,
-                     logprobs: int | None, vocab_size: int | None) -> SamplingParams:
+def _choices(body: Mapping[str, Any], kind: str, stream: bool) -> dict[str, int]:
+    """``n`` (both routes) and ``best_of`` (completions: >= n; with more than n, not streamed)."""
+    fields = {}
+    n = _opt_int(body, "n", lo=1, hi=MAX_CHOICES)
+    if n is not None:
+        fields["n"] = n
+    best_of = _opt_int(body, "best_of", lo=1, hi=MAX_CHOICES) if kind == "completion" else None
+    if best_of is not None:
+        if best_of < (n or 1):
+            raise bad_request("best_of", "must be >= n")
+        if stream and best_of != (n or 1):
+            raise bad_request("best_of", "best_of > n cannot be streamed (the best are known at the end)")
+        fields["best_of"] = best_of
+    return fields
+
+
+def _sampling_params(sampling: dict[str, Any], max_tokens: int | None, logprobs: int | None,
+                     vocab_size: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     """The request's one ``SamplingParams``; its range checks become 400s naming the field."""
     try:
-        params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **sampling)
+        params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                **sampling)
         if vocab_size is not None:
             params.check_vocab(vocab_size)
         return params
@@ -222,9 +234,9 @@ def _sampling_params(sampling: dict[str, Any], max_tokens: int | None,
         raise bad_request(exc.field, exc.message) from None
 
 
-def _max_tokens(body: Mapping[str, Any], names: Sequence[str]) -> int | None:
+def _max_tokens(body: Mapping[str, Any], names: Sequence[str], lo: int = 1) -> int | None:
     """The first of ``names`` given; every one given is checked, the one that loses too."""
-    values = [_opt_int(body, name, lo=1) for name in names]
+    values = [_opt_int(body, name, lo=lo) for name in names]
     return next((v for v in values if v is not None), None)
 
 
@@ -252,9 +264,16 @@ def parse_completion(body: Mapping[str, Any], vocab_size: int | None = None) -> 
     if len(prompt) == 0:
         raise bad_request("prompt", "must not be empty")
     logprobs = _opt_int(body, "logprobs", lo=0, hi=MAX_LOGPROBS)
-    max_tokens = _max_tokens(body, ("max_tokens",)) or COMPLETION_DEFAULT_MAX_TOKENS
-    return ParsedRequest(kind="completion", prompt=prompt,
-                         params=_sampling_params(sampling, max_tokens, logprobs, vocab_size), **common)
+    # With echo, max_tokens 0 answers the prompt alone (and its logprobs: lm-eval's loglikelihood).
+    echo = bool(_opt_bool(body, "echo"))
+    max_tokens = _max_tokens(body, ("max_tokens",), lo=0 if echo else 1)
+    if max_tokens is None:
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
+    # SamplingParams allows max_tokens 0 only with prompt logprobs: echo without logprobs asks
+    # for them (top 0) and the answer leaves them out.
+    prompt_logprobs = (logprobs or 0) if echo and (logprobs is not None or max_tokens == 0) else None
+    return ParsedRequest(kind="completion", prompt=prompt, echo=echo, **common,
+                         params=_sampling_params(sampling, max_tokens, logprobs, vocab_size, prompt_logprobs))
 
 
 def _message_text(content: Any, where: str) -> str:
@@ -272,11 +291,8 @@ def _message_text(content: Any, where: str) -> str:
     raise bad_request(where, "must be a string or a list of text parts", code="invalid_type")
 
 
-def parse_chat(body: Mapping[str, Any], vocab_size: int | None = None) -> ParsedRequest:
-    """POST /v1/chat/completions: ``messages`` in, rendered later with the tokenizer's template.
-    Without ``max_completion_tokens`` or ``max_tokens`` it may use the rest of the context. Token
-    ids (``logit_bias``, ``bad_words_ids``) are bounded by ``vocab_size`` when known."""
-    common, sampling = _common(body, "chat")
+def parse_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    """``messages``, checked and flattened to text (roles; ``developer`` is ``system``)."""
     messages = body.get("messages")
     if messages is None:
         raise bad_request("messages", "is required", code="missing_field")
@@ -295,6 +311,15 @@ def parse_chat(body: Mapping[str, Any], vocab_size: int | None = None) -> Parsed
             content = ""
         flat.append({"role": "system" if role == "developer" else role,
                      "content": _message_text(content, f"{where}.content")})
+    return flat
+
+
+def parse_chat(body: Mapping[str, Any], vocab_size: int | None = None) -> ParsedRequest:
+    """POST /v1/chat/completions: ``messages`` in, rendered later with the tokenizer's template.
+    Without ``max_completion_tokens`` or ``max_tokens`` it may use the rest of the context. Token
+    ids (``logit_bias``, ``bad_words_ids``) are bounded by ``vocab_size`` when known."""
+    common, sampling = _common(body, "chat")
+    flat = parse_messages(body)
     want_logprobs = _opt_bool(body, "logprobs")
     top = _opt_int(body, "top_logprobs", lo=0, hi=MAX_LOGPROBS)
     if top is not None and not want_logprobs:

@@ -1,4 +1,9 @@
-"""OpenAI's response shapes: completion and chat bodies, SSE chunks, logprobs, model lists."""
+"""OpenAI's response shapes: completion and chat bodies with their choices, SSE chunks, logprobs,
+model lists.
+
+A body carries every choice (``index`` 0 .. n-1, each with its own ``finish_reason``); a streamed
+chunk carries one choice, so the choices of an ``n`` > 1 answer interleave chunk by chunk.
+"""
 
 from __future__ import annotations
 
@@ -25,17 +30,19 @@ class LogprobFormatter:
     def __init__(self, token_text: Callable[[int], str]) -> None:
         self._text = token_text
 
-    def completion(self, items: Sequence[TokenLogprob], text_offset: int) -> dict[str, Any]:
-        tokens, lps, tops, offsets = [], [], [], []
-        for item in items:
-            tok = self._text(item.token_id)
-            tokens.append(tok)
-            lps.append(item.logprob)
-            tops.append({self._text(t): lp for t, lp in item.top})
+    def completion(self, items: Sequence[TokenLogprob], text_offset: int,
+                   unscored: Sequence[int] = ()) -> dict[str, Any]:
+        """``unscored``: leading token ids with no logprob (an echoed prompt's first token:
+        nothing precedes it), answered as ``null`` as OpenAI and vLLM do."""
+        entries = [(t, None, None) for t in unscored] + [
+            (i.token_id, i.logprob, {self._text(t): lp for t, lp in i.top}) for i in items]
+        tokens, offsets = [], []
+        for token_id, _, _ in entries:
+            tokens.append(self._text(token_id))
             offsets.append(text_offset)
-            text_offset += len(tok)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
-                "text_offset": offsets}
+            text_offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [top for _, _, top in entries], "text_offset": offsets}
 
     def chat(self, items: Sequence[TokenLogprob]) -> dict[str, Any]:
         def entry(token_id: int, lp: float) -> dict[str, Any]:
@@ -47,51 +54,41 @@ class LogprobFormatter:
                 "refusal": None}
 
 
-def _response(obj: str, rid: str, created: int, model: str, choice: dict[str, Any],
-              reason: str | None, logprobs: dict | None) -> dict:
-    """The envelope every body and chunk shares, with its one choice."""
-    choice = {"index": 0, **choice, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+OBJECTS = {"completion": ("text_completion", "text_completion"),  # kind -> (body, chunk)
+           "chat": ("chat.completion", "chat.completion.chunk")}
 
 
-def _chunk(body: dict, with_usage: bool) -> dict:
-    if with_usage:  # every chunk says "usage": null; the last one carries it (usage_chunk)
-        body["usage"] = None
-    return body
+def completion_choice(index: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
 
 
-def completion_body(rid: str, created: int, model: str, text: str, reason: str | None,
-                    logprobs: dict | None, prompt_tokens: int, completion_tokens: int) -> dict:
-    body = _response("text_completion", rid, created, model, {"text": text}, reason, logprobs)
-    body["usage"] = usage(prompt_tokens, completion_tokens)
-    return body
-
-
-def completion_chunk(rid: str, created: int, model: str, text: str, reason: str | None,
-                     logprobs: dict | None, with_usage: bool) -> dict:
-    return _chunk(_response("text_completion", rid, created, model, {"text": text}, reason,
-                            logprobs), with_usage)
-
-
-def chat_body(rid: str, created: int, model: str, text: str, reason: str | None,
-              logprobs: dict | None, prompt_tokens: int, completion_tokens: int) -> dict:
+def chat_choice(index: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
     message = {"role": "assistant", "content": text, "refusal": None}
-    body = _response("chat.completion", rid, created, model, {"message": message}, reason,
-                     logprobs)
-    body["usage"] = usage(prompt_tokens, completion_tokens)
-    return body
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
 
 
-def chat_chunk(rid: str, created: int, model: str, delta: dict, reason: str | None,
-               logprobs: dict | None, with_usage: bool) -> dict:
-    return _chunk(_response("chat.completion.chunk", rid, created, model, {"delta": delta},
-                            reason, logprobs), with_usage)
+def chat_delta(index: int, delta: dict, reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
+
+
+def body(kind: str, rid: str, created: int, model: str, choices: list[dict], prompt_tokens: int,
+         completion_tokens: int) -> dict:
+    """A whole answer: its choices by index, usage (prompt counted once, choices summed)."""
+    return {"id": rid, "object": OBJECTS[kind][0], "created": created, "model": model,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk(kind: str, rid: str, created: int, model: str, choice: dict, with_usage: bool) -> dict:
+    """One streamed chunk with one choice."""
+    out = {"id": rid, "object": OBJECTS[kind][1], "created": created, "model": model, "choices": [choice]}
+    if with_usage:  # every chunk says "usage": null; the last one carries it (usage_chunk)
+        out["usage"] = None
+    return out
 
 
 def usage_chunk(rid: str, created: int, model: str, kind: str, prompt_tokens: int,
                 completion_tokens: int) -> dict:
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+    return {"id": rid, "object": OBJECTS[kind][1], "created": created, "model": model, "choices": [],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 

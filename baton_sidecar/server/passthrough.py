@@ -64,7 +64,7 @@ async def relay(request: web.Request, body: Upload, reason: str) -> web.StreamRe
 
 
 def make_catch_all(own_routes: dict[str, dict[str, Handler]],
-                   standalone_aliases: dict[str, Handler]) -> Handler:
+                   standalone_aliases: dict[str, dict[str, Handler]]) -> Handler:
     """The handler of every path no route matched (``own_routes``: path -> method -> handler)."""
 
     async def catch_all(request: web.Request) -> web.StreamResponse:
@@ -74,12 +74,13 @@ def make_catch_all(own_routes: dict[str, dict[str, Handler]],
                                lambda: request.app[METRICS].http_rejections.labels(
                                    "body_timeout").inc())
             return await relay(request, body, OTHER_ROUTE)
-        alias = standalone_aliases.get(path)
-        if alias is not None and request.method in ("GET", "HEAD"):
-            return await alias(request)
-        methods = set(own_routes.get(path, ()))
-        if alias is not None or "GET" in methods:
-            methods |= {"GET", "HEAD"}
+        alias = standalone_aliases.get(path, {})
+        handler = alias.get("GET" if request.method == "HEAD" else request.method)
+        if handler is not None:
+            return await handler(request)
+        methods = set(own_routes.get(path, ())) | set(alias)
+        if "GET" in methods:
+            methods |= {"HEAD"}
         if methods:
             allow = ", ".join(sorted(methods))
             raise APIError(405, f"method {request.method} is not allowed on {path}; use {allow}",

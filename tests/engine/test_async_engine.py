@@ -70,10 +70,10 @@ async def test_a_failing_prefill_ends_only_its_own_requests(engine, monkeypatch)
     runner = engine.core.runner
     real_prefill = runner.prefill
 
-    def flaky_prefill(request_ids, token_lists):
+    def flaky_prefill(request_ids, token_lists, *args):
         if any(tokens[0] == 66 for tokens in token_lists):
             raise RuntimeError("boom")
-        return real_prefill(request_ids, token_lists)
+        return real_prefill(request_ids, token_lists, *args)
 
     monkeypatch.setattr(runner, "prefill", flaky_prefill)
     healthy = engine.submit([5, 6], SamplingParams(max_tokens=40, **GREEDY))

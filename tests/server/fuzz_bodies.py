@@ -132,7 +132,7 @@ COMMON = {
     "ignore_eos": (st.booleans(), NOT_BOOL),
     "sla_class": (st.sampled_from(["interactive", "batch"]),
                   st.sampled_from(["platinum", "Interactive", ""]) | TEXT | NOT_STR),
-    "n": (st.just(1), st.sampled_from([0, 2, -1, 128, "1", 1.5]) | HUGE_INTS),
+    "n": (st.integers(1, 3), st.sampled_from([0, -1, 129, "1", 1.5]) | HUGE_INTS),
     "presence_penalty": (st.floats(-2, 2), st.sampled_from([2.5, -3, "0", [0]]) | FLOATS.filter(
         lambda f: not -2 <= f <= 2) | HUGE_INTS),
     "frequency_penalty": (st.floats(-2, 2), st.sampled_from([2.01, -2.5, "0", [0]]) | FLOATS.filter(
@@ -185,8 +185,8 @@ COMPLETION_FIELDS = {
     "max_tokens": (st.integers(1, MAX_GEN), BAD_CAP),
     "logprobs": (st.integers(0, MAX_LOGPROBS) | st.none(),
                  st.integers(MAX_LOGPROBS + 1, 1000) | st.integers(max_value=-1) | NOT_INT),
-    "best_of": (st.just(1), st.sampled_from([0, 2, 5, "1", 1.5])),
-    "echo": (st.sampled_from([False, None]), st.sampled_from([True, "yes", 1])),
+    "best_of": (st.integers(1, 4), st.sampled_from([0, -1, 129, "1", 1.5])),
+    "echo": (st.sampled_from([False, None, True]), st.sampled_from(["yes", 1])),
     "suffix": (st.sampled_from(["", None]), NONEMPTY_TEXT | NOT_STR),
 }
 
@@ -269,6 +269,8 @@ def _valid_body(draw, route: str) -> dict[str, Any]:
         body["stream_options"] = draw(st.sampled_from(
             [{"include_usage": True}, {"include_usage": False}, {"include_usage": None}, {},
              {"include_usage": True, "continuous_usage_stats": True}]))
+    if "best_of" in body:  # at least n, and exactly n when streamed
+        body["best_of"] = body.get("n", 1) if stream else max(body["best_of"], body.get("n", 1))
     # One output constraint per request (two are a 400 naming the second): keep the first drawn.
     constraints = [k for k in names if k in CONSTRAINTS and body[k] not in (None, {"type": "text"})]
     for name in constraints[1:]:

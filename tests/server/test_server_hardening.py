@@ -55,8 +55,9 @@ def test_wrong_types_are_400_naming_the_field(server, path, body, param):
     assert_error(post(server, path, {"model": MODEL_NAME, **body}), 400, param, "invalid_type")
 
 
-def test_n_other_than_one_is_400(server):
-    assert_error(post(server, "/v1/chat/completions", {"messages": CHAT, "n": 2}), 400, "n")
+def test_n_out_of_range_is_400(server):
+    assert_error(post(server, "/v1/chat/completions", {"messages": CHAT, "n": 0}), 400, "n")
+    assert_error(post(server, "/v1/completions", {"prompt": "x", "n": 2, "best_of": 1}), 400, "best_of")
 
 
 def test_unknown_model_is_404(server):

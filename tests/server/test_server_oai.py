@@ -65,10 +65,13 @@ def test_completion_single_element_batch_is_unwrapped():
     ({"prompt": "x", "stop": 3}, "stop"),
     ({"prompt": "x", "stop": ["a", ""]}, "stop"),
     ({"prompt": "x", "stop": ["a"] * 17}, "stop"),
-    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "n": "1"}, "n"),
-    ({"prompt": "x", "best_of": 3}, "best_of"),
-    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "best_of": 0}, "best_of"),
+    ({"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+    ({"prompt": "x", "best_of": 3, "stream": True}, "best_of"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ({"prompt": "x", "logprobs": True}, "logprobs"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
@@ -136,7 +139,8 @@ def test_chat_parse_and_defaults():
     ({"messages": [{"role": "user", "content": "x"}],
       "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
      "response_format.json_schema.name"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 129}, "n"),
 ])
 def test_chat_rejections_name_the_field(body, param):
     assert err(parse_chat, body).param == param
@@ -159,12 +163,12 @@ def test_sse_framing():
 
 
 def test_response_shapes():
-    body = shapes.completion_body("cmpl-1", 1, "m", "hi", "length", None, 3, 2)
+    body = shapes.body("completion", "cmpl-1", 1, "m", [shapes.completion_choice(0, "hi", "length", None)], 3, 2)
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     assert body["choices"][0]["finish_reason"] == "length" and body["object"] == "text_completion"
-    chunk = shapes.chat_chunk("c", 1, "m", {"content": "x"}, None, None, with_usage=True)
+    chunk = shapes.chunk("chat", "c", 1, "m", shapes.chat_delta(0, {"content": "x"}, None, None), with_usage=True)
     assert chunk["usage"] is None and chunk["object"] == "chat.completion.chunk"
-    assert "usage" not in shapes.chat_chunk("c", 1, "m", {}, "stop", None, with_usage=False)
+    assert "usage" not in shapes.chunk("chat", "c", 1, "m", shapes.chat_delta(0, {}, "stop", None), False)
     u = shapes.usage_chunk("c", 1, "m", "chat", 4, 5)
     assert u["choices"] == [] and u["usage"]["total_tokens"] == 9
     json.dumps(shapes.model_list("m", 1, 2048))
@@ -240,7 +244,7 @@ def test_integer_over_the_digit_limit_is_invalid_json():
 
 
 def test_chat_message_carries_refusal_null():
-    body = shapes.chat_body("c", 1, "m", "hi", "stop", None, 1, 1)
+    body = shapes.body("chat", "c", 1, "m", [shapes.chat_choice(0, "hi", "stop", None)], 1, 1)
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi", "refusal": None}
     assert '"refusal": null' in json.dumps(body)
     fmt = shapes.LogprobFormatter(lambda i: "t")

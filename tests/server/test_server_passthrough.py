@@ -196,9 +196,10 @@ ELIGIBLE = [("completion", C, completion()), ("completion stream", C, completion
             ("chat", CC, chat()), ("chat stream", CC, chat(stream=True)),
             ("chat, model named", CC, chat(max_completion_tokens=3)),
             ("chat json mode", CC, chat(response_format={"type": "json_object"})),
-            ("chat penalties and bias", CC, chat(frequency_penalty=0.5, presence_penalty=0.2, logit_bias={"28": 5}))]
-INELIGIBLE = [("unsupported:tools", CC, chat(tools=TOOLS)), ("unsupported:n", CC, chat(n=2)),
-              ("unsupported:echo", C, completion(echo=True)),
+            ("chat penalties and bias", CC, chat(frequency_penalty=0.5, presence_penalty=0.2, logit_bias={"28": 5})),
+            ("chat n=2", CC, chat(n=2)), ("completion echo", C, completion(echo=True, logprobs=1)),
+            ("completion best_of", C, completion(best_of=2))]
+INELIGIBLE = [("unsupported:tools", CC, chat(tools=TOOLS)), ("unsupported:suffix", C, completion(suffix="!")),
               ("other_model", CC, chat(model="my-lora-adapter")),
               ("invalid:max_tokens", C, completion(max_tokens="a")),
               ("invalid:sla_class", C, completion(sla_class="no-such-class"))]
@@ -274,8 +275,8 @@ def test_standalone_keeps_its_own_answers(make_server):
     assert resp.status_code == 405 and resp.headers["Allow"] == "POST"
     resp = requests.post(url + "/v1/embeddings", json={"input": "x"}, timeout=10)
     assert resp.status_code == 404 and resp.json()["error"]["type"] == "not_found_error"
-    resp = requests.post(url + CC, json=chat(n=2), timeout=10)
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
+    resp = requests.post(url + C, json=completion(suffix="!"), timeout=10)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "suffix"
 
 
 def test_a_stalled_body_gets_408_and_does_not_hold_the_connection(make_server, hf_incumbent):
