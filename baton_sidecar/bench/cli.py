@@ -6,6 +6,7 @@ Usage (see docs/benchmarks.md)::
     python -m baton_sidecar.bench trace ../shared/data/AzureLLMInferenceTrace_conv_2023.csv --load 0.8
     python -m baton_sidecar.bench --scenario priority
     python -m baton_sidecar.bench --scenario padding
+    python -m baton_sidecar.bench --scenario features
     python -m baton_sidecar.bench poisson --url http://127.0.0.1:8080 --capacity 1.5 --load 0.8
 
 ``add_bench_arguments`` fills a parser; ``run_bench(args)`` checks the arguments, gets a plan
@@ -26,12 +27,12 @@ from ..config import EngineConfig, Limits, PolicyConfig
 from . import report
 from .inputs import BenchError, WorkloadOptions, check_trace
 from .metrics import SLO
-from .plans import compare, padding, priority
+from .plans import compare, features, padding, priority
 from .runner import Plan, RunOptions, Runner
 from .workloads import WorkloadError, default_data_dir, parse_range
 
 WORKLOADS = ("offline", "poisson", "trace", "prompts", "jsonl")
-SCENARIOS = ("priority", "padding")
+SCENARIOS = ("priority", "padding", "features")
 POSITIVE_INTS = ("num_requests", "hf_batch_size", "repeat", "max_batch_size", "max_kv_tokens", "max_prefill_tokens",
                  "threads", "max_prompt", "max_output", "ceiling_context")
 POSITIVE_FLOATS = ("rate", "token_scale", "prompt_scale", "output_scale", "time_scale", "capacity", "overload")
@@ -67,9 +68,10 @@ def _workload_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-requests", "-n", type=int, help="requests (default 32; trace and scenarios 48)")
     g.add_argument("--prompt-len", default="10:130", help="prompt tokens LO:HI for offline/poisson (default 10:130)")
     g.add_argument("--output-len", help="output tokens LO:HI for offline/poisson (default 8:256; priority "
-                                        "scenario 16:64)")
+                                        "scenario 16:64, features scenario 16:128)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--rate", type=float, help="poisson/prompts arrival rate, requests/s (instead of --load)")
+    g.add_argument("--rate", type=float, help="poisson/prompts arrival rate, requests/s (instead of --load); "
+                                              "features scenario: Poisson arrivals instead of all at t=0")
     g.add_argument("--token-scale", type=float, help="divide both prompt and output token counts of the trace "
                                                      "or the answer lengths by this")
     g.add_argument("--prompt-scale", type=float, help="divide trace prompt lengths by this (default 8)")
@@ -90,7 +92,8 @@ def _scenario_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("scenarios")
     g.add_argument("--scenario", choices=SCENARIOS,
                    help="priority: mixed-priority overload, preemption vs FIFO; padding: three padding "
-                        "policies on the scaled Azure conversation trace")
+                        "policies on the scaled Azure conversation trace; features: JSON schemas, n=3 and "
+                        "penalties mixed in, against the same requests plain")
     g.add_argument("--urgent-fraction", type=float, default=0.2, help="priority scenario: urgent share (0.2)")
     g.add_argument("--overload", type=float, default=1.5,
                    help="priority scenario: offered rate / measured capacity (default 1.5)")
@@ -202,6 +205,8 @@ def make_plan(args: argparse.Namespace, runner: Runner) -> Plan:
     if args.scenario == "padding":
         return padding.plan(runner, workload, settings=padding.parse_settings(args.padding_settings),
                             capacity=args.capacity)
+    if args.scenario == "features":
+        return features.plan(runner, workload)
     return compare.plan(runner, args.workload, workload, systems=args.systems, capacity=args.capacity,
                         ceiling=not args.no_ceiling, ceiling_context=args.ceiling_context)
 

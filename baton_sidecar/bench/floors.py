@@ -52,6 +52,10 @@ FLOORS = (
           "<=", 1 / 3, "0.333", ("priority",)),
     Floor("priority: {0} throughput cost vs fifo", "scenario.variants.preempt_*.throughput_cost_vs_fifo",
           "<=", 0.10, "0.10", ("priority",)),
+    # A feature mix (JSON schemas, n = 3, penalties) must cost little against the same requests plain.
+    Floor("features: mixed / plain output tok/s", "scenario.throughput_ratio", ">=", 0.85, "0.85", ("features",)),
+    Floor("features: plain rows' TPOT p50, mixed run / plain run", "scenario.plain_rows_tpot_p50_ratio",
+          "<=", 1.10, "1.10", ("features",)),
 )
 
 

@@ -7,8 +7,10 @@ Definitions (all times in seconds, measured by the load generator on ``time.perf
 - ITL   = every gap between consecutive output tokens of a request, pooled over requests
 - E2E   = final result received - request submitted
 - output_tokens_per_s = useful output tokens / makespan, where makespan = first submission
-  to last completion. Useful = the tokens each request asked for (``max_tokens``), so
-  work a static batch wastes on rows that are already done never counts.
+  to last completion. Useful = the tokens each request asked for (``max_tokens`` per
+  choice), so work a static batch wastes on rows that are already done never counts.
+- A request with several choices (``n``): TTFT, TPOT and ITL follow its choice 0; its
+  output tokens are every choice's.
 - goodput = completed requests that met every stated SLO, per second of makespan.
 
 Percentiles are ``baton_sidecar.stats``'s: linear between order statistics (numpy's default).
@@ -36,6 +38,7 @@ class RequestRecord:
     output_tokens: int = 0
     error: str | None = None
     num_preemptions: int = 0
+    choices: int = 1  # token_times_s are choice 0's; output_tokens counts every choice's
 
     @property
     def ok(self) -> bool:
@@ -106,7 +109,7 @@ def summarize(records: Sequence[RequestRecord], slo: SLO | None = None,
     slo = slo or SLO()
     ok = [r for r in records if r.ok]
     duration = makespan_s(records) if duration_s is None else duration_s
-    useful = sum(min(r.output_tokens, r.max_tokens) for r in ok)
+    useful = sum(min(r.output_tokens, r.max_tokens * r.choices) for r in ok)
     prompt = sum(r.prompt_tokens for r in ok)
     good = sum(1 for r in ok if slo.met(r))
     per_s = (lambda n: n / duration if duration > 0 else None)

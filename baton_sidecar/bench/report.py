@@ -97,8 +97,9 @@ def markdown_report(result: dict[str, Any]) -> str:
     slo = result.get("slo") or {}
     parts += ["Goodput SLO: " + ", ".join(f"{k} <= {v}" for k, v in slo.items() if v is not None), ""]
     parts += systems_tables(result)
-    for name, by_class in (result.get("by_priority") or {}).items():
-        parts += [f"### {name} by priority class", "", systems_table(by_class, None), ""]
+    for key, what in (("by_priority", "priority class"), ("by_feature", "feature")):
+        for name, by_class in (result.get(key) or {}).items():
+            parts += [f"### {name} by {what}", "", systems_table(by_class, None), ""]
     parts += engine_section(result) + ceiling_section(result)
     if result.get("scenario"):
         scenario = json.dumps(result["scenario"], indent=1, default=_json_default)

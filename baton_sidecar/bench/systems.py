@@ -8,7 +8,9 @@
 
 All are greedy and ignore EOS, so every request produces exactly ``max_tokens`` tokens
 and all systems do the same useful work. Times come from the load generator's
-``time.perf_counter`` relative to the start of the system's run.
+``time.perf_counter`` relative to the start of the system's run. The engine systems also
+apply a request's ``Features`` (``--scenario features``, ``request_params``); the others
+never see them.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class SystemRun:
     load_avg_after: float | None = None
     steps: list[dict[str, float]] = field(default_factory=list)  # engine systems: one entry per step
     info: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[int, list[str]] = field(default_factory=dict)  # keep_outputs: request index -> choice texts
 
 
 def _load_avg() -> float | None:
@@ -56,8 +59,10 @@ def _load_avg() -> float | None:
         return None
 
 
-def new_records(workload: Workload) -> list[RequestRecord]:
-    return [RequestRecord(r.index, r.arrival_s, r.prompt_len, r.max_tokens, r.priority)
+def new_records(workload: Workload, features: bool = False) -> list[RequestRecord]:
+    """One record per request; ``features``: a request's choices count (the engine applies them)."""
+    return [RequestRecord(r.index, r.arrival_s, r.prompt_len, r.max_tokens, r.priority,
+                          choices=r.choices if features else 1)
             for r in workload.requests]
 
 
@@ -95,11 +100,28 @@ def step_entry(record: StepRecord) -> dict[str, float]:
             "padding_ratio": record.padding_ratio}
 
 
+def request_params(request: BenchRequest, features: bool = True):
+    """Greedy with EOS ignored; with ``features``, the request's own: choices, penalties, a JSON
+    schema. A constrained row ends when its grammar does (EOS is the only token left), so it
+    keeps EOS; ``max_tokens`` only caps it."""
+    from ..engine import SamplingParams, StructuredOutput
+
+    f = request.features if features else None
+    if f is None:
+        return SamplingParams(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True)
+    structured = StructuredOutput("json", f.json_schema) if f.json_schema else None
+    return SamplingParams(max_tokens=request.max_tokens, n=f.n, temperature=f.temperature, seed=f.seed,
+                          ignore_eos=structured is None, structured=structured,
+                          presence_penalty=f.presence_penalty, frequency_penalty=f.frequency_penalty,
+                          repetition_penalty=f.repetition_penalty)
+
+
 @dataclass
 class EngineSystem:
     """``baton`` or ``rtc``: Baton's AsyncEngine driven through its public API.
 
-    Steps are recorded through the engine's step observer (warm-up excluded).
+    Steps are recorded through the engine's step observer (warm-up excluded). ``use_features``
+    False sends every request plain; ``keep_outputs`` keeps each choice's text (``outputs``).
     """
 
     name: str
@@ -108,19 +130,22 @@ class EngineSystem:
     policy: PolicyConfig
     use_priorities: bool = True
     fixed_priority: int | None = None
+    use_features: bool = True
+    keep_outputs: bool = False
 
     def run(self, workload: Workload, progress: Progress) -> SystemRun:
-        run = SystemRun(self.name, new_records(workload))
+        run = SystemRun(self.name, new_records(workload, self.use_features))
         asyncio.run(self._run(workload, run, progress))
         run.info.update(batching=self.config.batching, preemption=self.policy.preemption.mode,
                         max_batch_size=self.policy.limits.max_batch_size,
                         max_padding_ratio=self.policy.padding.max_padding_ratio,
                         bucketing=self.policy.padding.bucketing,
-                        priorities="used" if self.use_priorities else "ignored")
+                        priorities="used" if self.use_priorities else "ignored",
+                        features="applied" if self.use_features else "left out")
         return run
 
     async def _run(self, workload: Workload, run: SystemRun, progress: Progress) -> None:
-        from ..engine import AdmissionError, AsyncEngine, SamplingParams
+        from ..engine import AdmissionError, AsyncEngine, RequestValidationError
 
         engine = AsyncEngine(self.loaded, self.config, self.policy)
         await engine.start(warmup=True)
@@ -135,23 +160,34 @@ class EngineSystem:
                         await asyncio.sleep(delay)
                     record.submitted_s = time.perf_counter() - t0
                     priority = request.priority if self.use_priorities else self.fixed_priority
-                    params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True)
+                    params = request_params(request, self.use_features)
                     try:
+                        if params.structured is not None:  # as a server would: off the engine thread, cached
+                            await engine.compile_grammar(params.structured)
                         stream = engine.submit(list(request.prompt_token_ids), params, priority=priority,
                                                sla_class=request.sla_class if self.use_priorities else None)
                     except AdmissionError as error:
                         record.error = f"refused: {error.reason}"
                         return
-                    async for out in stream:
+                    except RequestValidationError as error:
+                        record.error = f"invalid: {error}"
+                        return
+                    texts = [""] * stream.choices
+                    async for out in stream:  # choices' deltas interleaved; ends after the last one's final
                         now = time.perf_counter() - t0
-                        record.token_times_s.extend([now] * len(out.token_ids))
+                        if out.index == 0:
+                            record.token_times_s.extend([now] * len(out.token_ids))
                         progress(len(out.token_ids))
+                        if self.keep_outputs:
+                            texts[out.index] += out.text
                         if out.finished:
                             record.finished_s = now
-                            record.output_tokens = out.completion_tokens
-                            record.num_preemptions = out.num_preemptions
+                            record.output_tokens += out.completion_tokens
+                            record.num_preemptions += out.num_preemptions
                             if out.finish_reason not in ("length", "stop"):
                                 record.error = f"{out.finish_reason}: {out.error}"
+                    if self.keep_outputs:
+                        run.outputs[request.index] = texts
 
                 await asyncio.gather(*(one(r, rec) for r, rec in zip(workload.requests, run.records)))
         finally:

@@ -14,6 +14,9 @@ scaling factor applied to them. Sources:
 - ``jsonl``: one JSON object per line with ``prompt`` or ``prompt_token_ids``,
   ``max_tokens``, optional ``arrival_s``, ``priority``, ``sla_class``.
 
+A request may carry ``Features`` (``--scenario features``): engine sampling features that
+only Baton's engine systems apply; every other system runs it plain.
+
 Prompts of a given length (offline, poisson, trace) are real text: windows cut from the
 token stream of the Arena-Hard prompts and answers, so attention sees realistic inputs.
 """
@@ -42,6 +45,20 @@ class WorkloadError(ValueError):
 
 
 @dataclass(frozen=True)
+class Features:
+    """Engine features of one request; ``kind`` names its class in the report ("json", "n", ...)."""
+
+    kind: str
+    n: int = 1  # choices forked from one prefill; each produces max_tokens tokens
+    temperature: float = 0.0
+    seed: int | None = None
+    json_schema: str | None = None  # the output must match it; such a row ends at EOS, not max_tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
 class BenchRequest:
     index: int
     prompt_token_ids: tuple[int, ...]
@@ -49,10 +66,15 @@ class BenchRequest:
     arrival_s: float = 0.0  # offset from the start of the run
     priority: int | None = None  # lower = more urgent (engine convention); None = the engine's default
     sla_class: str | None = None
+    features: Features | None = None  # None: plain (greedy, EOS ignored, one choice)
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def choices(self) -> int:
+        return self.features.n if self.features else 1
 
 
 @dataclass
@@ -67,7 +89,7 @@ class Workload:
 
     @property
     def total_output_tokens(self) -> int:
-        return sum(r.max_tokens for r in self.requests)
+        return sum(r.max_tokens * r.choices for r in self.requests)
 
     def summary(self) -> dict[str, Any]:
         prompts = [r.prompt_len for r in self.requests]

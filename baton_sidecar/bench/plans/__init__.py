@@ -4,4 +4,5 @@
   jsonl workloads), at the workload's arrivals or at one or more offered loads, plus the ceiling.
 - ``priority`` (``--scenario priority``): mixed-priority overload, preemption against FIFO.
 - ``padding`` (``--scenario padding``): padding policies on the scaled Azure conversation trace.
+- ``features`` (``--scenario features``): JSON schemas, ``n`` and penalties mixed in, against plain.
 """
