@@ -95,7 +95,19 @@ def sample(logits: torch.Tensor, samplers: list[RowSampler],
 
 
 def _filtered_probs(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Softmax of ``scaled [m, V]`` after per-row top-k and top-p filtering."""
+    """Softmax of ``scaled [m, V]`` after per-row top-k and top-p filtering. Only the rows that
+    filter anything pay for sorting the vocabulary; the others are softmaxed as they are."""
+    vocab = scaled.shape[-1]
+    filtering = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1]
+    if filtering:
+        index = torch.tensor(filtering, device=scaled.device)
+        kept = _top_k_top_p(scaled.index_select(0, index), [params[i] for i in filtering])
+        scaled = scaled.index_copy(0, index, kept)
+    return torch.softmax(scaled, dim=-1)
+
+
+def _top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``scaled [f, V]`` with the tokens beyond each row's top-k and top-p set to -inf."""
     vocab = scaled.shape[-1]
     top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=scaled.device)
     top_p = torch.tensor([p.top_p for p in params], device=scaled.device, dtype=scaled.dtype)
@@ -108,5 +120,4 @@ def _filtered_probs(scaled: torch.Tensor, params: list[SamplingParams]) -> torch
     drop |= mass_before >= top_p[:, None]
     drop[:, 0] = False  # even a top_p that underflows to 0 keeps the most likely token
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    filtered = torch.full_like(scaled, float("-inf")).scatter(1, sorted_ids, sorted_logits)
-    return torch.softmax(filtered, dim=-1)
+    return torch.full_like(scaled, float("-inf")).scatter(1, sorted_ids, sorted_logits)
