@@ -193,6 +193,9 @@ class RouterConfig:
         return _build(cls, data, "router.")
 
 
+TOOL_CALL_PARSERS = ("hermes",)  # <tool_call>{"name", "arguments"}</tool_call> blocks (server/tools.py)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -208,8 +211,14 @@ class ServerConfig:
     header_timeout_s: float = 30.0
     body_timeout_s: float = 60.0
     keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+    # Chat prompts: a Jinja template replacing the tokenizer's own (vLLM's --chat-template); None
+    # keeps the tokenizer's, or for tool calls the shipped Hermes one when the tokenizer's knows no tools.
+    chat_template: str | None = None
+    tool_call_parser: str = "hermes"  # how auto tool calls are read back (TOOL_CALL_PARSERS)
 
     def __post_init__(self) -> None:
+        _check(self.tool_call_parser in TOOL_CALL_PARSERS, "tool_call_parser",
+               f"must be one of {', '.join(TOOL_CALL_PARSERS)}")
         for name in ("drain_timeout_s", "header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
             value = getattr(self, name)
             _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,

@@ -25,7 +25,7 @@ from typing import Any
 from baton_sidecar.server.errors import bad_request
 
 HERMES_TEMPLATE = "hermes_tools.jinja"
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # as oai_request.CHAT_ROLES
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # "developer" is read as "system"
 
 
 @lru_cache(maxsize=1)
@@ -101,7 +101,7 @@ def parse_tool_messages(messages: Any) -> list[dict[str, Any]]:
 
 
 def message_text(content: Any, where: str) -> str:
-    """A string, or text parts joined (as ``oai_request`` flattens them)."""
+    """A message's content as text: a string, or its text parts joined (other parts: 400)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):

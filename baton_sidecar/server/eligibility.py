@@ -5,7 +5,7 @@ incumbent untouched, and only requests *both* arms can serve are split by weight
 the A/B statistics. A request is ineligible for one reason, named so users can see what keeps
 traffic out of the pilot:
 
-- ``unsupported:<field>``: a feature Baton cannot honour yet (``n`` > 1, ``tools``, ...);
+- ``unsupported:<field>``: a feature Baton cannot honour yet (``suffix``, the legacy ``functions``, ...);
 - ``invalid:<field>``: a body Baton's parser refuses (malformed JSON is ``invalid:body``); the
   client gets the incumbent's own answer to it;
 - ``other_model``: a ``model`` other than Baton's served name (a LoRA adapter of the incumbent);

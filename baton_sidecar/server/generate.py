@@ -203,7 +203,7 @@ async def _submit_baton(request: web.Request, parsed: ParsedRequest, arrival: fl
     run = LocalRun(request, state.engine, parsed, state.config.served_model_name,
                    uuid.uuid4().hex, arrival, trace)
     try:
-        await run.submit(app[EXECUTOR])
+        await run.submit(app[EXECUTOR], state.config.chat_template)
     except APIError as err:
         if err.status == 400 and assigned and app[ROUTER].config.incumbent_url is not None:
             raise PassToIncumbent(ineligibility(err)) from None

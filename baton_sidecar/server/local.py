@@ -19,6 +19,7 @@ from aiohttp import web
 from baton_sidecar.engine.request import (AdmissionError, RequestOutput, RequestValidationError, best_choices,
                                           collect)
 from baton_sidecar.server import oai_response as shapes
+from baton_sidecar.server.chat_template import render_tool_chat
 from baton_sidecar.server.choices import ChoiceFormatter
 from baton_sidecar.server.engine_api import Engine, Stream
 from baton_sidecar.server.errors import APIError, bad_request
@@ -34,22 +35,29 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Chat template with the generation prompt, as token ids (worker thread)."""
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], template: str | None = None) -> list[int]:
+    """Chat template (``template``, else the tokenizer's) with the generation prompt, as token
+    ids (worker thread)."""
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False)
     except Exception as exc:  # jinja raises its own errors for conversations it refuses
         raise bad_request("messages", f"the model's chat template refused them: {exc}") from None
     # The template already wrote the special tokens it wants.
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-async def prepare_prompt(engine: Engine, parsed: ParsedRequest, executor: Executor
-                         ) -> str | list[int]:
-    """What to submit: token ids, or a short text the engine tokenizes itself."""
+async def prepare_prompt(engine: Engine, parsed: ParsedRequest, executor: Executor,
+                         template: str | None = None) -> str | list[int]:
+    """What to submit: token ids, or a short text the engine tokenizes itself. ``template``:
+    ``--chat-template``, if given."""
     loop = asyncio.get_running_loop()
+    if parsed.kind == "chat" and parsed.tool_template:
+        tools = parsed.tools.openai_tools() if parsed.tools is not None else None
+        return await loop.run_in_executor(executor, render_tool_chat, engine.tokenizer, parsed.messages,
+                                          tools, template)
     if parsed.kind == "chat":
-        return await loop.run_in_executor(executor, render_chat, engine.tokenizer, parsed.messages)
+        return await loop.run_in_executor(executor, render_chat, engine.tokenizer, parsed.messages, template)
     prompt = parsed.prompt
     if isinstance(prompt, list) or len(prompt) <= INLINE_TOKENIZE_CHARS:
         return prompt
@@ -100,9 +108,9 @@ class LocalRun:
     def _token_text(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])
 
-    async def submit(self, executor: Executor) -> None:
+    async def submit(self, executor: Executor, chat_template: str | None = None) -> None:
         parsed = self.parsed
-        prompt = await prepare_prompt(self.engine, parsed, executor)
+        prompt = await prepare_prompt(self.engine, parsed, executor, chat_template)
         self.trace.set_request(parsed.params, parsed.priority, parsed.sla_class, parsed.stream)
         echo = None
         if parsed.echo:  # the prompt as given; token ids decoded
@@ -216,11 +224,11 @@ class LocalRun:
                 self._note(out)
                 if client_gone(self.request):
                     return resp
-                choice = self.formatter.delta(out)
-                if choice is not None:
+                for choice in self.formatter.delta(out):
                     await resp.write(chunk(choice))
                 if out.finished and out.finish_reason not in ("error", "cancelled"):
-                    await resp.write(chunk(self.formatter.finish(out)))
+                    for choice in self.formatter.finish(out):
+                        await resp.write(chunk(choice))
             r = self.result
             if r.finish_reason is None:
                 raise RuntimeError("engine stream ended without a finished output")

@@ -2,8 +2,8 @@
 
 Parsing is pure: it raises ``APIError`` naming the offending field, or returns the request with its
 ``SamplingParams`` built (once, here, so every range check happens at parse time). Unknown fields are
-ignored (as vLLM and OpenAI do); known fields whose values Baton cannot honour (tools, ``suffix``,
-...) are refused by name (``unsupported_value``) rather than silently dropped, so a client never
+ignored (as vLLM and OpenAI do); known fields whose values Baton cannot honour (``suffix``, non-text
+content parts, ...) are refused by name (``unsupported_value``) rather than silently dropped, so a client never
 gets a different answer than it asked for; with an incumbent such a request goes there instead
 (see ``eligibility``).
 """
@@ -16,12 +16,13 @@ from typing import Any, Callable, Mapping, Sequence
 from baton_sidecar.engine.request import (RequestValidationError, SamplingParams, is_int64,
                                           is_number)
 from baton_sidecar.server.errors import bad_request
+from baton_sidecar.server.chat_template import has_tool_messages, parse_tool_messages
 from baton_sidecar.server.oai_structured import parse_structured
+from baton_sidecar.server.tools import ToolRequest, parse_tools
 
 MAX_STOP_SEQUENCES = 16
 MAX_LOGPROBS = 20
 MAX_CHOICES = 128  # OpenAI's bound on n; the engine's batch size bounds it further
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -33,7 +34,9 @@ class ParsedRequest:
     model: str | None
     params: SamplingParams  # max_tokens None: the rest of the context (chat without a cap)
     prompt: str | list[int] | None = None  # completions
-    messages: list[dict[str, str]] | None = None  # chat, content flattened to text
+    messages: list[dict[str, Any]] | None = None  # chat, content flattened to text (chat_template.py)
+    tools: ToolRequest | None = None  # chat: the tools offered and tool_choice
+    tool_template: bool = False  # chat: tools, or tool calls and results in the messages
     max_tokens_field: str = "max_tokens"  # the body field the cap came from, for errors about it
     echo: bool = False  # completions: the prompt before each choice's text (and its logprobs)
     stream: bool = False
@@ -92,10 +95,6 @@ def _refuse_unsupported(body: Mapping[str, Any], kind: str) -> None:
     if kind == "completion":
         if _opt_str(body, "suffix"):
             raise bad_request("suffix", "is not supported", code="unsupported_value")
-    else:
-        if body.get("tools") or body.get("functions"):
-            name = "tools" if body.get("tools") else "functions"
-            raise bad_request(name, "tool calling is not supported", code="unsupported_value")
 
 
 def _common(body: Mapping[str, Any], kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -276,42 +275,12 @@ def parse_completion(body: Mapping[str, Any], vocab_size: int | None = None) -> 
                          params=_sampling_params(sampling, max_tokens, logprobs, vocab_size, prompt_logprobs))
 
 
-def _message_text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
-                    part.get("text"), str):
-                raise bad_request(f"{where}[{j}]", "only text content parts are supported",
-                                  code="unsupported_value")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise bad_request(where, "must be a string or a list of text parts", code="invalid_type")
-
-
-def parse_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
-    """``messages``, checked and flattened to text (roles; ``developer`` is ``system``)."""
+def parse_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``messages``, checked and flattened to text (``chat_template.parse_tool_messages``)."""
     messages = body.get("messages")
     if messages is None:
         raise bad_request("messages", "is required", code="missing_field")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("messages", "must be a non-empty list", code="invalid_type")
-    flat: list[dict[str, str]] = []
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise bad_request(where, "must be an object", code="invalid_type")
-        role = msg.get("role")
-        if not isinstance(role, str) or role not in CHAT_ROLES:
-            raise bad_request(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}")
-        content = msg.get("content")
-        if content is None and role == "assistant":
-            content = ""
-        flat.append({"role": "system" if role == "developer" else role,
-                     "content": _message_text(content, f"{where}.content")})
-    return flat
+    return parse_tool_messages(messages)
 
 
 def parse_chat(body: Mapping[str, Any], vocab_size: int | None = None) -> ParsedRequest:
@@ -320,6 +289,14 @@ def parse_chat(body: Mapping[str, Any], vocab_size: int | None = None) -> Parsed
     ids (``logit_bias``, ``bad_words_ids``) are bounded by ``vocab_size`` when known."""
     common, sampling = _common(body, "chat")
     flat = parse_messages(body)
+    tools = parse_tools(body)
+    tool_template = tools is not None or has_tool_messages(flat)
+    constraint = tools.structured() if tools is not None else None
+    if constraint is not None:  # required or named: the arguments follow the functions' schemas
+        if "structured" in sampling:
+            raise bad_request("tool_choice", f"{tools.choice} tool calls cannot be combined with "
+                                             f"{sampling['structured'].field}")
+        sampling["structured"] = constraint
     want_logprobs = _opt_bool(body, "logprobs")
     top = _opt_int(body, "top_logprobs", lo=0, hi=MAX_LOGPROBS)
     if top is not None and not want_logprobs:
@@ -328,5 +305,6 @@ def parse_chat(body: Mapping[str, Any], vocab_size: int | None = None) -> Parsed
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
     cap_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else (
         "max_tokens")
-    return ParsedRequest(kind="chat", messages=flat, max_tokens_field=cap_field,
+    return ParsedRequest(kind="chat", messages=flat, max_tokens_field=cap_field, tools=tools,
+                         tool_template=tool_template,
                          params=_sampling_params(sampling, max_tokens, logprobs, vocab_size), **common)

@@ -62,8 +62,11 @@ def completion_choice(index: int, text: str, reason: str | None, logprobs: dict 
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
 
 
-def chat_choice(index: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+def chat_choice(index: int, text: str | None, reason: str | None, logprobs: dict | None,
+                tool_calls: list[dict] | None = None) -> dict:
     message = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
 
 

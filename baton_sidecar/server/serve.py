@@ -17,12 +17,13 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import yaml
 from aiohttp import web
 
-from baton_sidecar.config import (BATCHING_MODES, PREEMPTION_MODES, EngineConfig, PolicyConfig,
+from baton_sidecar.config import (BATCHING_MODES, PREEMPTION_MODES, TOOL_CALL_PARSERS, EngineConfig, PolicyConfig,
                                   RouterConfig, ServerConfig)
 from baton_sidecar.server.configwatch import deep_merge, read_admin_token
 
@@ -63,6 +64,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    metavar="SECONDS", help="close an idle keep-alive connection after this")
     h.add_argument("--config", metavar="FILE", default=None,
                    help="sidecar config file (policy and router sections), hot-reloaded")
+    h.add_argument("--chat-template", metavar="FILE_OR_TEXT", default=None,
+                   help="a Jinja chat template (a file, or the template itself) replacing the model's")
+    h.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=TOOL_CALL_PARSERS,
+                   help="how auto tool calls are read from the text")
     h.add_argument("--admin-token-file", metavar="FILE", default=None,
                    help=f"bearer token for /admin (else env {ADMIN_TOKEN_ENV}; neither: disabled)")
     r = parser.add_argument_group("A/B router")
@@ -106,8 +111,22 @@ def build_configs(args: argparse.Namespace, environ: Any = os.environ
                           policy_file=args.policy,
                           admin_token=token, drain_timeout_s=args.drain_timeout,
                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-                          keepalive_timeout_s=args.keepalive_timeout)
+                          keepalive_timeout_s=args.keepalive_timeout,
+                          chat_template=read_chat_template(args.chat_template),
+                          tool_call_parser=args.tool_call_parser)
     return engine, policy, router, server
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """``--chat-template``: a file's text, or the value itself when it is a template (vLLM's rule)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{" not in value:  # neither a file nor Jinja: most likely a mistyped path
+        raise ValueError(f"--chat-template: no such file {value!r}")
+    return value
 
 
 def _load_in_thread(fn, *args) -> asyncio.Future:

@@ -51,12 +51,13 @@ async def _checked_body(request: web.Request) -> tuple[Any, dict[str, Any]]:
     return state.engine, body
 
 
-def _render(tokenizer: Any, body: dict[str, Any]) -> list[int]:
-    """The request's token ids (worker thread: templates and long texts take time)."""
+def _render(tokenizer: Any, body: dict[str, Any], template: str | None) -> list[int]:
+    """The request's token ids (worker thread: templates and long texts take time). ``template``:
+    the server's ``--chat-template``, as chat completions use it."""
     if "messages" in body:
         messages = parse_messages(body)
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=_flag(body, "add_generation_prompt", True),
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=_flag(body, "add_generation_prompt", True))
         return list(tokenizer.encode(text, add_special_tokens=_flag(body, "add_special_tokens", False)))
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
@@ -70,7 +71,8 @@ async def tokenize(request: web.Request) -> web.Response:
     want_strs = _flag(body, "return_token_strs", False)
     loop = asyncio.get_running_loop()
     try:
-        ids = await loop.run_in_executor(request.app[EXECUTOR], _render, engine.tokenizer, body)
+        ids = await loop.run_in_executor(request.app[EXECUTOR], _render, engine.tokenizer, body,
+                                         request.app[STATE].config.chat_template)
     except APIError:
         raise
     except Exception as exc:  # a template that refuses the conversation

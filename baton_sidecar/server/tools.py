@@ -69,7 +69,8 @@ class Tool:
 
 @dataclass(frozen=True)
 class ToolResult:
-    """A finished answer: ``content`` (None when empty) and OpenAI ``message.tool_calls``."""
+    """A finished answer: ``content`` (the text; None only beside tool calls with no text before
+    them, as OpenAI answers) and OpenAI ``message.tool_calls``."""
 
     content: str | None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -108,7 +109,7 @@ class ToolRequest:
     def parse(self, text: str) -> ToolResult:
         """A finished output as content and tool calls."""
         if self.choice == "none":
-            return ToolResult(text or None)
+            return ToolResult(text)
         if self.named is not None:
             return ToolResult(None, [tool_call(self.named, text)])
         result = _parse_required(text) if self.choice == "required" else _parse_hermes(text)
@@ -144,7 +145,7 @@ def dump_arguments(value: Any) -> str:
 def _parse_hermes(text: str) -> ToolResult:
     start = text.find(TOOL_CALL_START)
     if start < 0:
-        return ToolResult(text or None)
+        return ToolResult(text)
     calls = []
     for closed, unclosed in TOOL_CALL_RE.findall(text):
         call = _loads(closed or unclosed)
@@ -158,7 +159,7 @@ def _parse_required(text: str) -> ToolResult:
     items = _loads(text)
     if not isinstance(items, list) or not all(
             isinstance(c, dict) and isinstance(c.get("name"), str) and "parameters" in c for c in items):
-        return ToolResult(text or None)  # cut short (max_tokens): not an array of calls
+        return ToolResult(text)  # cut short (max_tokens): not an array of calls
     return ToolResult(None, [tool_call(c["name"], dump_arguments(c["parameters"])) for c in items])
 
 

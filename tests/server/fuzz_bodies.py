@@ -28,7 +28,8 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from baton_sidecar.server.oai_request import CHAT_ROLES, MAX_LOGPROBS, MAX_STOP_SEQUENCES
+from baton_sidecar.server.chat_template import CHAT_ROLES
+from baton_sidecar.server.oai_request import MAX_LOGPROBS, MAX_STOP_SEQUENCES
 from server_helpers import MODEL_NAME
 
 
@@ -192,8 +193,12 @@ COMPLETION_FIELDS = {
 
 
 def _message(role=st.sampled_from(CHAT_ROLES), content=SHORT_TEXT | text_parts(SHORT_TEXT)):
-    return st.fixed_dictionaries({"role": role, "content": content},
-                                 optional={"name": SHORT_TEXT, "junk": VALID_JUNK})
+    def shaped(name):  # a tool result names the call it answers
+        required = {"role": st.just(name), "content": content}
+        if name == "tool":
+            required["tool_call_id"] = SHORT_TEXT
+        return st.fixed_dictionaries(required, optional={"name": SHORT_TEXT, "junk": VALID_JUNK})
+    return role.flatmap(shaped)
 
 
 _ASSISTANT_NULL = _message(st.just("assistant"), st.none())
@@ -205,6 +210,9 @@ _BAD_MESSAGE = (
         {"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text"},
         {"type": "text", "text": 5}, {"text": "x"}, "part", None]), min_size=1, max_size=2))
     | _message(content=OVERSIZED | LONE_SURROGATE) | JUNK)
+
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}}
 
 CHAT_FIELDS = {
     **COMMON,
@@ -219,9 +227,13 @@ CHAT_FIELDS = {
     "logprobs": (st.booleans(), st.integers(0, 5) | SHORT_TEXT | FLOATS),
     "top_logprobs": (st.integers(0, MAX_LOGPROBS),
                      st.integers(MAX_LOGPROBS + 1, 10 ** 6) | st.integers(max_value=-1) | NOT_INT),
-    "tools": (st.sampled_from([[], None]),
-              st.sampled_from([[{"type": "function", "function": {"name": "f"}}], "x", [1],
-                               {"a": 1}])),
+    "tools": (st.sampled_from([[], None, [WEATHER], [WEATHER, {"type": "function", "function": {"name": "f"}}]]),
+              st.sampled_from([[{"type": "function"}], [{"type": "function", "function": {"name": "bad name"}}],
+                               [WEATHER, WEATHER], [{"type": "function", "function": {"name": "f", "parameters": 5}}],
+                               "x", [1], {"a": 1}])),
+    "tool_choice": (st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "weather"}}]),
+                    st.sampled_from(["sometimes", 5, {"type": "function", "function": {"name": "nope"}},
+                                     {"type": "function"}, []])),
     "functions": (st.sampled_from([[], None]), st.sampled_from([[{"name": "f"}], "x"])),
 }
 
@@ -271,6 +283,15 @@ def _valid_body(draw, route: str) -> dict[str, Any]:
              {"include_usage": True, "continuous_usage_stats": True}]))
     if "best_of" in body:  # at least n, and exactly n when streamed
         body["best_of"] = body.get("n", 1) if stream else max(body["best_of"], body.get("n", 1))
+    # tool_choice other than "none" needs tools (a named one, its tool); required and named choices
+    # are output constraints of their own.
+    choice = body.get("tool_choice")
+    offered = {t["function"]["name"] for t in body.get("tools") or ()}
+    named = choice["function"]["name"] if isinstance(choice, dict) else None
+    constrained = any(body.get(k) not in (None, {"type": "text"}) for k in CONSTRAINTS)
+    if choice not in (None, "none") and (not offered or (named and named not in offered)
+                                         or (choice != "auto" and constrained)):
+        del body["tool_choice"]
     # One output constraint per request (two are a 400 naming the second): keep the first drawn.
     constraints = [k for k in names if k in CONSTRAINTS and body[k] not in (None, {"type": "text"})]
     for name in constraints[1:]:

@@ -85,7 +85,7 @@ class TransformersServe:
                       json={"model": self.model_id, "prompt": "warm up", "max_tokens": 2})
 
     def served(self, path: str = "/v1/", status: str = "200") -> int:
-        """Requests to paths starting with ``path`` that it answered with ``status`` (a regex:
+        r"""Requests to paths starting with ``path`` that it answered with ``status`` (a regex:
         ``r"\d+"`` for any), from its access log."""
         pattern = re.compile(r'"(?:GET|POST) (\S+) HTTP/1\.1" (' + status + ")")
         return sum(1 for line in list(self.lines)

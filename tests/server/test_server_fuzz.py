@@ -70,37 +70,45 @@ def check_stream(resp: requests.Response, route: str, body: dict[str, Any] | Non
         chunk = json.loads(ev.removeprefix("data: "))
         assert "error" not in chunk, chunk  # an engine fault mid-stream
         chunks.append(chunk)
-    choices = [c["choices"][0] for c in chunks if c["choices"]]
-    finishes = [c["finish_reason"] for c in choices]
-    assert not any(finishes[:-1]), finishes
-    if route == COMPLETIONS:
-        text = "".join(c["text"] for c in choices)
-    else:
-        text = "".join(c["delta"].get("content") or "" for c in choices)
+    by_index: dict[int, list[dict]] = {}  # each chunk carries one choice; n > 1 interleave
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            by_index.setdefault(choice["index"], []).append(choice)
+    texts, finishes = [], []
+    for index, choices in sorted(by_index.items()):
+        reasons = [c["finish_reason"] for c in choices]
+        assert not any(reasons[:-1]) and reasons[-1], (index, reasons)  # once, last
+        finishes.append(reasons[-1])
+        if route == COMPLETIONS:
+            texts.append("".join(c["text"] for c in choices))
+        else:
+            texts.append("".join(c["delta"].get("content") or "" for c in choices))
+        if body is not None and not _wants_logprobs(route, body):
+            assert all(c["logprobs"] is None for c in choices), choices
     usage = [c["usage"] for c in chunks if c.get("usage")]
     if body is not None:
         assert body.get("stream") is True
         assert bool(usage) == ((body.get("stream_options") or {}).get("include_usage") is True)
-        if not _wants_logprobs(route, body):
-            assert all(c["logprobs"] is None for c in choices), choices
-    check_served(route, body, text, finishes[-1], usage[-1] if usage else None)
+    check_served(route, body, texts, finishes, usage[-1] if usage else None)
 
 
 def check_json(resp: requests.Response, route: str, body: dict[str, Any] | None) -> None:
     assert resp.headers.get("Content-Type", "").startswith("application/json"), resp.headers
     answer = resp.json()
-    choice = answer["choices"][0]
+    choices = answer["choices"]
+    assert [c["index"] for c in choices] == list(range(len(choices))), choices
     if route == COMPLETIONS:
         assert answer["object"] == "text_completion"
-        text = choice["text"]
+        texts = [c["text"] for c in choices]
     else:
         assert answer["object"] == "chat.completion"
-        text = choice["message"]["content"]
-    assert isinstance(text, str), choice
+        texts = [c["message"]["content"] for c in choices]
+        for c, text in zip(choices, texts):  # no content only beside tool calls
+            assert isinstance(text, str) or c["message"].get("tool_calls"), c
     if body is not None:
         assert body.get("stream") is not True
-        assert (choice["logprobs"] is not None) == _wants_logprobs(route, body), choice
-    check_served(route, body, text, choice["finish_reason"], answer["usage"])
+        assert all((c["logprobs"] is not None) == _wants_logprobs(route, body) for c in choices), choices
+    check_served(route, body, [t or "" for t in texts], [c["finish_reason"] for c in choices], answer["usage"])
 
 
 def _wants_logprobs(route: str, body: dict[str, Any]) -> bool:
@@ -108,19 +116,23 @@ def _wants_logprobs(route: str, body: dict[str, Any]) -> bool:
     return lp is True if route == CHAT else lp is not None
 
 
-def check_served(route: str, body: dict[str, Any] | None, text: str, finish: str | None,
+def check_served(route: str, body: dict[str, Any] | None, texts: list[str], finishes: list[str],
                  usage: dict[str, int] | None) -> None:
-    """A served answer against what was asked: the token cap, and no stop string in the text."""
-    assert finish in ("stop", "length"), finish
+    """A served answer against what was asked: one choice per ``n``, the token cap (summed over
+    the choices in usage), and no stop string in a generated text."""
+    assert all(f in ("stop", "length", "tool_calls") for f in finishes), finishes
     if body is None:
         return
+    assert len(texts) == (body.get("n") or 1), texts
     cap = _token_cap(route, body)
     if usage is not None:
         n = usage["completion_tokens"]
-        assert n <= cap and (finish == "stop" or n == cap), (usage, finish, cap)
+        # A choice cut by the cap made exactly ``cap`` tokens; one that stopped, at most that.
+        assert cap * finishes.count("length") <= n <= cap * len(texts), (usage, finishes, cap)
     stop = body.get("stop") or []
     stops = [stop] if isinstance(stop, str) else stop
-    assert not any(s in text for s in stops), (text, stops)
+    if not body.get("echo"):  # an echoed prompt may hold a stop string
+        assert not any(s in text for s in stops for text in texts), (texts, stops)
 
 
 def check_answer(resp: requests.Response, route: str, case: Case) -> None:

@@ -198,8 +198,10 @@ ELIGIBLE = [("completion", C, completion()), ("completion stream", C, completion
             ("chat json mode", CC, chat(response_format={"type": "json_object"})),
             ("chat penalties and bias", CC, chat(frequency_penalty=0.5, presence_penalty=0.2, logit_bias={"28": 5})),
             ("chat n=2", CC, chat(n=2)), ("completion echo", C, completion(echo=True, logprobs=1)),
-            ("completion best_of", C, completion(best_of=2))]
-INELIGIBLE = [("unsupported:tools", CC, chat(tools=TOOLS)), ("unsupported:suffix", C, completion(suffix="!")),
+            ("completion best_of", C, completion(best_of=2)),
+            ("chat tools", CC, chat(tools=TOOLS)), ("chat tools required", CC, chat(tools=TOOLS, tool_choice="required"))]
+INELIGIBLE = [("unsupported:functions", CC, chat(functions=[{"name": "f"}])),
+              ("unsupported:suffix", C, completion(suffix="!")),
               ("other_model", CC, chat(model="my-lora-adapter")),
               ("invalid:max_tokens", C, completion(max_tokens="a")),
               ("invalid:sla_class", C, completion(sla_class="no-such-class"))]

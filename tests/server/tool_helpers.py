@@ -62,7 +62,7 @@ def streamed(request: ToolRequest, pieces: list[str]) -> tuple[ToolResult, list[
                                         "function": dict(part["function"])}
             else:
                 calls[part["index"]]["function"]["arguments"] += part["function"]["arguments"]
-    return ToolResult(content or None, list(calls.values())), deltas, stream.called
+    return ToolResult(content or (None if calls else ""), list(calls.values())), deltas, stream.called
 
 
 def without_ids(result: ToolResult) -> tuple[str | None, list[tuple[str, str]]]:
