@@ -133,3 +133,17 @@ def test_chat_template_replaces_the_models_for_chat_and_tokenize(make_server, en
     with openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=120, max_retries=0) as client:
         answer = client.chat.completions.create(model=MODEL_NAME, messages=ASK, max_tokens=2, temperature=0)
     assert answer.usage.prompt_tokens == len(tokens)
+
+
+def test_logprobs_beside_tool_calls_cover_every_token_streamed_or_not(client):
+    """Streamed text can be held back while a tag is read; its tokens' logprobs go out later,
+    none lost: as many as the answer has tokens, both ways."""
+    tools = tools_body("get_weather")
+    kwargs = dict(model=MODEL_NAME, messages=ASK, tools=tools, tool_choice="required", parallel_tool_calls=False,
+                  max_tokens=60, temperature=0, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**kwargs)
+    assert len(whole.choices[0].logprobs.content) == whole.usage.completion_tokens
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    streamed = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert [lp.token for lp in streamed] == [lp.token for lp in whole.choices[0].logprobs.content]
+    assert all(len(lp.top_logprobs) == 2 for lp in streamed)
