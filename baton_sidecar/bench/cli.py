@@ -8,6 +8,8 @@ Usage (see docs/benchmarks.md)::
     python -m baton_sidecar.bench --scenario padding
     python -m baton_sidecar.bench --scenario features
     python -m baton_sidecar.bench poisson --url http://127.0.0.1:8080 --capacity 1.5 --load 0.8
+    python -m baton_sidecar.bench --systems baton,hf_serve --http-api chat
+    python -m baton_sidecar.bench --systems baton,llama_server --llama-server ~/llama.cpp/build/bin/llama-server
 
 ``add_bench_arguments`` fills a parser; ``run_bench(args)`` checks the arguments, gets a plan
 from the plan module of the workload or scenario (``plans/``), runs it (``runner``) and
@@ -29,11 +31,12 @@ from .inputs import BenchError, WorkloadOptions, check_trace
 from .metrics import SLO
 from .plans import compare, features, padding, priority
 from .runner import Plan, RunOptions, Runner
+from .servers import llama_server_binary
 from .workloads import WorkloadError, default_data_dir, parse_range
 
 WORKLOADS = ("offline", "poisson", "trace", "prompts", "jsonl")
 SCENARIOS = ("priority", "padding", "features")
-POSITIVE_INTS = ("num_requests", "hf_batch_size", "repeat", "max_batch_size", "max_kv_tokens", "max_prefill_tokens",
+POSITIVE_INTS = ("num_requests", "hf_batch_size", "llama_parallel", "repeat", "max_batch_size", "max_kv_tokens", "max_prefill_tokens",
                  "threads", "max_prompt", "max_output", "ceiling_context")
 POSITIVE_FLOATS = ("rate", "token_scale", "prompt_scale", "output_scale", "time_scale", "capacity", "overload")
 
@@ -53,11 +56,19 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _systems_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("systems")
-    g.add_argument("--systems", help="comma-separated: baton, rtc, hf_static, hf_cb, sequential "
-                                     "(default: baton,rtc,hf_static,hf_cb offline; baton,rtc,hf_cb with arrivals)")
-    g.add_argument("--url", help="also (or, without --systems, only) load an OpenAI-compatible server at URL "
-                                 "through /v1/completions with streaming")
+    g.add_argument("--systems", help="comma-separated: baton, rtc, hf_static, hf_cb, sequential, hf_serve, "
+                                     "llama_server (default: baton,rtc,hf_static,hf_cb offline; baton,rtc,hf_cb "
+                                     "with arrivals)")
+    g.add_argument("--url", help="also (or, without --systems, only) load an OpenAI-compatible server at URL, "
+                                 "streamed, in the mode a probe settles (docs/benchmarks.md)")
     g.add_argument("--model-name", help="model name to send with --url (default: the first of /v1/models)")
+    g.add_argument("--http-api", choices=("completions", "chat"), default="completions",
+                   help="servers (--url, hf_serve, llama_server): /v1/completions or /v1/chat/completions")
+    g.add_argument("--http-prompt", choices=("auto", "ids", "text"), default="auto",
+                   help="servers: prompts as token ids (auto: when the server takes them) or decoded text")
+    g.add_argument("--llama-server", metavar="PATH",
+                   help="llama.cpp's llama-server binary for the llama_server system (default $BATON_LLAMA_SERVER)")
+    g.add_argument("--llama-parallel", type=int, default=16, help="llama_server slots (--parallel, default 16)")
     g.add_argument("--hf-batch-size", type=int, default=8, help="hf_static batch size (default 8)")
     g.add_argument("--repeat", type=int, default=1,
                    help="run every system N times, rotating the order, and keep each one's median run")
@@ -164,6 +175,8 @@ def validate(args: argparse.Namespace) -> None:
         raise BenchError("--urgent-fraction: must be in [0, 1]")
     if args.url and not args.url.startswith(("http://", "https://")):
         raise BenchError("--url: must be an http(s) URL")
+    if "llama_server" in (args.systems or "").split(",") and llama_server_binary(args.llama_server) is None:
+        raise BenchError("llama_server: name the binary with --llama-server PATH or $BATON_LLAMA_SERVER")
     padding.parse_settings(args.padding_settings)
 
 
@@ -191,7 +204,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         slo=SLO(args.slo_ttft or None, args.slo_tpot or None, args.slo_e2e or None),
         progress=not args.no_progress, threads=args.threads, repeat=args.repeat, settle_load=args.settle_load,
         settle_timeout_s=args.settle_timeout, hf_batch_size=args.hf_batch_size, url=args.url,
-        model_name=args.model_name)
+        model_name=args.model_name, http_api=args.http_api, http_prompt=args.http_prompt,
+        llama_server=args.llama_server, llama_parallel=args.llama_parallel)
 
 
 def make_plan(args: argparse.Namespace, runner: Runner) -> Plan:

@@ -87,7 +87,29 @@ def systems_tables(result: dict[str, Any], heading: str = "##") -> list[str]:
     if not result.get("loads"):
         parts.append(systems_table(result["systems"], baseline))
         parts.append("")
+    asked = None if result.get("loads") else (result["workload"].get("output_tokens") or {}).get("total")
+    modes = server_modes(result["systems"], asked)
+    if modes:
+        parts += [*modes, ""]
     return parts
+
+
+def server_modes(systems: dict[str, dict[str, Any]], asked: int | None = None) -> list[str]:
+    """One line per server system: the mode its probe settled (peer.py), what it refused and, at
+    natural lengths, how many of the ``asked`` output tokens it produced."""
+    lines = []
+    for name, summary in systems.items():
+        mode = (summary.get("config") or {}).get("mode")
+        if not mode:
+            continue
+        refused = ", ".join(f"{field} {status}" for field, status in mode["probes"].items() if status != 200)
+        lengths = {"ignore_eos": "exact lengths (ignore_eos)", "min_tokens": "exact lengths (min_tokens)",
+                   "natural": "natural lengths (its own usage counts)"}[mode["length"]]
+        if mode["length"] == "natural" and asked:
+            lengths += f", {summary.get('output_tokens')} of the {asked} output tokens asked"
+        lines.append(f"- `{name}`: {mode['prompt']} prompts through /v1/{'chat/' if mode['api'] == 'chat' else ''}"
+                     f"completions, {lengths}" + (f"; refused: {refused}" if refused else "") + ".")
+    return lines
 
 
 def markdown_report(result: dict[str, Any]) -> str:

@@ -27,6 +27,7 @@ from .workloads import Workload, all_at_once, time_scale_for_rate, with_time_sca
 
 log = logging.getLogger("baton_sidecar.bench")
 
+SERVER_SYSTEMS = ("url", "hf_serve", "llama_server")  # other processes: only the tokenizer is loaded here
 RTC_CAPACITY_KEYS = ("requests_per_s", "source", "output_tokens_per_s", "duration_s")
 
 
@@ -45,6 +46,10 @@ class RunOptions:
     hf_batch_size: int = 8
     url: str | None = None
     model_name: str | None = None
+    http_api: str = "completions"  # how every server is loaded (peer.py): completions | chat
+    http_prompt: str = "auto"  # auto | ids | text
+    llama_server: str | None = None  # the llama-server binary (else $BATON_LLAMA_SERVER)
+    llama_parallel: int = 16
 
 
 @dataclass(frozen=True)
@@ -85,14 +90,14 @@ class Runner:
         self.runs: dict[str, Any] = {}  # label -> SystemRun (plots and raw records)
 
     def load(self, systems: Sequence[str]) -> None:
-        """The model (the tokenizer alone when only ``url`` runs); once per runner."""
+        """The model (the tokenizer alone when only servers run); once per runner."""
         import torch
 
         if self.tokenizer is not None:
             return
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
-        if any(s != "url" for s in systems):
+        if any(s not in SERVER_SYSTEMS for s in systems):
             from ..model import load_model
 
             self.loaded = load_model(self.options.engine_config, progress=self.options.progress)
@@ -102,19 +107,44 @@ class Runner:
 
     def system(self, name: str):
         """A system by its ``--systems`` name."""
-        from .systems import URLSystem, build_system
+        from .peer import OpenAIPeer
+        from .systems import build_system
 
         o = self.options
         if name == "url":
-            return URLSystem(o.url, o.model_name)
+            return OpenAIPeer(o.url, self.tokenizer, o.model_name, api=o.http_api, prompt=o.http_prompt)
+        if name in SERVER_SYSTEMS:
+            return self._managed(name)
         return build_system(name, self.loaded, o.engine_config, o.policy, o.hf_batch_size)
+
+    def _managed(self, name: str):
+        """``hf_serve`` or ``llama_server`` on the same model, threads, dtype and device."""
+        from ..model import converted_gguf_dir, embedded_model_path, resolve_device
+        from .servers import ManagedPeer, hf_serve_launch, llama_server_binary, llama_server_launch
+
+        o = self.options
+        source = Path(o.engine_config.model) if o.engine_config.model else embedded_model_path()
+        device = str(resolve_device(o.engine_config.device))
+        if name == "hf_serve":
+            model_dir = converted_gguf_dir(source, progress=False) if source.suffix == ".gguf" else source
+            make = lambda port, scratch: hf_serve_launch(model_dir, port, scratch, o.threads,
+                                                         o.engine_config.dtype, device)
+        else:
+            binary = llama_server_binary(o.llama_server)
+            if binary is None:
+                raise BenchError("llama_server: name the binary with --llama-server PATH or $BATON_LLAMA_SERVER")
+            if source.suffix != ".gguf":
+                raise BenchError("llama_server: the model must be a .gguf file")
+            make = lambda port, scratch: llama_server_launch(binary, source, port, o.threads, o.llama_parallel,
+                                                             gpu=device.startswith("cuda"))
+        return ManagedPeer(name, make, self.tokenizer, api=o.http_api, prompt=o.http_prompt)
 
     def rtc_capacity(self, workload: Workload, given: float | None) -> float | CapacityRun:
         """``given`` (``--capacity``), else a run-to-completion run of ``workload`` all at t=0."""
         if given:
             return given
         if self.loaded is None:
-            raise BenchError("--load needs --capacity (requests/s) when only --url is benchmarked")
+            raise BenchError("--load needs --capacity (requests/s) when only servers are benchmarked")
         return CapacityRun("capacity(rtc)", self.system("rtc"), all_at_once(workload),
                            "measured: rtc, all requests at t=0")
 
@@ -282,7 +312,7 @@ def _cpu_model() -> str | None:
 
 
 def _load_tokenizer(config: EngineConfig):
-    """The tokenizer alone (``--url`` only: the model's weights are not needed)."""
+    """The tokenizer alone (servers only: the model's weights are not needed here)."""
     from transformers import AutoTokenizer
 
     from ..model import converted_gguf_dir, embedded_model_path

@@ -3,11 +3,11 @@
 - ``baton``      AsyncEngine, iteration-level re-batching (finished rows leave at once).
 - ``rtc``        the same engine with ``EngineConfig(batching="run_to_completion")``.
 - ``hf_static``, ``hf_cb``, ``sequential``: transformers baselines (``hf_systems.py``).
-- ``url``        an OpenAI-compatible server: POST /v1/completions with prompt token ids,
-                 ``stream: true`` (TTFT and ITL from the SSE chunks).
+- ``url``, ``hf_serve``, ``llama_server``: OpenAI-compatible servers (``peer.py``, ``servers.py``),
+                 in the mode their probe settles (token ids or text, EOS ignored or not).
 
-All are greedy and ignore EOS, so every request produces exactly ``max_tokens`` tokens
-and all systems do the same useful work. Times come from the load generator's
+All are greedy and ignore EOS (servers: where they accept it), so every request produces exactly
+``max_tokens`` tokens and all systems do the same useful work. Times come from the load generator's
 ``time.perf_counter`` relative to the start of the system's run. The engine systems also
 apply a request's ``Features`` (``--scenario features``, ``request_params``); the others
 never see them.
@@ -16,14 +16,11 @@ never see them.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
-
-import aiohttp
 
 from ..config import EngineConfig, PolicyConfig
 from ..engine.step import StepRecord
@@ -69,16 +66,17 @@ def new_records(workload: Workload, features: bool = False) -> list[RequestRecor
 class Timed:
     """Context: wall time, process CPU time and load average around a system's run."""
 
-    def __init__(self, run: SystemRun) -> None:
+    def __init__(self, run: SystemRun, cpu_clock: Callable[[], float] = time.process_time) -> None:
         self.run = run
+        self.cpu_clock = cpu_clock  # a server's own CPU seconds for a server started by the bench
 
     def __enter__(self) -> "Timed":
         self.run.load_avg_before = _load_avg()
-        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        self._cpu, self._wall = self.cpu_clock(), time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.run.cpu_s = time.process_time() - self._cpu
+        self.run.cpu_s = self.cpu_clock() - self._cpu
         self.run.wall_s = time.perf_counter() - self._wall
         self.run.load_avg_after = _load_avg()
 
@@ -204,92 +202,6 @@ def engine_system(name: str, loaded: LoadedModel, base: EngineConfig, policy: Po
     config = EngineConfig(model=base.model, device=base.device, dtype=base.dtype, batching=batching,
                           max_model_len=base.max_model_len)
     return EngineSystem(name, loaded, config, policy)
-
-
-# --- a remote OpenAI-compatible server -----------------------------------------------------------
-
-class URLSystem:
-    """Load generator for an OpenAI-compatible server (``/v1/completions``, streaming)."""
-
-    local = False  # the work happens in another process: no CPU-time accounting
-
-    def __init__(self, url: str, model: str | None = None, name: str = "url", timeout_s: float = 600.0) -> None:
-        self.name = name
-        self.url = url.rstrip("/")
-        self.model = model
-        self.timeout_s = timeout_s
-
-    def run(self, workload: Workload, progress: Progress) -> SystemRun:
-        run = SystemRun(self.name, new_records(workload), info={"url": self.url})
-        asyncio.run(self._run(workload, run, progress))
-        run.info["model"] = self.model
-        return run
-
-    async def _resolve_model(self, session) -> str:
-        if self.model:
-            return self.model
-        async with session.get(f"{self.url}/v1/models") as response:
-            response.raise_for_status()
-            data = await response.json()
-        models = data.get("data") or []
-        if not models:
-            raise RuntimeError(f"{self.url}/v1/models lists no model; pass --model-name")
-        self.model = models[0]["id"]
-        return self.model
-
-    async def _run(self, workload: Workload, run: SystemRun, progress: Progress) -> None:
-
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            model = await self._resolve_model(session)
-            with Timed(run):
-                t0 = time.perf_counter()
-                await asyncio.gather(*(self._one(session, model, r, rec, t0, progress)
-                                       for r, rec in zip(workload.requests, run.records)))
-
-    async def _one(self, session, model: str, request: BenchRequest, record: RequestRecord, t0: float,
-                   progress: Progress) -> None:
-        delay = t0 + request.arrival_s - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        record.submitted_s = time.perf_counter() - t0
-        body = {"model": model, "prompt": list(request.prompt_token_ids), "max_tokens": request.max_tokens,
-                "temperature": 0, "stream": True, "ignore_eos": True,
-                "stream_options": {"include_usage": True}}
-        if request.priority is not None:
-            body["priority"] = request.priority
-        usage_tokens = None
-        try:
-            async with session.post(f"{self.url}/v1/completions", json=body) as response:
-                if response.status != 200:
-                    text = (await response.text())[:200]
-                    record.error = f"HTTP {response.status}: {text}"
-                    return
-                async for raw in response.content:
-                    line = raw.decode("utf-8", "replace").strip()
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    chunk = json.loads(payload)
-                    now = time.perf_counter() - t0
-                    if chunk.get("usage"):
-                        usage_tokens = chunk["usage"].get("completion_tokens")
-                    for choice in chunk.get("choices") or ():
-                        # One chunk normally carries one token; token ids are counted when present.
-                        ids = choice.get("token_ids")
-                        n = len(ids) if isinstance(ids, list) else (1 if choice.get("text") else 0)
-                        record.token_times_s.extend([now] * n)
-                        progress(n)
-        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as error:
-            record.error = f"{type(error).__name__}: {error}"
-            return
-        record.finished_s = time.perf_counter() - t0
-        record.output_tokens = usage_tokens if usage_tokens is not None else len(record.token_times_s)
-        if record.output_tokens < request.max_tokens:
-            record.error = f"short output ({record.output_tokens} < {request.max_tokens})"
 
 
 # --- the registry --------------------------------------------------------------------------------

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import threading
 
 import pytest
 
@@ -13,8 +11,6 @@ from baton_sidecar.bench import cli, report
 from baton_sidecar.bench.inputs import BenchError, build_workload, parse_loads, token_source
 from baton_sidecar.bench.metrics import RequestRecord
 from baton_sidecar.bench.plans import compare, padding
-from baton_sidecar.bench.systems import URLSystem
-from baton_sidecar.bench.workloads import BenchRequest, Workload
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -96,62 +92,6 @@ def test_report_files(tmp_path):
     steps = [{"t": 1.0 + i, "rows": 2, "padding_ratio": 0.1 * i} for i in range(3)]
     report.plot_padding({"a": steps}, tmp_path / "pad.png")
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("cdf.png", "load.png", "pad.png"))
-
-
-# --- url mode against a fake OpenAI-compatible server ----------------------------------------------
-
-@pytest.fixture
-def fake_server():
-    from aiohttp import web
-
-    seen = []
-
-    async def models(_request):
-        return web.json_response({"data": [{"id": "fake-model"}]})
-
-    async def completions(request):
-        body = await request.json()
-        seen.append(body)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for k in range(body["max_tokens"]):
-            chunk = {"choices": [{"index": 0, "text": f"t{k}"}]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            await asyncio.sleep(0.001)
-        usage = {"choices": [], "usage": {"completion_tokens": body["max_tokens"]}}
-        await response.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
-        return response
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/completions", completions)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = site._server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}", seen
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
-
-
-def test_url_system_streams_and_counts(fake_server):
-    url, seen = fake_server
-    workload = Workload("w", [BenchRequest(0, (5, 6, 7), 4), BenchRequest(1, (8,), 2, arrival_s=0.05, priority=0)])
-    tokens = []
-    run = URLSystem(url).run(workload, tokens.append)
-    assert sum(tokens) == 6
-    assert [r.output_tokens for r in run.records] == [4, 2]
-    assert all(r.error is None and r.ttft_s is not None for r in run.records)
-    assert run.info["model"] == "fake-model"
-    first = next(b for b in seen if b["prompt"] == [5, 6, 7])
-    assert first["stream"] and first["ignore_eos"] and first["temperature"] == 0 and first["max_tokens"] == 4
-    assert next(b for b in seen if b["prompt"] == [8])["priority"] == 0
 
 
 # --- a tiny run on the real model ---------------------------------------------------------------------

@@ -17,7 +17,7 @@ from ..workloads import TokenSource, Workload, with_time_scale
 
 DEFAULT_SYSTEMS = {"offline": "baton,rtc,hf_static,hf_cb", "prompts": "baton,rtc,hf_static,hf_cb"}
 DEFAULT_ARRIVAL_SYSTEMS = "baton,rtc,hf_cb"
-KNOWN_SYSTEMS = ("baton", "rtc", "hf_static", "hf_cb", "sequential")
+KNOWN_SYSTEMS = ("baton", "rtc", "hf_static", "hf_cb", "sequential", "hf_serve", "llama_server")
 # baton / other: throughput > 1 and latency < 1 favour baton.
 RATIO_KEYS = ("output_tokens_per_s", "requests_per_s", "ttft_p95_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s")
 
