@@ -37,9 +37,13 @@ BENCH_OUT  ?= bench-out
 BENCH_ARGS ?= --threads 1
 BENCH      := $(VENV)/bin/baton-sidecar bench
 
+# llama.cpp joins when BATON_LLAMA_SERVER names a llama-server binary (benchmarks only, never CI).
+COMMA := ,
+BENCH_LLAMA := $(if $(BATON_LLAMA_SERVER),$(COMMA)llama_server)
+
 bench: $(STAMP)
-	$(BENCH) offline $(BENCH_ARGS) --out $(BENCH_OUT)/offline
-	$(BENCH) trace --load 0.8 --systems baton,rtc,hf_cb $(BENCH_ARGS) --out $(BENCH_OUT)/trace
+	$(BENCH) offline --systems baton,rtc,hf_static,hf_cb,hf_serve$(BENCH_LLAMA) $(BENCH_ARGS) --out $(BENCH_OUT)/offline
+	$(BENCH) trace --load 0.8 --systems baton,rtc,hf_cb,hf_serve$(BENCH_LLAMA) $(BENCH_ARGS) --out $(BENCH_OUT)/trace
 	$(PY) -m baton_sidecar.bench.readme $(BENCH_OUT)/offline/result.json $(BENCH_OUT)/trace/result.json \
 		--readme README.md
 

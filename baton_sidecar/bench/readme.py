@@ -29,6 +29,9 @@ END = "<!-- bench:end -->"
 PLOTS = (("latency_cdf.png", "", "TTFT and end-to-end latency CDFs"),
          ("vs_load.png", "-vs-load", "throughput and p95 latency vs offered load"))
 GPU_ARGS = "--device cuda --dtype bfloat16 -n 256"
+# What `make bench` runs (the Makefile adds llama_server when BATON_LLAMA_SERVER names a binary).
+OFFLINE_SYSTEMS = "baton,rtc,hf_static,hf_cb,hf_serve"
+TRACE_SYSTEMS = "baton,rtc,hf_cb,hf_serve"
 
 
 class ReadmeError(Exception):
@@ -105,8 +108,8 @@ def gpu_paragraph() -> str:
         "rewrites this section:",
         "",
         "```sh",
-        f"baton-sidecar bench offline {GPU_ARGS} --out bench-out/offline",
-        f"baton-sidecar bench trace --load 0.8 --systems baton,rtc,hf_cb {GPU_ARGS} --out bench-out/trace",
+        f"baton-sidecar bench offline --systems {OFFLINE_SYSTEMS} {GPU_ARGS} --out bench-out/offline",
+        f"baton-sidecar bench trace --load 0.8 --systems {TRACE_SYSTEMS} {GPU_ARGS} --out bench-out/trace",
         "python -m baton_sidecar.bench.readme bench-out/offline/result.json bench-out/trace/result.json "
         "--readme README.md",
         "```",
@@ -118,9 +121,11 @@ def gpu_paragraph() -> str:
 def render(results: Sequence[dict[str, Any]], images: Sequence[Sequence[tuple[str, str]]]) -> str:
     parts = ["<!-- Written by `make bench` (python -m baton_sidecar.bench.readme); edits here are overwritten. -->",
              "",
-             "Every system runs the identical requests in one process, one after another, so the ratios",
-             "matter more than the absolute numbers. Regenerate with `make bench`; details in",
-             "[docs/benchmarks.md](docs/benchmarks.md).",
+             "Every system runs the identical requests, one after another, so the ratios matter more",
+             "than the absolute numbers. The in-process systems share the bench's process; `hf_serve`",
+             "(`transformers serve --continuous-batching`) and `llama_server` (llama.cpp) are servers the",
+             "bench starts on loopback with the same model and threads, loaded over HTTP. Regenerate with",
+             "`make bench`; details in [docs/benchmarks.md](docs/benchmarks.md).",
              ""]
     for result, result_images in zip(results, images):
         parts += [result_section(result, result_images), ""]
