@@ -10,6 +10,10 @@ decode faster on this machine with this model and attention implementation.
 ``EngineCore`` with ``B`` equal-length prompts (no padding), timing ``core.step()``
 and the ``ModelRunner.decode()`` inside it (from the core's ``StepRecord``), interleaved with bare forwards at the same
 context length so that CPU contention hits both alike. Medians are reported.
+
+    python -m baton_sidecar.bench.ceiling --batch 64 --device cuda --dtype bfloat16
+
+prints that comparison as one JSON object (``scripts/gpu-check.sh`` runs it).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
-from ..config import EngineConfig, PolicyConfig
+from ..config import EngineConfig, Limits, PolicyConfig
 from ..model import LoadedModel
 from .workloads import TokenSource
 
@@ -163,7 +167,8 @@ def compare_decode_step(loaded: LoadedModel, source: TokenSource, batch: int = 1
     from ..engine.request import Request, SamplingParams
     from ..engine.step import StepRecord
 
-    core = EngineCore(loaded, EngineConfig(), PolicyConfig())
+    limits = Limits(max_batch_size=max(batch, Limits().max_batch_size))  # every row in one batch
+    core = EngineCore(loaded, EngineConfig(), PolicyConfig(limits=limits))
     log: list[StepRecord] = []
     core.step_observer = log.append
     rng = random.Random(seed)
@@ -198,3 +203,34 @@ def compare_decode_step(loaded: LoadedModel, source: TokenSource, batch: int = 1
         "decode_within_10pct": decode_med <= 1.10 * bare_med,
         "step_within_10pct": step_med <= 1.10 * bare_med,
     }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The engine's decode step against the bare forward at one batch size, as JSON on stdout."""
+    import argparse
+    import json
+
+    from ..model import load_model
+    from .inputs import WorkloadOptions, token_source
+
+    parser = argparse.ArgumentParser(prog="python -m baton_sidecar.bench.ceiling", description=main.__doc__)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--model", help="local transformers dir or .gguf (default: the embedded model)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(EngineConfig(model=args.model, device=args.device, dtype=args.dtype), progress=False)
+    notes: list[str] = []
+    source = token_source(loaded.tokenizer, WorkloadOptions(synthetic_fallback=True), notes)
+    result = compare_decode_step(loaded, source, batch=args.batch, context=args.context, steps=args.steps)
+    print(json.dumps({**result, "device": str(loaded.device), "dtype": args.dtype, "notes": notes}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -140,6 +140,8 @@ def _ceiling_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-ceiling", action="store_true", help="skip the bare-forward ceiling measurements")
     g.add_argument("--ceiling-context", type=int,
                    help="context length for the ceiling (default: baton's mean decode context)")
+    g.add_argument("--no-roofline", action="store_true",
+                   help="skip the roofline (this machine's copy bandwidth and matmul peaks, about 1 s on a CPU)")
 
 
 def _output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,7 +224,8 @@ def make_plan(args: argparse.Namespace, runner: Runner) -> Plan:
     if args.scenario == "features":
         return features.plan(runner, workload)
     return compare.plan(runner, args.workload, workload, systems=args.systems, capacity=args.capacity,
-                        ceiling=not args.no_ceiling, ceiling_context=args.ceiling_context)
+                        ceiling=not args.no_ceiling, ceiling_context=args.ceiling_context,
+                        roofline=not args.no_roofline)
 
 
 # --- entry point -------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     for key, what in (("by_priority", "priority class"), ("by_feature", "feature")):
         for name, by_class in (result.get(key) or {}).items():
             parts += [f"### {name} by {what}", "", systems_table(by_class, None), ""]
-    parts += engine_section(result) + ceiling_section(result)
+    parts += engine_section(result) + ceiling_section(result) + roofline_section(result)
     if result.get("scenario"):
         scenario = json.dumps(result["scenario"], indent=1, default=_json_default)
         parts += ["## Scenario", "", "```json", scenario, "```", ""]
@@ -167,6 +167,48 @@ def ceiling_section(result: dict[str, Any]) -> list[str]:
                       f"wall {fmt(eff.get('wall_efficiency'), '{:.2f}')}, "
                       f"throughput / ceiling at batch {eff.get('largest_batch')}: "
                       f"{fmt(eff.get('throughput_vs_ceiling'), '{:.2f}')}", ""]
+    return parts
+
+
+def roofline_section(result: dict[str, Any], heading: str = "##") -> list[str]:
+    """Each engine run's decode steps by batch size (and the bare forward's) against the peaks."""
+    roof = result.get("roofline")
+    if not roof:
+        return []
+    peaks, cost = roof["peaks"], roof["cost_model"]
+    matmul = ", ".join(f"{d} {fmt(v, '{:.1f}')}" for d, v in peaks["matmul_gflop_per_s"].items())
+    dtypes = ", ".join(f"{d} {b / 1e6:.1f} MB" for d, b in cost["weight_bytes_by_dtype"].items())
+    parts = [f"{heading} Roofline", "",
+             f"Measured peaks on {peaks['device']} ({peaks['threads']} torch threads): copy "
+             f"{peaks['copy_gb_per_s']:.1f} GB/s (read + write), {peaks['matmul_n']}-square matmul GFLOP/s "
+             f"{matmul}. Each decode step reads {cost['weight_bytes'] / 1e6:.1f} MB of weights ({dtypes}) "
+             f"and does {2 * cost['matmul_params'] / 1e6:.1f} MFLOP of matmuls per row, plus attention "
+             f"and K/V reads that grow with the context; FLOP/s are compared with the "
+             f"{cost['compute_dtype']} peak.", "",
+             "| run | batch | steps | context | decode p50 ms | weights GB/s | all GB/s | of copy | GFLOP/s | "
+             "of matmul | FLOP/byte | bound | of roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    pct = "{:.0%}"
+    for name, summary in roof["systems"].items():
+        for label, b in summary["decode_by_batch"].items():
+            parts.append(f"| {name} | {label} | {b['steps']} | {b['mean_context']:.0f} | "
+                         f"{1000 * b['decode_p50_s']:.1f} | {b['weight_gb_per_s']:.1f} | {b['gb_per_s']:.1f} | "
+                         f"{fmt(b['bandwidth_fraction'], pct)} | {b['gflop_per_s']:.1f} | "
+                         f"{fmt(b['compute_fraction'], pct)} | {fmt(b['flop_per_byte'], '{:.1f}')} | "
+                         f"{b['bound'] or '-'} | {fmt(b['roofline_fraction'], pct)} |")
+    for batch, b in (roof.get("ceiling") or {}).items():
+        context = result.get("ceiling", {}).get(batch, {}).get("context_len", "-")
+        step_ms = 1000 * result.get("ceiling", {}).get(batch, {}).get("step_s", float("nan"))
+        parts.append(f"| bare forward | {batch} | - | {context} | {step_ms:.1f} | - | {b['gb_per_s']:.1f} | "
+                     f"{fmt(b['bandwidth_fraction'], pct)} | {b['gflop_per_s']:.1f} | "
+                     f"{fmt(b['compute_fraction'], pct)} | {fmt(b['flop_per_byte'], '{:.1f}')} | "
+                     f"{b['bound'] or '-'} | {fmt(b['roofline_fraction'], pct)} |")
+    parts.append("")
+    for name, summary in roof["systems"].items():
+        p = summary.get("prefill")
+        if p:
+            parts += [f"Prefill of {name}: {p['tokens']} tokens in {p['seconds']:.2f} s, "
+                      f"{p['gflop_per_s']:.1f} GFLOP/s of matmuls ({fmt(p['compute_fraction'], pct)} of the peak).", ""]
     return parts
 
 

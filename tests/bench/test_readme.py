@@ -175,3 +175,26 @@ def test_result_records_argv_command_and_machine(monkeypatch):
     result = base_result(runner, Plan("offline", "offline", {}, Workload("w", [BenchRequest(0, (1, 2), 3)])))
     assert result["argv"] == argv and result["command"] == "baton-sidecar bench offline --threads 1"
     assert {"cpu_model", "cpu_count", "torch_threads", "load_avg_start", "gpu"} <= set(result["host"])
+
+
+def test_gpu_figures_are_marked_unmeasured_until_a_cuda_result():
+    cpu = _result("offline", "baton-sidecar bench offline")
+    assert "GPU figures: not yet measured" in readme.render([cpu], [[]])
+    gpu = {**cpu, "device": "cuda:0"}
+    text = readme.render([gpu], [[]])
+    assert "not yet measured" not in text and "scripts/gpu-check.sh" in text
+
+
+def test_result_section_carries_the_roofline():
+    from baton_sidecar.bench import roofline
+
+    cost = roofline.CostModel(weight_bytes=10**9, matmul_params=10**8, layers=2, heads=4, kv_heads=2, head_dim=16,
+                              kv_element_size=4, weight_bytes_by_dtype={"float32": 10**9})
+    peaks = {"copy_gb_per_s": 20.0, "matmul_gflop_per_s": {"float32": 100.0}, "matmul_n": 1024, "device": "cpu",
+             "threads": 1}
+    step = {"t": 0.0, "step_s": 0.1, "decode_s": 0.1, "rows": 2, "length": 50, "padding_ratio": 0.0}
+    result = _result("offline", "baton-sidecar bench offline")
+    result["roofline"] = {"peaks": peaks, "cost_model": cost.as_dict(),
+                          "systems": {"baton": roofline.summarize([step], cost, peaks)}}
+    section = readme.result_section(result, [])
+    assert "#### Roofline" in section and "| baton | 2 | 1 | 50 |" in section

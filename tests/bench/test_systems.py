@@ -92,3 +92,10 @@ def test_engine_steps_count_chunked_prefill_as_prefill(tiny_model, workload):
     chunked = [s for s in run.steps if s["chunk_tokens"]]
     assert chunked and all(s["chunk_tokens"] <= 4 and s["prefill_s"] >= s["chunk_s"] > 0 for s in chunked)
     assert all(s["step_s"] >= s["prefill_s"] + s["decode_s"] for s in run.steps)
+
+
+def test_decode_step_comparison_above_the_default_batch_limit(tiny_model):
+    """Batch 64 (the GPU check's) is over ``Limits().max_batch_size``: the comparison raises it."""
+    source = TokenSource.synthetic(96, seed=0, size=500)
+    c = compare_decode_step(tiny_model, source, batch=40, context=4, steps=1, warmup=0)
+    assert c["batch_size"] == 40 and c["engine_decode_s"] > 0

@@ -2,7 +2,8 @@
 
 The offline, poisson, trace, prompts and jsonl workloads are this one plan; they differ in the
 requests and in the defaults (the systems; ``--load`` 0.8 for trace and poisson). Its finish
-adds the bare-forward ceiling (when baton runs) and baton's ratio to every other system.
+adds the bare-forward ceiling (when baton runs), the roofline of every engine run and baton's
+ratio to every other system.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ RATIO_KEYS = ("output_tokens_per_s", "requests_per_s", "ttft_p95_s", "e2e_p50_s"
 
 
 def plan(runner: Runner, kind: str, workload: WorkloadOptions, *, systems: str | None = None,
-         capacity: float | None = None, ceiling: bool = True, ceiling_context: int | None = None) -> Plan:
+         capacity: float | None = None, ceiling: bool = True, ceiling_context: int | None = None,
+         roofline: bool = True) -> Plan:
     """``systems`` as ``--systems`` (None: the kind's default); ``ceiling_context`` None: measured."""
     names = parse_systems(systems, runner.options.url, DEFAULT_SYSTEMS.get(kind, DEFAULT_ARRIVAL_SYSTEMS))
     runner.load(names)
@@ -38,6 +40,8 @@ def plan(runner: Runner, kind: str, workload: WorkloadOptions, *, systems: str |
         if "baton" in names and runner.loaded is not None and ceiling:
             add_ceiling(runner, result, source or token_source(runner.tokenizer, workload, runner.notes),
                         ceiling_context)
+        if roofline and runner.loaded is not None:
+            add_roofline(runner, result)
         result["ratios_vs_baton"] = ratios(result["systems"])
 
     return Plan(title=kind, kind=kind, systems={name: runner.system(name) for name in names}, workload=base,
@@ -108,3 +112,19 @@ def add_ceiling(runner: Runner, result: dict[str, Any], source: TokenSource, con
             result["efficiency"][name] = efficiency(run.steps, result["ceiling"], makespan_s(run.records),
                                                     summary.get("output_tokens_per_s"))
 
+
+def add_roofline(runner: Runner, result: dict[str, Any]) -> None:
+    """``roofline``: this machine's peaks, the model's cost model, and every engine run (and the
+    bare ceiling, when measured) against them (``roofline.py``). Nothing without engine steps."""
+    from .. import roofline
+
+    engine_runs = {n: r for n, r in runner.runs.items() if r.steps and not n.startswith("capacity")}
+    if not engine_runs:
+        return
+    loaded = runner.loaded
+    cost = roofline.cost_model(loaded.model)
+    peaks = roofline.measure_peaks(loaded.device, loaded.model.get_input_embeddings().weight.dtype)
+    result["roofline"] = {"peaks": peaks, "cost_model": cost.as_dict(),
+                          "systems": {n: roofline.summarize(r.steps, cost, peaks) for n, r in engine_runs.items()}}
+    if result.get("ceiling"):
+        result["roofline"]["ceiling"] = roofline.ceiling_roofline(result["ceiling"], cost, peaks)
