@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import queue
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import requests
+
+from baton_sidecar.bench.servers import stop_process
 
 
 def free_port() -> int:
@@ -95,11 +96,5 @@ class TransformersServe:
         return "".join(self.lines[-60:])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self._scratch.cleanup()
