@@ -2,22 +2,24 @@
 
 Weights are int8 per output channel (symmetric); activations are quantized per *row* (one
 scale per token) at each call, after a per-input-channel smoothing (SmoothQuant, alpha 0.5:
-``x / s`` and ``W * s`` move the activations' outlier channels into the weights, which
-quantize them better; ``s`` comes from a short calibration pass over ``CALIBRATION``). They are multiplied by ``torch._int_mm`` (int8 x int8 -> exact int32)
-and scaled back to float. Each row's output depends on that row alone, so a request's
-tokens do not change with the rows batched beside it: the engine's greedy-parity guarantee
-holds on the quantized model as it does in float32.
+``x / s`` and ``W * s`` move the activations' outlier channels into the weights, which quantize
+them better; ``s`` comes from a short calibration pass over ``CALIBRATION``). The product is
+``torch._int_mm`` (int8 x int8 -> exact int32), scaled back to float. Each row's output is a
+function of that row alone, bit for bit, whatever is batched beside it.
 
 Why not ``torch.ao.quantization.quantize_dynamic`` (fbgemm), a little faster still: it picks
 one activation scale for the whole input tensor, so a row's logits move with its batch
 neighbours (and with padding) - a row's output differs by ~10x its quantization error
 depending on what it is batched with. Measured on a 2-core AVX-512 machine, one thread,
-SmolLM2-135M decode step at context 128 (README, "int8 weights"):
+SmolLM2-135M decode step at context 128, median of 8 (README, "int8 weights"):
 
     batch   float32   fbgemm (per-tensor)   this (per-row)
-      1      59 ms        22 ms                 see README
-      4     127 ms        24 ms
-     16     129 ms        47 ms
+      1      54 ms        20 ms                 29 ms
+      4      82 ms        24 ms                 43 ms
+     16     131 ms        48 ms                 71 ms
+
+Greedy parity is still not exact: attention's last-bit batch noise, rounded to int8, grows
+(tests/integration/test_int8_parity.py); hence ``none`` stays the default.
 
 ``torch._int_mm`` is a private op; ``tests/engine/test_quantization.py`` fails loudly if it
 disappears or changes meaning on a torch upgrade. CUDA is refused (``_int_mm`` needs > 16

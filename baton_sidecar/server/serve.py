@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from baton_sidecar.config import (BATCHING_MODES, PREEMPTION_MODES, TOOL_CALL_PARSERS, EngineConfig, PolicyConfig,
-                                  RouterConfig, ServerConfig)
+from baton_sidecar.config import (BATCHING_MODES, PREEMPTION_MODES, QUANTIZATIONS, TOOL_CALL_PARSERS, EngineConfig,
+                                  PolicyConfig, RouterConfig, ServerConfig)
 from baton_sidecar.server.configwatch import deep_merge, read_admin_token
 
 log = logging.getLogger("baton_sidecar.serve")
