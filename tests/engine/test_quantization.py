@@ -11,9 +11,8 @@ from tiny import tiny_loaded_model
 
 from baton_sidecar import model as model_module
 from baton_sidecar import quantization
-from baton_sidecar.config import EngineConfig
+from baton_sidecar.config import EngineConfig, PolicyConfig
 from baton_sidecar.engine.core import EngineCore
-from baton_sidecar.config import PolicyConfig
 from baton_sidecar.quantization import Int8Linear
 
 
