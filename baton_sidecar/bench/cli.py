@@ -25,7 +25,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from ..config import EngineConfig, Limits, PolicyConfig
+from ..config import QUANTIZATIONS, EngineConfig, Limits, PolicyConfig
 from . import report
 from .inputs import BenchError, WorkloadOptions, check_trace
 from .metrics import SLO
@@ -117,6 +117,8 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="local transformers dir or .gguf (default: the embedded SmolLM2-135M)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     g.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | auto")
+    g.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help="in-process Baton engines: none | int8 (CPU only; default none)")
     g.add_argument("--max-batch-size", type=int, help="engine and hf_cb batch limit (default 32; priority "
                                                       "scenario 8)")
     g.add_argument("--max-kv-tokens", type=int, help="engine KV-token budget (default 65536)")
@@ -201,7 +203,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                     max_kv_tokens=args.max_kv_tokens or defaults.max_kv_tokens, max_queue=defaults.max_queue,
                     max_prefill_tokens=args.max_prefill_tokens or defaults.max_prefill_tokens)
     return RunOptions(
-        engine_config=EngineConfig(model=args.model, device=args.device, dtype=args.dtype),
+        engine_config=EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                   quantization=args.quantization),
         policy=PolicyConfig(limits=limits),
         slo=SLO(args.slo_ttft or None, args.slo_tpot or None, args.slo_e2e or None),
         progress=not args.no_progress, threads=args.threads, repeat=args.repeat, settle_load=args.settle_load,

@@ -200,7 +200,7 @@ class EngineSystem:
 def engine_system(name: str, loaded: LoadedModel, base: EngineConfig, policy: PolicyConfig) -> EngineSystem:
     batching = "rebatch" if name == "baton" else "run_to_completion"
     config = EngineConfig(model=base.model, device=base.device, dtype=base.dtype, batching=batching,
-                          max_model_len=base.max_model_len)
+                          max_model_len=base.max_model_len, quantization=base.quantization)
     return EngineSystem(name, loaded, config, policy)
 
 

@@ -66,7 +66,8 @@ class EngineCore:
         padded_rows = row_padding.calibrate(loaded.model, loaded.device) if config.decode_row_padding == "auto" else {}
         self.runner = ModelRunner(loaded, padded_rows)
         self.scheduler = make_scheduler(config.batching, policy)
-        self.vocab_size = loaded.model.get_output_embeddings().weight.shape[0]  # the logits' width
+        # The logits' width; out_features, not weight.shape: an int8 head has no float weight.
+        self.vocab_size = loaded.model.get_output_embeddings().out_features
         # Compiles structured-output grammars off this thread (AsyncEngine.compile_grammar);
         # the engine thread only fills masks from the requests' matchers.
         self.grammars = GrammarCompiler(loaded.tokenizer, self.vocab_size, loaded.eos_token_ids)

@@ -33,13 +33,12 @@ def padded_rows_table(times_by_rows: dict[int, float]) -> dict[int, int]:
     return table
 
 
-def _time_matmul(weight: torch.Tensor, rows: int, repeats: int) -> float:
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    torch.nn.functional.linear(x, weight)  # warm-up
+def _time_matmul(head: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    head(x)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.nn.functional.linear(x, weight)
+        head(x)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -50,11 +49,14 @@ def calibrate(model: torch.nn.Module, device: torch.device, repeats: int = 3) ->
     if device.type != "cpu":
         return {}
     head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if weight is None:
+    width = getattr(head, "in_features", None)
+    if width is None:
         return {}
-    key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    # The head module itself, float or int8 (quantization.Int8Linear): each has its own kernel.
+    dtype = next(model.parameters()).dtype
+    key = (type(head).__name__, width, head.out_features, dtype, torch.get_num_threads())
     if key not in _cache:
-        times = {rows: _time_matmul(weight, rows, repeats) for rows in range(1, MAX_PADDED_ROWS + 1)}
+        times = {rows: _time_matmul(head, torch.randn(rows, width, dtype=dtype, device=device), repeats)
+                 for rows in range(1, MAX_PADDED_ROWS + 1)}
         _cache[key] = padded_rows_table(times)
     return dict(_cache[key])

@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from baton_sidecar.config import (BATCHING_MODES, PREEMPTION_MODES, TOOL_CALL_PARSERS, EngineConfig, PolicyConfig,
-                                  RouterConfig, ServerConfig)
+from baton_sidecar.config import (BATCHING_MODES, PREEMPTION_MODES, QUANTIZATIONS, TOOL_CALL_PARSERS, EngineConfig,
+                                  PolicyConfig, RouterConfig, ServerConfig)
 from baton_sidecar.server.configwatch import deep_merge, read_admin_token
 
 log = logging.getLogger("baton_sidecar.serve")
@@ -39,6 +39,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="local transformers directory or .gguf file (default: embedded SmolLM2-135M)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "auto"))
+    g.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help="int8: int8 linear layers, CPU only, ~2x faster decode (default none)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length (default: the model's own)")
     g.add_argument("--batching", default="rebatch", choices=BATCHING_MODES)
@@ -82,7 +84,8 @@ def build_configs(args: argparse.Namespace, environ: Any = os.environ
                   ) -> tuple[EngineConfig, PolicyConfig, RouterConfig, ServerConfig]:
     """All start-up configuration from the command line; ValueError naming the field if refused."""
     engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                          batching=args.batching, max_model_len=args.max_model_len)
+                          batching=args.batching, max_model_len=args.max_model_len,
+                          quantization=args.quantization)
     policy_dict: dict[str, Any] = PolicyConfig().to_dict()
     if args.policy:
         with open(args.policy) as f:

@@ -23,6 +23,7 @@ class OperatorConfig:
     rollout_tick_s: float = 5.0  # how often the rollout controller looks at each progressive rollout
     report_timeout_s: float = 10.0  # for one sidecar's /baton/ab/report or /baton/metrics
     allow_report_urls: bool = False  # honour the baton.dev/report-urls annotation (else: pod IPs only)
+    default_quantization: str | None = None  # engine.quantization for BatonDeployments that set none
 
     def __post_init__(self) -> None:
         if not self.sidecar_image:
@@ -35,6 +36,8 @@ class OperatorConfig:
             raise ValueError("BATON_ROLLOUT_TICK_SECONDS: must be > 0")
         if not self.report_timeout_s > 0:
             raise ValueError("BATON_ROLLOUT_REPORT_TIMEOUT_SECONDS: must be > 0")
+        if self.default_quantization not in (None, "none", "int8"):
+            raise ValueError("BATON_DEFAULT_QUANTIZATION: must be none or int8")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -56,4 +59,5 @@ class OperatorConfig:
             rollout_tick_s=float(env.get("BATON_ROLLOUT_TICK_SECONDS", "5")),
             report_timeout_s=float(env.get("BATON_ROLLOUT_REPORT_TIMEOUT_SECONDS", "10")),
             allow_report_urls=env.get("BATON_ROLLOUT_ALLOW_REPORT_URLS", "").lower() in ("1", "true", "yes"),
+            default_quantization=env.get("BATON_DEFAULT_QUANTIZATION") or None,
         )

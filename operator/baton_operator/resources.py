@@ -188,14 +188,16 @@ def baton_port(spec: Mapping[str, Any]) -> int:
     return int(spec.get("port", DEFAULT_PORT))
 
 
-def engine_args(spec: Mapping[str, Any]) -> list[str]:
-    """Start-up-only engine settings (baton_sidecar.config.EngineConfig) as CLI flags, only those set."""
+def engine_args(spec: Mapping[str, Any], default_quantization: str | None = None) -> list[str]:
+    """Start-up-only engine settings (baton_sidecar.config.EngineConfig) as CLI flags, only those set;
+    ``default_quantization`` (the chart's ``sidecar.quantization``) when the spec names none."""
     engine = spec.get("engine") or {}
     model = spec.get("model") or {}
     args: list[str] = []
     for flag, value in (("--model", model.get("path")), ("--served-model-name", model.get("servedName")),
                         ("--device", engine.get("device")), ("--dtype", engine.get("dtype")),
-                        ("--batching", engine.get("batching")), ("--max-model-len", engine.get("maxModelLen"))):
+                        ("--batching", engine.get("batching")), ("--max-model-len", engine.get("maxModelLen")),
+                        ("--quantization", engine.get("quantization") or default_quantization)):
         if value is not None:
             args += [flag, str(value)]
     return args
@@ -241,7 +243,7 @@ def baton_container(bd: Mapping[str, Any], cfg: OperatorConfig) -> dict[str, Any
         "imagePullPolicy": spec.get("imagePullPolicy") or cfg.image_pull_policy,
         "command": ["baton-sidecar"],
         "args": ["serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--host", "0.0.0.0", "--port", str(port),
-                 *engine_args(spec)],
+                 *engine_args(spec, cfg.default_quantization)],
         "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
         "env": container_env(meta["name"], meta["namespace"], spec),
         "volumeMounts": mounts,

@@ -64,6 +64,7 @@ def test_defaults_render_a_cluster_wide_non_root_operator(helm) -> None:
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["BATON_SIDECAR_IMAGE"] == "ghcr.io/baton-project/baton-sidecar:0.1.0"
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env and "BATON_DEFAULT_POLICY_FILE" not in env
+    assert "BATON_DEFAULT_QUANTIZATION" not in env
     binding = objects["ClusterRoleBinding"]
     assert binding["subjects"][0] == {"kind": "ServiceAccount", "name": pod["serviceAccountName"],
                                       "namespace": "baton-system"}
@@ -99,6 +100,12 @@ def test_options_render_what_they_promise(helm) -> None:
     assert service_monitor["spec"]["endpoints"][0]["path"] == "/baton/metrics"
 
 
+def test_sidecar_quantization_reaches_the_operator(helm) -> None:
+    deployment = next(o for o in render(helm, "--set", "sidecar.quantization=int8") if o["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["BATON_DEFAULT_QUANTIZATION"] == "int8"
+
+
 @pytest.mark.parametrize("values, complaint", [
     (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
     (["--set", "replicas=2"], "replicas"),  # not a value of this chart (one active operator)
@@ -106,6 +113,7 @@ def test_options_render_what_they_promise(helm) -> None:
     (["--set", "defaultPolicy.preemption.mode=never"], "mode"),
     (["--set", "watchNamespaces={Bad_Name}"], "watchNamespaces"),
     (["--set", "metrics.serviceMonitor.interval=often"], "interval"),
+    (["--set", "sidecar.quantization=int4"], "quantization"),
 ])
 def test_values_schema_rejects_bad_values(helm, values, complaint) -> None:
     proc = helm_run(helm, "template", "baton", str(CHART), *values, check=False)

@@ -125,6 +125,7 @@ BAD_DEPLOYMENTS = [
     ("spec.resources.limits", {"nvidia.com/gpu": "one"}, "spec/resources/limits/nvidia.com/gpu"),
     ("spec.engine.device", "tpu", "spec/engine/device"),
     ("spec.engine.dtype", "int4", "spec/engine/dtype"),
+    ("spec.engine.quantization", "int4", "spec/engine/quantization"),
     ("spec.policy.preemption.mode", "sometimes", "spec/policy/preemption/mode"),
     ("spec.policy.padding.maxPaddingRatio", 1.5, "spec/policy/padding/maxPaddingRatio"),
     ("spec.policy.preemption.slaClasses", {"x": {"ttftMs": 0}}, "spec/policy/preemption/slaClasses/x/ttftMs"),

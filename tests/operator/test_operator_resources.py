@@ -110,6 +110,18 @@ def test_engine_flags_only_when_set() -> None:
         "--served-model-name", "m", "--device", "cuda:1", "--max-model-len", "4096"]
 
 
+def test_quantization_flag_from_the_spec_else_the_operator_default() -> None:
+    assert res.engine_args({"engine": {"quantization": "int8"}}) == ["--quantization", "int8"]
+    assert res.engine_args({}, default_quantization="int8") == ["--quantization", "int8"]
+    assert res.engine_args({"engine": {"quantization": "none"}}, default_quantization="int8") == [
+        "--quantization", "none"]
+    cfg = OperatorConfig.from_env({"BATON_DEFAULT_QUANTIZATION": "int8"})
+    assert cfg.default_quantization == "int8"
+    assert "--quantization" in res.baton_container(bd(), cfg)["args"]
+    with pytest.raises(ValueError, match="BATON_DEFAULT_QUANTIZATION"):
+        OperatorConfig.from_env({"BATON_DEFAULT_QUANTIZATION": "int4"})
+
+
 def test_rendered_config_is_what_the_sidecar_parses() -> None:
     router = cm.router_config({"router": {"stickyHeader": "x-s", "fallbackToBaton": True,
                                           "incumbentTimeoutSeconds": 60}}, "http://127.0.0.1:8000", 5)

@@ -38,6 +38,11 @@ def test_build_configs_precedence(tmp_path):
     assert build_configs(parse(), environ={})[3].admin_token is None
 
 
+def test_quantization_flag_reaches_the_engine_config():
+    assert build_configs(parse("--quantization", "int8"), environ={})[0].quantization == "int8"
+    assert build_configs(parse(), environ={})[0].quantization == "none"
+
+
 def test_timeout_flags_reach_the_server_config():
     server = build_configs(parse("--header-timeout", "5", "--body-timeout", "7.5",
                                  "--keepalive-timeout", "20"), environ={})[3]

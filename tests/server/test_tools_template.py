@@ -28,7 +28,7 @@ CHOICES = ["required"] + [{"type": "function", "function": {"name": s["name"]}} 
 
 @pytest.fixture(scope="module")
 def compiler(real_model):
-    vocab = real_model.model.get_output_embeddings().weight.shape[0]
+    vocab = real_model.model.get_output_embeddings().out_features
     compiler = GrammarCompiler(real_model.tokenizer, vocab, real_model.eos_token_ids)
     yield compiler
     compiler.close()
