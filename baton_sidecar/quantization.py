@@ -18,8 +18,9 @@ SmolLM2-135M decode step at context 128, median of 8 (README, "int8 weights"):
       4      82 ms        24 ms                 43 ms
      16     131 ms        48 ms                 71 ms
 
-Greedy parity is still not exact: attention's last-bit batch noise, rounded to int8, grows
-(tests/integration/test_int8_parity.py); hence ``none`` stays the default.
+Greedy parity with ``generate`` is not kept: attention's last-bit noise across batch shapes
+and cache layouts (harmless in float32), rounded to int8, grows (README, "int8 weights");
+hence ``none`` stays the default.
 
 ``torch._int_mm`` is a private op; ``tests/engine/test_quantization.py`` fails loudly if it
 disappears or changes meaning on a torch upgrade. CUDA is refused (``_int_mm`` needs > 16
