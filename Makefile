@@ -32,9 +32,11 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -rs -m "not model and not operator_e2e and not rollout_e2e" $(PYTEST_ARGS)
 
 # Offline and trace runs, then the README's Performance section from both results.
-# On a GPU: make bench BENCH_ARGS="--device cuda --dtype bfloat16 -n 256"
+# On a GPU: make bench BENCH_INT8= BENCH_ARGS="--device cuda --dtype bfloat16 -n 256"
 BENCH_OUT  ?= bench-out
 BENCH_ARGS ?= --threads 1
+# int8 weights run on CPUs only; on a GPU: make bench BENCH_INT8= BENCH_ARGS="..."
+BENCH_INT8 ?= baton_int8,
 BENCH      := $(VENV)/bin/baton-sidecar bench
 
 # llama.cpp joins when BATON_LLAMA_SERVER names a llama-server binary (benchmarks only, never CI).
@@ -42,8 +44,8 @@ COMMA := ,
 BENCH_LLAMA := $(if $(BATON_LLAMA_SERVER),$(COMMA)llama_server)
 
 bench: $(STAMP)
-	$(BENCH) offline --systems baton,rtc,hf_static,hf_cb,hf_serve$(BENCH_LLAMA) $(BENCH_ARGS) --out $(BENCH_OUT)/offline
-	$(BENCH) trace --load 0.8 --systems baton,rtc,hf_cb,hf_serve$(BENCH_LLAMA) $(BENCH_ARGS) --out $(BENCH_OUT)/trace
+	$(BENCH) offline --systems baton,$(BENCH_INT8)rtc,hf_static,hf_cb,hf_serve$(BENCH_LLAMA) $(BENCH_ARGS) --out $(BENCH_OUT)/offline
+	$(BENCH) trace --load 0.8 --systems baton,$(BENCH_INT8)rtc,hf_cb,hf_serve$(BENCH_LLAMA) $(BENCH_ARGS) --out $(BENCH_OUT)/trace
 	$(PY) -m baton_sidecar.bench.readme $(BENCH_OUT)/offline/result.json $(BENCH_OUT)/trace/result.json \
 		--readme README.md
 

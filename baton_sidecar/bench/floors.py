@@ -42,6 +42,13 @@ FLOORS = (
     # The scaled Azure conversation trace at ~80% of rtc capacity (and any run with arrivals).
     Floor("{kind}: baton e2e p95 / rtc e2e p95", "ratios_vs_baton.rtc.e2e_p95_s", "<=", 0.6, "0.6", ARRIVALS),
     Floor("{kind}: baton e2e p95 / hf_cb e2e p95", "ratios_vs_baton.hf_cb.e2e_p95_s", "<=", 0.8, "0.8", ARRIVALS),
+    # int8 weights (a run with baton_int8 beside baton and hf_cb, both on float32).
+    Floor("offline: baton_int8 / baton output tok/s", "ratios_vs_baton_int8.baton.output_tokens_per_s",
+          ">=", 1.8, "1.8", ("offline",)),
+    Floor("offline: baton_int8 / hf_cb output tok/s", "ratios_vs_baton_int8.hf_cb.output_tokens_per_s",
+          ">=", 2.5, "2.5", ("offline",)),
+    Floor("{kind}: baton_int8 e2e p95 / hf_cb e2e p95", "ratios_vs_baton_int8.hf_cb.e2e_p95_s", "<=", 0.5, "0.5",
+          ARRIVALS),
     # Any run with baton and the ceiling.
     Floor("decode step at batch 16: ModelRunner.decode / bare forward", "decode_step_b16.decode_vs_bare",
           "<=", 1.10, "1.10"),

@@ -30,8 +30,9 @@ PLOTS = (("latency_cdf.png", "", "TTFT and end-to-end latency CDFs"),
          ("vs_load.png", "-vs-load", "throughput and p95 latency vs offered load"))
 GPU_ARGS = "--device cuda --dtype bfloat16 -n 256"
 # What `make bench` runs (the Makefile adds llama_server when BATON_LLAMA_SERVER names a binary).
-OFFLINE_SYSTEMS = "baton,rtc,hf_static,hf_cb,hf_serve"
-TRACE_SYSTEMS = "baton,rtc,hf_cb,hf_serve"
+OFFLINE_SYSTEMS = "baton,baton_int8,rtc,hf_static,hf_cb,hf_serve"
+TRACE_SYSTEMS = "baton,baton_int8,rtc,hf_cb,hf_serve"
+CPU_ONLY = "baton_int8,"  # int8 weights run on CPUs only: left out of the GPU command lines
 
 
 class ReadmeError(Exception):
@@ -111,13 +112,15 @@ def gpu_paragraph(measured: bool = False) -> str:
         "`scripts/gpu-check.sh` runs the one-shot check (CUDA parity, both workloads in bfloat16",
         "beside `hf_cb`, the decode step against the bare forward at batch 64) in under 8 minutes.",
         "",
-        f'`make bench BENCH_ARGS="{GPU_ARGS}"` runs the same two workloads on CUDA',
+        f'`make bench BENCH_INT8= BENCH_ARGS="{GPU_ARGS}"` runs the same two workloads on CUDA',
         "in bfloat16 with 256 requests each and torch's own thread count (no `--threads`), then",
         "rewrites this section:",
         "",
         "```sh",
-        f"baton-sidecar bench offline --systems {OFFLINE_SYSTEMS} {GPU_ARGS} --out bench-out/offline",
-        f"baton-sidecar bench trace --load 0.8 --systems {TRACE_SYSTEMS} {GPU_ARGS} --out bench-out/trace",
+        f"baton-sidecar bench offline --systems {OFFLINE_SYSTEMS.replace(CPU_ONLY, '')} {GPU_ARGS} "
+        "--out bench-out/offline",
+        f"baton-sidecar bench trace --load 0.8 --systems {TRACE_SYSTEMS.replace(CPU_ONLY, '')} {GPU_ARGS} "
+        "--out bench-out/trace",
         "python -m baton_sidecar.bench.readme bench-out/offline/result.json bench-out/trace/result.json "
         "--readme README.md",
         "```",

@@ -13,7 +13,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -88,6 +88,7 @@ class Runner:
         self.loaded = None
         self.tokenizer = None
         self.runs: dict[str, Any] = {}  # label -> SystemRun (plots and raw records)
+        self.loaded_int8 = None  # baton_int8's model, loaded when that system first runs
 
     def load(self, systems: Sequence[str]) -> None:
         """The model (the tokenizer alone when only servers run); once per runner."""
@@ -108,14 +109,26 @@ class Runner:
     def system(self, name: str):
         """A system by its ``--systems`` name."""
         from .peer import OpenAIPeer
-        from .systems import build_system
+        from .systems import EngineSystem, build_system
 
         o = self.options
         if name == "url":
             return OpenAIPeer(o.url, self.tokenizer, o.model_name, api=o.http_api, prompt=o.http_prompt)
         if name in SERVER_SYSTEMS:
             return self._managed(name)
+        if name == "baton_int8":  # Baton on int8 weights, beside the others on the configured ones
+            config = replace(o.engine_config, batching="rebatch", quantization="int8")
+            return EngineSystem(name, self._int8_model(), config, o.policy)
         return build_system(name, self.loaded, o.engine_config, o.policy, o.hf_batch_size)
+
+    def _int8_model(self):
+        """The same model with int8 weights (from the converted-model cache after the first time)."""
+        from ..model import load_model
+
+        if self.loaded_int8 is None:
+            config = replace(self.options.engine_config, quantization="int8")
+            self.loaded_int8 = load_model(config, progress=self.options.progress)
+        return self.loaded_int8
 
     def _managed(self, name: str):
         """``hf_serve`` or ``llama_server`` on the same model, threads, dtype and device."""

@@ -31,7 +31,7 @@ from .workloads import BenchRequest, Workload
 log = logging.getLogger(__name__)
 
 ENGINE_SYSTEMS = ("baton", "rtc")
-LOCAL_SYSTEMS = ("baton", "rtc", "hf_static", "hf_cb", "sequential")
+LOCAL_SYSTEMS = ("baton", "rtc", "hf_static", "hf_cb", "sequential", "baton_int8")
 
 Progress = Callable[[int], None]  # called with a number of finished output tokens
 

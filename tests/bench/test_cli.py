@@ -51,6 +51,7 @@ def test_systems_and_loads_parsing():
     assert compare.parse_systems(None, None, "baton,rtc") == ["baton", "rtc"]
     assert compare.parse_systems(None, "http://h:1", "baton") == ["url"]
     assert compare.parse_systems("baton", "http://h:1", "x") == ["baton", "url"]
+    assert compare.parse_systems("baton,baton_int8,hf_cb", None, "") == ["baton", "baton_int8", "hf_cb"]
     with pytest.raises(BenchError, match="unknown system"):
         compare.parse_systems("baton,vllm", None, "")
     with pytest.raises(BenchError, match="listed twice"):

@@ -71,3 +71,19 @@ def test_a_new_floor_is_a_new_record():
                                         "pad0.3_bucket": {"padding_ratio_slot_weighted": 0.2}}}}
     assert [(r["name"], r["met"]) for r in evaluate(result, "padding", table)] == [
         ("padding: pad1.0_nobucket slot padding", False), ("padding: pad0.3_bucket slot padding", True)]
+
+
+def test_int8_floors_compare_baton_int8_with_float_baton_and_hf_cb():
+    from baton_sidecar.bench.plans.compare import ratios
+
+    systems = {"baton": {"output_tokens_per_s": 50.0, "e2e_p95_s": 4.0},
+               "baton_int8": {"output_tokens_per_s": 100.0, "e2e_p95_s": 2.0},
+               "hf_cb": {"output_tokens_per_s": 30.0, "e2e_p95_s": 5.0}}
+    result = {"ratios_vs_baton": ratios(systems), "ratios_vs_baton_int8": ratios(systems, "baton_int8")}
+    assert result["ratios_vs_baton_int8"]["baton"]["output_tokens_per_s"] == 2.0
+    offline = {row["name"]: row for row in evaluate(result, "offline")}
+    assert offline["offline: baton_int8 / baton output tok/s"]["met"] is True
+    assert offline["offline: baton_int8 / hf_cb output tok/s"]["measured"] == pytest.approx(100 / 30)
+    trace = {row["name"]: row for row in evaluate(result, "trace")}
+    assert trace["trace: baton_int8 e2e p95 / hf_cb e2e p95"] == {
+        "name": "trace: baton_int8 e2e p95 / hf_cb e2e p95", "measured": 0.4, "target": "<= 0.5", "met": True}

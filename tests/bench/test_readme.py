@@ -106,7 +106,7 @@ def test_gpu_paragraph_uses_cuda_without_threads(runs):
     for command in commands:
         assert "--device cuda" in command and "--dtype bfloat16" in command and "-n 256" in command
         assert "--threads" not in command
-    assert 'make bench BENCH_ARGS="--device cuda --dtype bfloat16 -n 256"' in gpu
+    assert 'make bench BENCH_INT8= BENCH_ARGS="--device cuda --dtype bfloat16 -n 256"' in gpu
 
 
 def test_second_run_changes_nothing(runs, capsys):

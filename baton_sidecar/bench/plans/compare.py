@@ -18,7 +18,7 @@ from ..workloads import TokenSource, Workload, with_time_scale
 
 DEFAULT_SYSTEMS = {"offline": "baton,rtc,hf_static,hf_cb", "prompts": "baton,rtc,hf_static,hf_cb"}
 DEFAULT_ARRIVAL_SYSTEMS = "baton,rtc,hf_cb"
-KNOWN_SYSTEMS = ("baton", "rtc", "hf_static", "hf_cb", "sequential", "hf_serve", "llama_server")
+KNOWN_SYSTEMS = ("baton", "baton_int8", "rtc", "hf_static", "hf_cb", "sequential", "hf_serve", "llama_server")
 # baton / other: throughput > 1 and latency < 1 favour baton.
 RATIO_KEYS = ("output_tokens_per_s", "requests_per_s", "ttft_p95_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s")
 
@@ -43,6 +43,8 @@ def plan(runner: Runner, kind: str, workload: WorkloadOptions, *, systems: str |
         if roofline and runner.loaded is not None:
             add_roofline(runner, result)
         result["ratios_vs_baton"] = ratios(result["systems"])
+        if "baton_int8" in result["systems"]:
+            result["ratios_vs_baton_int8"] = ratios(result["systems"], "baton_int8")
 
     return Plan(title=kind, kind=kind, systems={name: runner.system(name) for name in names}, workload=base,
                 loads=tuple(loads or ()), capacity=runner.rtc_capacity(base, capacity) if loads else None,
@@ -77,13 +79,13 @@ def parse_systems(text: str | None, url: str | None, default: str) -> list[str]:
     return names
 
 
-def ratios(systems: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Baton divided by each other system, metric by metric (``RATIO_KEYS``)."""
-    baton = systems.get("baton")
+def ratios(systems: dict[str, dict[str, Any]], reference: str = "baton") -> dict[str, dict[str, float | None]]:
+    """``reference`` (Baton) divided by each other system, metric by metric (``RATIO_KEYS``)."""
+    baton = systems.get(reference)
     if not baton:
         return {}
     return {name: {key: ratio(baton.get(key), s.get(key)) for key in RATIO_KEYS}
-            for name, s in systems.items() if name != "baton"}
+            for name, s in systems.items() if name != reference}
 
 
 def add_ceiling(runner: Runner, result: dict[str, Any], source: TokenSource, context: int | None) -> None:
