@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .config import QUANTIZATIONS
+
 QMAX = 127  # symmetric int8: [-127, 127], so -x quantizes to -q
 
 
