@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from ..quantization import Int8Linear
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -90,8 +92,8 @@ def _dtype_name(tensor: torch.Tensor) -> str:
 def weight_tensors(model: torch.nn.Module) -> Iterable[torch.Tensor]:
     """Every distinct weight one forward reads in full.
 
-    Parameters (``parameters()`` yields a tied matrix once) and the packed weights of
-    ``torch.ao`` dynamic-quantized linears (not parameters: ``module.weight()`` unpacks them as
+    Parameters (``parameters()`` yields a tied matrix once), the buffers of Baton's
+    ``Int8Linear`` and the packed weights of ``torch.ao`` dynamic-quantized linears (not parameters: ``module.weight()`` unpacks them as
     ``qint8``). An input embedding that is not also the output head is left out: a step
     gathers only its rows' entries of it.
     """
@@ -103,7 +105,9 @@ def weight_tensors(model: torch.nn.Module) -> Iterable[torch.Tensor]:
         if parameter is not skip:
             yield parameter
     for module in model.modules():
-        if getattr(module, "_packed_params", None) is not None and callable(getattr(module, "weight", None)):
+        if isinstance(module, Int8Linear):  # Baton's int8 weights are buffers: qweight, scales, bias
+            yield from module.buffers(recurse=False)
+        elif getattr(module, "_packed_params", None) is not None and callable(getattr(module, "weight", None)):
             yield module.weight()
             bias = module.bias() if callable(getattr(module, "bias", None)) else None
             if bias is not None:

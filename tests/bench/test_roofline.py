@@ -115,3 +115,17 @@ def test_measured_peaks_are_positive_numbers():
     peaks = roofline.measure_peaks(torch.device("cpu"), torch.float32)
     assert peaks["copy_gb_per_s"] > 0 and peaks["matmul_gflop_per_s"]["float32"] > 0
     assert set(peaks["matmul_gflop_per_s"]) == {"float32", "int8"}
+
+
+def test_batons_int8_linears_count_their_int8_weights_and_scales(tiny_model):
+    """``quantization.Int8Linear`` keeps its weights in buffers: one byte each, plus float32 scales."""
+    import copy
+
+    from baton_sidecar import quantization
+
+    model = quantization.quantize(copy.deepcopy(tiny_model.model), tiny_model.tokenizer)
+    cost = roofline.cost_model(model)
+    linears = [m for m in model.modules() if isinstance(m, quantization.Int8Linear)]
+    scales = sum(4 * (m.out_features + m.in_features) for m in linears)  # scale [N] + inv_smooth [K]
+    assert cost.weight_bytes_by_dtype["int8"] == MATMUL
+    assert cost.weight_bytes == MATMUL + scales + 4 * NORMS and cost.compute_dtype == "int8"

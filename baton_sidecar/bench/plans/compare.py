@@ -98,7 +98,9 @@ def add_ceiling(runner: Runner, result: dict[str, Any], source: TokenSource, con
 
     from ..ceiling import ceiling_batch_sizes, compare_decode_step, efficiency, measure_ceiling
 
-    engine_runs = {n: r for n, r in runner.runs.items() if r.steps and not n.startswith("capacity")}
+    # The bare forward runs the configured weights: baton_int8 is not held against it.
+    engine_runs = {n: r for n, r in runner.runs.items()
+                   if r.steps and not n.startswith("capacity") and n != "baton_int8"}
     steps = [s for r in engine_runs.values() for s in r.steps if s.get("rows", 0) > 0]
     context = context or (int(sum(s["length"] for s in steps) / len(steps)) if steps else 192)
     sizes = ceiling_batch_sizes(sorted({int(s["rows"]) for s in steps}))
@@ -126,7 +128,9 @@ def add_roofline(runner: Runner, result: dict[str, Any]) -> None:
     loaded = runner.loaded
     cost = roofline.cost_model(loaded.model)
     peaks = roofline.measure_peaks(loaded.device, loaded.model.get_input_embeddings().weight.dtype)
+    # Each run against its own weights: baton_int8 reads int8 ones (its own cost model).
+    costs = {n: roofline.cost_model(runner.loaded_int8.model) if n == "baton_int8" else cost for n in engine_runs}
     result["roofline"] = {"peaks": peaks, "cost_model": cost.as_dict(),
-                          "systems": {n: roofline.summarize(r.steps, cost, peaks) for n, r in engine_runs.items()}}
+                          "systems": {n: roofline.summarize(r.steps, costs[n], peaks) for n, r in engine_runs.items()}}
     if result.get("ceiling"):
         result["roofline"]["ceiling"] = roofline.ceiling_roofline(result["ceiling"], cost, peaks)
