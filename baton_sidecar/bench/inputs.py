@@ -12,9 +12,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .workloads import (ARENA_ANSWERS, ARENA_QUESTIONS, AZURE_CONV, TokenSource, TraceRow, Workload,
-                        arena_workload, default_data_dir, jsonl_workload, load_token_source, offline_workload,
-                        poisson_workload, read_azure_trace, synthetic_conv_rows, trace_workload)
+from .azure_trace import TraceRow, read_azure_trace, synthetic_conv_rows
+from .workloads import (ARENA_ANSWERS, ARENA_QUESTIONS, AZURE_CONV, TokenSource, Workload, arena_workload,
+                        default_data_dir, jsonl_workload, load_token_source, offline_workload, poisson_workload,
+                        trace_workload)
 
 TRACE_SOURCE = "the Azure LLM inference trace, CC-BY-4.0: Azure/AzurePublicDataset data/AzureLLMInferenceTrace_conv.csv"
 

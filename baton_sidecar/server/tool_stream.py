@@ -239,9 +239,7 @@ class ToolCallStream:
                 continue  # the walker reads the brace
             elif state == "next" and ch == ",":
                 self._array_state = "item"
-            elif state in ("first_item", "next") and ch == "]":
-                self._array_state = "done"
-            else:
+            else:  # the closing "]", or text that is not the grammar's array: nothing more to read
                 self._array_state = "done"
             i += 1
 

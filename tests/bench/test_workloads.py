@@ -7,11 +7,11 @@ import random
 
 import pytest
 
+from baton_sidecar.bench.azure_trace import read_azure_trace, synthetic_conv_rows
 from baton_sidecar.bench.workloads import (BenchRequest, TokenSource, Workload, WorkloadError, all_at_once,
                                            arena_workload, assign_priorities, jsonl_workload, offline_workload,
-                                           parse_range, poisson_workload, read_azure_trace, scale_tokens,
-                                           synthetic_conv_rows, time_scale_for_rate, trace_workload,
-                                           with_time_scale)
+                                           parse_range, poisson_workload, scale_tokens, time_scale_for_rate,
+                                           trace_workload, with_time_scale)
 from tiny import tiny_tokenizer
 
 
