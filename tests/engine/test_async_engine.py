@@ -128,11 +128,14 @@ async def test_run_to_completion_holds_results_until_the_batch_is_done(tiny_mode
     engine = AsyncEngine(tiny_model, EngineConfig(batching="run_to_completion"), PolicyConfig())
     await engine.start(warmup=False)
     try:
-        short = asyncio.ensure_future(engine.generate([5, 6], SamplingParams(max_tokens=2, **GREEDY)))
-        long_one = asyncio.ensure_future(engine.generate([7, 8], SamplingParams(max_tokens=40, **GREEDY)))
+        # Both submitted before the loop yields, so the engine thread sees them in one batch.
+        short_stream = engine.submit([5, 6], SamplingParams(max_tokens=2, **GREEDY))
+        long_stream = engine.submit([7, 8], SamplingParams(max_tokens=40, **GREEDY))
+        short, long_one = asyncio.ensure_future(_drain(short_stream)), asyncio.ensure_future(_drain(long_stream))
         received = {}
         short.add_done_callback(lambda _: received.setdefault("short", time.monotonic()))
-        short_out, long_out = await asyncio.gather(short, long_one)
+        short_deltas, long_deltas = await asyncio.gather(short, long_one)
+        short_out, long_out = short_deltas[-1], long_deltas[-1]
         assert short_out.completion_tokens == 2 and long_out.completion_tokens == 40
         # The short request finished early, but its result was held until the long one finished.
         held = [t for name, t in short_out.events if name == "finished"][0]
