@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from . import quantization
+from . import quantization, row_attention
 from .config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,8 @@ def load_model(config: EngineConfig, progress: bool = True) -> LoadedModel:
     model.requires_grad_(False)
     if config.quantization == "int8":
         load_int8(model, tokenizer, model_dir, name)
+        # int8 rounds attention's batch-dependent last bits into real drift: rows attend alone.
+        row_attention.install(model)
 
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos_ids = {eos} if isinstance(eos, int) else set(eos or ())

@@ -18,9 +18,8 @@ SmolLM2-135M decode step at context 128, median of 8 (README, "int8 weights"):
       4      82 ms        24 ms                 43 ms
      16     131 ms        48 ms                 71 ms
 
-Greedy parity with ``generate`` is not kept: attention's last-bit noise across batch shapes
-and cache layouts (harmless in float32), rounded to int8, grows (README, "int8 weights");
-hence ``none`` stays the default.
+Attention is the one batch-dependent part left; with int8 each row attends alone
+(``row_attention.py``), so greedy output equals ``generate`` on the same int8 model.
 
 ``torch._int_mm`` is a private op; ``tests/engine/test_quantization.py`` fails loudly if it
 disappears or changes meaning on a torch upgrade. CUDA is refused (``_int_mm`` needs > 16

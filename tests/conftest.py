@@ -21,6 +21,15 @@ def real_model():
 
 
 @pytest.fixture(scope="session")
+def int8_model():
+    """The embedded default with int8 linear layers (quantized once, then from the cache)."""
+    from baton_sidecar.config import EngineConfig
+    from baton_sidecar.model import load_model
+
+    return load_model(EngineConfig(quantization="int8"), progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_model():
     from tiny import tiny_loaded_model
 

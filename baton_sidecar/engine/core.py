@@ -176,7 +176,8 @@ class EngineCore:
                   for i, r in enumerate(requests) if r.wants_prompt_logprobs}
         start = time.perf_counter()
         try:
-            prefilled = self.runner.prefill([r.request_id for r in requests], tokens, scores)
+            replayed = [len(t) - r.num_prompt_tokens for r, t in zip(requests, tokens)]  # recompute: its outputs
+            prefilled = self.runner.prefill([r.request_id for r in requests], tokens, scores, replayed)
         except Exception as error:  # the running batch is untouched
             self._fail(requests, f"prefill failed: {error}", results)
             return

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .. import row_attention
 from ..model import LoadedModel
 from .kv_cache import BatchKVCache, RowKV
 from .prompt_logprobs import PromptScores, capture_hidden, head_is_plain, score
@@ -72,6 +73,7 @@ class ModelRunner:
         # Prompt logprobs are exact only for a model whose logits are its plain output head
         # (see prompt_logprobs); checked once, with a 2-token forward.
         self.scores_prompts = head_is_plain(self.model, self.device)
+        self.per_row_attention = row_attention.installed(self.model)  # int8: rows attend as if alone
 
     @property
     def num_rows(self) -> int:
@@ -93,10 +95,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, request_ids: list[str], token_lists: list[list[int]],
-                scores: dict[int, ScoreRequest] | None = None) -> Prefilled:
+                scores: dict[int, ScoreRequest] | None = None, replayed: list[int] | None = None) -> Prefilled:
         """Run the prompts alone (left-padded together), never touching the running batch.
 
         ``scores``: rows whose prompt positions are scored too (``prompt_logprobs``).
+        ``replayed``: per row, trailing tokens that are re-prefilled outputs (recompute).
         """
         scores = scores or {}
         n, width = len(token_lists), max(len(t) for t in token_lists)
@@ -110,7 +113,8 @@ class ModelRunner:
         cache = DynamicCache(config=self.model.config)
         with capture_hidden(self.model, enabled=bool(scores)) as hidden:
             out = self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             past_key_values=cache, use_cache=True, logits_to_keep=1,
+                             **self._row_lengths([len(t) for t in token_lists], replayed))
         # Row i's prompt starts at column width - len: left padding.
         prompt_scores = {i: score(self.model, hidden[0][i, width - len(token_lists[i]):], targets, k)
                          for i, (targets, k) in scores.items()}
@@ -199,13 +203,20 @@ class ModelRunner:
         position_ids = torch.tensor(self.positions + [0] * dummies, device=self.device)[:, None]  # [B', 1]
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=self.cache, use_cache=True)
+                             past_key_values=self.cache, use_cache=True,
+                             **self._row_lengths([p + 1 for p in self.positions] + [0] * dummies))
         except BaseException:
             self.cache.abort_step()
             raise
         self.cache.end_step()
         self.positions = [p + 1 for p in self.positions]
         return out.logits[:rows, -1, :]
+
+    def _row_lengths(self, lengths: list[int], replayed: list[int] | None = None) -> dict[str, list[int]]:
+        """The forward's extra kwargs for per-row attention: each row's tokens, queries included."""
+        if not self.per_row_attention:
+            return {}
+        return {row_attention.ROW_LENGTHS: lengths, row_attention.ROW_REPLAYED: replayed or [0] * len(lengths)}
 
     def set_next_tokens(self, tokens: list[int]) -> None:
         assert len(tokens) == self.num_rows

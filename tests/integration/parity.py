@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 from transformers import DynamicCache
+
+from baton_sidecar.engine import SamplingParams
 
 TIE_GAP = 1e-4  # float32 top-2 logprob gap under which batching may legitimately flip greedy choice
 
@@ -46,3 +50,58 @@ def assert_same_greedy(loaded, prompt_ids: list[int], got: list[int], want: list
                                    f"is not a tie (got {got}, want {want})")
             return
     assert len(got) == len(want), f"length differs: got {len(got)}, want {len(want)}"
+
+
+# --- the workload the engine parity tests share ------------------------------------------
+
+INSTRUCTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain, in two sentences, why the sky is blue.",
+    "List three prime numbers greater than ten.",
+    "Translate 'good morning' into Spanish and German.",
+    "def fibonacci(n):",
+    "Give me a short recipe for pancakes with bananas and honey, step by step.",
+    "Summarise the plot of Romeo and Juliet for a ten-year-old reader who has never read Shakespeare.",
+    "Hi",
+    "What does HTTP status code 429 mean, and when should a server send it?",
+    "Write a Python function that reverses a linked list, with comments.",
+    "Name the planets of the solar system in order from the sun.",
+    "Why do cats purr? Answer as a curious veterinarian would explain it to a new pet owner in detail.",
+    "Compose a limerick about a programmer who never sleeps.",
+    "What is 17 times 23?",
+    "Describe the water cycle.",
+]
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False)
+
+
+async def run_staggered(engine, requests, gap_s=0.15):
+    """Submit greedy ``(prompt_ids, max_tokens, priority)`` at staggered times; return their outputs."""
+    async def one(index, prompt_ids, max_tokens, priority):
+        await asyncio.sleep(index * gap_s)
+        out = await engine.generate(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0),
+                                    priority=priority)
+        return out
+
+    return await asyncio.gather(*[one(i, *r) for i, r in enumerate(requests)])
+
+
+async def wait_for(predicate, timeout_s: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "engine did not reach the expected state"
+        await asyncio.sleep(0.005)
+
+
+async def collect(stream):
+    """A stream's tokens, its preemption count and its event names, in order."""
+    tokens, events, last = [], [], None
+    async for out in stream:
+        tokens.extend(out.token_ids)
+        events.extend(name for name, _ in out.events)
+        last = out
+    return tokens, last.num_preemptions, events

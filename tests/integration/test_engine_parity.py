@@ -10,44 +10,9 @@ import torch
 
 from baton_sidecar.config import EngineConfig, Limits, PolicyConfig, PreemptionPolicy
 from baton_sidecar.engine import AsyncEngine, SamplingParams
-from parity import assert_same_greedy, solo_generate
+from parity import INSTRUCTIONS, assert_same_greedy, chat_ids, collect, run_staggered, solo_generate, wait_for
 
 pytestmark = pytest.mark.model
-
-INSTRUCTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about autumn leaves.",
-    "Explain, in two sentences, why the sky is blue.",
-    "List three prime numbers greater than ten.",
-    "Translate 'good morning' into Spanish and German.",
-    "def fibonacci(n):",
-    "Give me a short recipe for pancakes with bananas and honey, step by step.",
-    "Summarise the plot of Romeo and Juliet for a ten-year-old reader who has never read Shakespeare.",
-    "Hi",
-    "What does HTTP status code 429 mean, and when should a server send it?",
-    "Write a Python function that reverses a linked list, with comments.",
-    "Name the planets of the solar system in order from the sun.",
-    "Why do cats purr? Answer as a curious veterinarian would explain it to a new pet owner in detail.",
-    "Compose a limerick about a programmer who never sleeps.",
-    "What is 17 times 23?",
-    "Describe the water cycle.",
-]
-
-
-def chat_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False)
-
-
-async def run_staggered(engine, requests, gap_s=0.15, seed=0):
-    """Submit ``(prompt_ids, max_tokens, priority)`` at staggered times; return token lists."""
-    async def one(index, prompt_ids, max_tokens, priority):
-        await asyncio.sleep(index * gap_s)
-        out = await engine.generate(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0),
-                                    priority=priority)
-        return out
-
-    return await asyncio.gather(*[one(i, *r) for i, r in enumerate(requests)])
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +58,7 @@ async def test_preempted_requests_resume_with_identical_output(real_model, workl
     try:
         low_params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
         low = [engine.submit(p, low_params, priority=10) for p, _ in workload[:3]]
-        low_outputs = [asyncio.ensure_future(_collect(s)) for s in low]
+        low_outputs = [asyncio.ensure_future(collect(s)) for s in low]
         urgent_outputs = []
         for p, _ in workload[3:8]:
             # Each wave arrives when all three low rows are back in the batch.
@@ -120,22 +85,6 @@ async def test_preempted_requests_resume_with_identical_output(real_model, workl
     stats = engine.stats()
     assert stats.preemptions_total == sum(preemptions)
     assert stats.kv_bytes_allocated == 0 and stats.swapped_bytes == 0
-
-
-async def wait_for(predicate, timeout_s: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "engine did not reach the expected state"
-        await asyncio.sleep(0.005)
-
-
-async def _collect(stream):
-    tokens, events, last = [], [], None
-    async for out in stream:
-        tokens.extend(out.token_ids)
-        events.extend(name for name, _ in out.events)
-        last = out
-    return tokens, last.num_preemptions, events
 
 
 async def test_urgent_request_gets_its_first_token_within_a_few_steps(real_model, workload):

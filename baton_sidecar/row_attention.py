@@ -1,0 +1,100 @@
+"""Per-row attention: each row of a batch attends over exactly its own tokens, as if alone.
+
+Batched attention over the left-padded cache reduces a row's softmax and weighted sum over
+all ``L`` live columns, its own tokens placed after the padding. The kernel's reduction order
+depends on ``L`` and on where the tokens sit, so the row's output differs from the row run
+alone in the last bits. In float32 that is harmless (greedy parity holds up to float ties),
+but int8 activations (``quantization.py``) round that noise to a whole quantization step at
+the next layer, and greedy output drifts: 7 of 16 staggered requests differed from
+``generate`` on the same int8 model, 0 of 16 with this.
+
+So, with int8, each row calls the very function ``transformers`` runs for a request alone
+(``sdpa``, no mask) on views of its own columns: bit-identical to the row alone, whatever is
+batched beside it. The cost is one attention call per row and layer instead of one per layer;
+linear layers dominate a CPU decode step, and padding columns are no longer computed.
+
+A recompute preemption re-prefills a request's outputs; each is computed alone over its
+prefix, as the decode step that first computed it did, so the resumed output is exact too.
+
+The rows' lengths arrive in the forward's keyword arguments (``ROW_LENGTHS``, one list per
+step from the runner). Without them (a reference ``generate``, a chunked prefill whose queries
+follow earlier chunks) this is plain ``sdpa`` with the mask it is given; a prompt chunked by the
+prefill budget is therefore not bit-identical to ``generate``'s one-pass prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+NAME = "baton_per_row"
+ROW_LENGTHS = "baton_row_lengths"  # forward kwarg: real tokens per row, queries included (0 = dummy row)
+ROW_REPLAYED = "baton_row_replayed"  # prefill kwarg: trailing tokens per row that decode steps computed
+
+
+def per_row_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """``query [B, H, Q, D]``, ``key``/``value [B, H_kv, L, D]`` -> ``([B, Q, H, D], None)``.
+
+    Rows are left-padded: row ``b``'s tokens are its last ``n_b`` columns, and query ``i``
+    sits at column ``i + L - Q``. A decode step (``Q == 1``) computes each row's one query
+    over its tokens. A prefill (``Q == L``) computes a row's tokens as ``generate`` did: the
+    prompt in one causal pass, then each replayed token (``ROW_REPLAYED``: the outputs a
+    recompute preemption re-prefills) alone over its prefix, as its decode step did.
+    Padding queries and dummy rows come out zero.
+    """
+    lengths: list[int] | None = kwargs.pop(ROW_LENGTHS, None)
+    replayed: list[int] | None = kwargs.pop(ROW_REPLAYED, None)
+    batch, heads, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    if lengths is None or (q_len > 1 and q_len != kv_len):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    offset = kv_len - q_len  # the column of query 0
+
+    def attend(row: int, queries: slice, keys: slice) -> None:
+        alone, _ = sdpa_attention_forward(module, query[row:row + 1, :, queries], key[row:row + 1, :, keys],
+                                          value[row:row + 1, :, keys], None, **kwargs)
+        out[row:row + 1, queries] = alone
+
+    out = query.new_zeros(batch, q_len, heads, head_dim)
+    for row, n in enumerate(lengths):
+        first = kv_len - n  # the row's first column (kv_len for a dummy row: nothing to do)
+        if q_len == kv_len:  # a prefill: its prompt in one causal pass, as generate's
+            causal_end = kv_len - (replayed[row] if replayed else 0)
+            if causal_end > first:
+                attend(row, slice(first, causal_end), slice(first, causal_end))
+        else:  # a decode step: only the row's last token is a query
+            causal_end = kv_len - 1
+        for column in range(max(causal_end, first), kv_len):  # one query at a time, as decode steps
+            attend(row, slice(column - offset, column - offset + 1), slice(first, column + 1))
+    return out, None
+
+
+AttentionInterface.register(NAME, per_row_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # masks for the calls that fall back to sdpa
+
+
+def supports(config) -> str | None:
+    """None if every layer is plain full causal attention; else why per-row attention can't run."""
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention logit soft-capping"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return "layers other than full attention"
+    return None
+
+
+def install(model: nn.Module) -> bool:
+    """Switch ``model`` to per-row attention if its attention allows; True if it did."""
+    if supports(model.config) is not None or model.config._attn_implementation != "sdpa":
+        return False
+    model.set_attn_implementation(NAME)
+    return True
+
+
+def installed(model: nn.Module) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == NAME
