@@ -39,37 +39,33 @@ def per_row_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
     """``query [B, H, Q, D]``, ``key``/``value [B, H_kv, L, D]`` -> ``([B, Q, H, D], None)``.
 
-    Rows are left-padded: row ``b``'s tokens are its last ``n_b`` columns, and query ``i``
-    sits at column ``i + L - Q``. A decode step (``Q == 1``) computes each row's one query
-    over its tokens. A prefill (``Q == L``) computes a row's tokens as ``generate`` did: the
+    Rows are left-padded: row ``b``'s tokens are its last ``n_b`` columns. A decode step
+    (``Q == 1``) computes each row's one query over its tokens. A prefill (``Q == L``) computes a row's tokens as ``generate`` did: the
     prompt in one causal pass, then each replayed token (``ROW_REPLAYED``: the outputs a
     recompute preemption re-prefills) alone over its prefix, as its decode step did.
     Padding queries and dummy rows come out zero.
     """
     lengths: list[int] | None = kwargs.pop(ROW_LENGTHS, None)
     replayed: list[int] | None = kwargs.pop(ROW_REPLAYED, None)
-    batch, heads, q_len, head_dim = query.shape
-    kv_len = key.shape[2]
+    q_len, kv_len = query.shape[2], key.shape[2]
     if lengths is None or (q_len > 1 and q_len != kv_len):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    offset = kv_len - q_len  # the column of query 0
 
-    def attend(row: int, queries: slice, keys: slice) -> None:
-        alone, _ = sdpa_attention_forward(module, query[row:row + 1, :, queries], key[row:row + 1, :, keys],
-                                          value[row:row + 1, :, keys], None, **kwargs)
-        out[row:row + 1, queries] = alone
+    def alone(row: int, queries: slice, keys: slice) -> torch.Tensor:  # [1, len(queries), H, D]
+        return sdpa_attention_forward(module, query[row:row + 1, :, queries], key[row:row + 1, :, keys],
+                                      value[row:row + 1, :, keys], None, **kwargs)[0]
 
-    out = query.new_zeros(batch, q_len, heads, head_dim)
-    for row, n in enumerate(lengths):
-        first = kv_len - n  # the row's first column (kv_len for a dummy row: nothing to do)
-        if q_len == kv_len:  # a prefill: its prompt in one causal pass, as generate's
-            causal_end = kv_len - (replayed[row] if replayed else 0)
-            if causal_end > first:
-                attend(row, slice(first, causal_end), slice(first, causal_end))
-        else:  # a decode step: only the row's last token is a query
-            causal_end = kv_len - 1
-        for column in range(max(causal_end, first), kv_len):  # one query at a time, as decode steps
-            attend(row, slice(column - offset, column - offset + 1), slice(first, column + 1))
+    if q_len == 1:  # a decode step: each row's one query over its tokens, concatenated
+        dummy = query.new_zeros(1, 1, query.shape[1], query.shape[3])
+        return torch.cat([alone(row, slice(0, 1), slice(kv_len - n, kv_len)) if n else dummy
+                          for row, n in enumerate(lengths)]), None
+    out = query.new_zeros(query.shape[0], q_len, query.shape[1], query.shape[3])
+    for row, n in enumerate(lengths):  # a prefill (Q == L): query i sits at column i
+        first, causal_end = kv_len - n, kv_len - (replayed[row] if replayed else 0)
+        if causal_end > first:  # its prompt in one causal pass, as generate's
+            out[row:row + 1, first:causal_end] = alone(row, slice(first, causal_end), slice(first, causal_end))
+        for column in range(max(causal_end, first), kv_len):  # replayed outputs, as their decode steps
+            out[row:row + 1, column:column + 1] = alone(row, slice(column, column + 1), slice(first, column + 1))
     return out, None
 
 
