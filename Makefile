@@ -44,8 +44,8 @@ COMMA := ,
 BENCH_LLAMA := $(if $(BATON_LLAMA_SERVER),$(COMMA)llama_server)
 
 bench: $(STAMP)
-	$(BENCH) offline --systems baton,$(BENCH_INT8)rtc,hf_static,hf_cb,hf_serve$(BENCH_LLAMA) $(BENCH_ARGS) --out $(BENCH_OUT)/offline
-	$(BENCH) trace --load 0.8 --systems baton,$(BENCH_INT8)rtc,hf_cb,hf_serve$(BENCH_LLAMA) $(BENCH_ARGS) --out $(BENCH_OUT)/trace
+	$(BENCH) offline --systems baton,$(BENCH_INT8)rtc,hf_static,hf_cb,hf_serve,baton_serve$(BENCH_LLAMA) $(BENCH_ARGS) --out $(BENCH_OUT)/offline
+	$(BENCH) trace --load 0.8 --systems baton,$(BENCH_INT8)rtc,hf_cb,hf_serve,baton_serve$(BENCH_LLAMA) $(BENCH_ARGS) --out $(BENCH_OUT)/trace
 	$(PY) -m baton_sidecar.bench.readme $(BENCH_OUT)/offline/result.json $(BENCH_OUT)/trace/result.json \
 		--readme README.md
 

@@ -49,6 +49,16 @@ FLOORS = (
           ">=", 2.5, "2.5", ("offline",)),
     Floor("{kind}: baton_int8 e2e p95 / hf_cb e2e p95", "ratios_vs_baton_int8.hf_cb.e2e_p95_s", "<=", 0.5, "0.5",
           ARRIVALS),
+    # llama.cpp's own server on the same GGUF, same threads (a run with llama_server beside baton_int8).
+    Floor("offline: baton_int8 / llama_server output tok/s", "ratios_vs_baton_int8.llama_server.output_tokens_per_s",
+          ">=", 1.0, "1.0", ("offline",)),
+    Floor("{kind}: baton_int8 e2e p95 / llama_server e2e p95", "ratios_vs_baton_int8.llama_server.e2e_p95_s",
+          "<=", 1.2, "1.2", ARRIVALS),
+    # Server against server over loopback HTTP: baton-sidecar serve vs transformers serve (hf_cb's server).
+    Floor("offline: baton_serve / hf_serve output tok/s", "ratios_vs_baton_serve.hf_serve.output_tokens_per_s",
+          ">=", 1.2, "1.2", ("offline",)),
+    Floor("{kind}: baton_serve e2e p95 / hf_serve e2e p95", "ratios_vs_baton_serve.hf_serve.e2e_p95_s",
+          "<=", 0.8, "0.8", ARRIVALS),
     # Any run with baton and the ceiling.
     Floor("decode step at batch 16: ModelRunner.decode / bare forward", "decode_step_b16.decode_vs_bare",
           "<=", 1.10, "1.10"),

@@ -30,8 +30,8 @@ PLOTS = (("latency_cdf.png", "", "TTFT and end-to-end latency CDFs"),
          ("vs_load.png", "-vs-load", "throughput and p95 latency vs offered load"))
 GPU_ARGS = "--device cuda --dtype bfloat16 -n 256"
 # What `make bench` runs (the Makefile adds llama_server when BATON_LLAMA_SERVER names a binary).
-OFFLINE_SYSTEMS = "baton,baton_int8,rtc,hf_static,hf_cb,hf_serve"
-TRACE_SYSTEMS = "baton,baton_int8,rtc,hf_cb,hf_serve"
+OFFLINE_SYSTEMS = "baton,baton_int8,rtc,hf_static,hf_cb,hf_serve,baton_serve"
+TRACE_SYSTEMS = "baton,baton_int8,rtc,hf_cb,hf_serve,baton_serve"
 CPU_ONLY = "baton_int8,"  # int8 weights run on CPUs only: left out of the GPU command lines
 
 
@@ -133,9 +133,10 @@ def render(results: Sequence[dict[str, Any]], images: Sequence[Sequence[tuple[st
     parts = ["<!-- Written by `make bench` (python -m baton_sidecar.bench.readme); edits here are overwritten. -->",
              "",
              "Every system runs the identical requests, one after another, so the ratios matter more",
-             "than the absolute numbers. The in-process systems share the bench's process; `hf_serve`",
-             "(`transformers serve --continuous-batching`) and `llama_server` (llama.cpp) are servers the",
-             "bench starts on loopback with the same model and threads, loaded over HTTP. Regenerate with",
+             "than the absolute numbers. The in-process systems share the bench's process; `baton_serve`",
+             "(`baton-sidecar serve`), `hf_serve` (`transformers serve --continuous-batching`) and",
+             "`llama_server` (llama.cpp) are servers the bench starts on loopback with the same model and",
+             "threads, loaded over HTTP: `baton_serve` against `hf_serve` is server against server. Regenerate with",
              "`make bench`; details in [docs/benchmarks.md](docs/benchmarks.md).",
              ""]
     for result, result_images in zip(results, images):

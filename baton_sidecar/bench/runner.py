@@ -27,7 +27,7 @@ from .workloads import Workload, all_at_once, time_scale_for_rate, with_time_sca
 
 log = logging.getLogger("baton_sidecar.bench")
 
-SERVER_SYSTEMS = ("url", "hf_serve", "llama_server")  # other processes: only the tokenizer is loaded here
+SERVER_SYSTEMS = ("url", "hf_serve", "llama_server", "baton_serve")  # other processes: only the tokenizer is loaded here
 RTC_CAPACITY_KEYS = ("requests_per_s", "source", "output_tokens_per_s", "duration_s")
 
 
@@ -131,14 +131,20 @@ class Runner:
         return self.loaded_int8
 
     def _managed(self, name: str):
-        """``hf_serve`` or ``llama_server`` on the same model, threads, dtype and device."""
+        """``hf_serve``, ``llama_server`` or ``baton_serve`` on the same model, threads, dtype and device."""
         from ..model import converted_gguf_dir, embedded_model_path, resolve_device
-        from .servers import ManagedPeer, hf_serve_launch, llama_server_binary, llama_server_launch
+        from .servers import (ManagedPeer, baton_serve_launch, hf_serve_launch, llama_server_binary,
+                              llama_server_launch)
 
         o = self.options
         source = Path(o.engine_config.model) if o.engine_config.model else embedded_model_path()
         device = str(resolve_device(o.engine_config.device))
-        if name == "hf_serve":
+        if name == "baton_serve":
+            config = o.engine_config
+            make = lambda port, scratch: baton_serve_launch(
+                Path(config.model) if config.model else None, port, o.threads, config.dtype, device,
+                config.quantization)
+        elif name == "hf_serve":
             model_dir = converted_gguf_dir(source, progress=False) if source.suffix == ".gguf" else source
             make = lambda port, scratch: hf_serve_launch(model_dir, port, scratch, o.threads,
                                                          o.engine_config.dtype, device)

@@ -1,5 +1,7 @@
 """Servers the bench starts itself on loopback, then loads through ``OpenAIPeer``.
 
+- ``baton_serve``   ``baton-sidecar serve`` standalone on the same model, threads, dtype, device and
+                    quantization: Baton through its HTTP server, like the other servers here.
 - ``hf_serve``      ``transformers serve --continuous-batching`` on the same model directory (a GGUF
                     is served from its converted cache directory), dtype and device, with
                     ``OMP_NUM_THREADS`` = the bench's threads.
@@ -75,6 +77,20 @@ def hf_serve_launch(model_dir: Path, port: int, scratch: Path, threads: int | No
     argv = (exe, "serve", "--continuous-batching", HF_MODEL_ID, "--host", "127.0.0.1", "--port", str(port),
             "--dtype", dtype, "--device", device, "--log-level", "warning")
     return Launch("hf_serve", argv, HF_MODEL_ID, port, env, str(scratch))
+
+
+def baton_serve_launch(model: Path | None, port: int, threads: int | None, dtype: str, device: str,
+                       quantization: str) -> Launch:
+    """``baton-sidecar serve``, standalone (no incumbent); ``model`` None: the embedded default."""
+    argv = [sys.executable, "-m", "baton_sidecar.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", HF_MODEL_ID, "--dtype", dtype, "--device", device,
+            "--quantization", quantization]
+    if model is not None:
+        argv += ["--model", str(model)]
+    if threads:
+        argv += ["--threads", str(threads)]
+    return Launch("baton_serve", tuple(argv), HF_MODEL_ID, port, {"TOKENIZERS_PARALLELISM": "false"},
+                  health_path="/ready")
 
 
 def llama_server_launch(binary: Path, gguf: Path, port: int, threads: int | None, parallel: int = 16,

@@ -87,3 +87,20 @@ def test_int8_floors_compare_baton_int8_with_float_baton_and_hf_cb():
     trace = {row["name"]: row for row in evaluate(result, "trace")}
     assert trace["trace: baton_int8 e2e p95 / hf_cb e2e p95"] == {
         "name": "trace: baton_int8 e2e p95 / hf_cb e2e p95", "measured": 0.4, "target": "<= 0.5", "met": True}
+
+
+def test_llama_server_floors_apply_only_to_runs_that_had_it():
+    from baton_sidecar.bench.plans.compare import ratios
+
+    systems = {"baton_int8": {"output_tokens_per_s": 90.0, "e2e_p95_s": 6.5},
+               "llama_server": {"output_tokens_per_s": 100.0, "e2e_p95_s": 5.0}}
+    result = {"ratios_vs_baton_int8": ratios(systems, "baton_int8")}
+    offline = {row["name"]: row for row in evaluate(result, "offline")}
+    assert offline["offline: baton_int8 / llama_server output tok/s"] == {
+        "name": "offline: baton_int8 / llama_server output tok/s", "measured": 0.9, "target": ">= 1.0", "met": False}
+    trace = {row["name"]: row for row in evaluate(result, "trace")}
+    assert trace["trace: baton_int8 e2e p95 / llama_server e2e p95"]["measured"] == pytest.approx(1.3)
+    assert trace["trace: baton_int8 e2e p95 / llama_server e2e p95"]["met"] is False
+    del systems["llama_server"]
+    without = {"ratios_vs_baton_int8": ratios(systems, "baton_int8")}
+    assert not [row for row in evaluate(without, "offline") if "llama_server" in row["name"]]

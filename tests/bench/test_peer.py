@@ -20,8 +20,8 @@ import pytest
 from aiohttp import web
 
 from baton_sidecar.bench.peer import OpenAIPeer, PeerMode, request_body
-from baton_sidecar.bench.servers import (LLAMA_SERVER_ENV, ManagedPeer, hf_serve_launch, llama_server_binary,
-                                         llama_server_launch, process_cpu_s)
+from baton_sidecar.bench.servers import (LLAMA_SERVER_ENV, ManagedPeer, baton_serve_launch, hf_serve_launch,
+                                         llama_server_binary, llama_server_launch, process_cpu_s)
 from baton_sidecar.bench.workloads import BenchRequest, Workload
 from tiny import tiny_tokenizer
 
@@ -288,6 +288,19 @@ def test_hf_serve_takes_text_at_natural_lengths(real_model):
     for request, record in zip(w.requests, run.records):
         assert record.error is None and 0 < record.output_tokens <= request.max_tokens
     assert run.cpu_s > 0 and run.info["env"]["OMP_NUM_THREADS"] == "1"
+
+
+@pytest.mark.model
+def test_baton_serve_is_the_real_sidecar_at_exact_lengths(real_model):
+    system = ManagedPeer("baton_serve", lambda port, _: baton_serve_launch(None, port, 1, "float32", "cpu", "none"),
+                         real_model.tokenizer)
+    w = real_workload(real_model.tokenizer)
+    run = system.run(w, lambda n: None)
+    mode = run.info["mode"]
+    assert (mode["prompt"], mode["length"]) == ("ids", "ignore_eos")
+    for request, record in zip(w.requests, run.records):
+        assert record.error is None and record.output_tokens == request.max_tokens
+    assert run.cpu_s > 0 and "serve" in run.info["command"] and "--threads 1" in run.info["command"]
 
 
 def test_report_says_which_mode_each_server_used():

@@ -18,7 +18,8 @@ from ..workloads import TokenSource, Workload, with_time_scale
 
 DEFAULT_SYSTEMS = {"offline": "baton,rtc,hf_static,hf_cb", "prompts": "baton,rtc,hf_static,hf_cb"}
 DEFAULT_ARRIVAL_SYSTEMS = "baton,rtc,hf_cb"
-KNOWN_SYSTEMS = ("baton", "baton_int8", "rtc", "hf_static", "hf_cb", "sequential", "hf_serve", "llama_server")
+KNOWN_SYSTEMS = ("baton", "baton_int8", "rtc", "hf_static", "hf_cb", "sequential", "hf_serve", "llama_server",
+                 "baton_serve")
 # baton / other: throughput > 1 and latency < 1 favour baton.
 RATIO_KEYS = ("output_tokens_per_s", "requests_per_s", "ttft_p95_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s")
 
@@ -43,8 +44,9 @@ def plan(runner: Runner, kind: str, workload: WorkloadOptions, *, systems: str |
         if roofline and runner.loaded is not None:
             add_roofline(runner, result)
         result["ratios_vs_baton"] = ratios(result["systems"])
-        if "baton_int8" in result["systems"]:
-            result["ratios_vs_baton_int8"] = ratios(result["systems"], "baton_int8")
+        for reference in ("baton_int8", "baton_serve"):  # int8 weights; Baton over HTTP
+            if reference in result["systems"]:
+                result[f"ratios_vs_{reference}"] = ratios(result["systems"], reference)
 
     return Plan(title=kind, kind=kind, systems={name: runner.system(name) for name in names}, workload=base,
                 loads=tuple(loads or ()), capacity=runner.rtc_capacity(base, capacity) if loads else None,
