@@ -8,6 +8,7 @@ The event loop validates and admits (``admission.py``: the whole rule is decided
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -15,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 
 from ..config import EngineConfig, PolicyConfig
 from ..model import LoadedModel, load_model
@@ -70,7 +71,7 @@ class AsyncEngine:
         self.core = EngineCore(loaded, self.config, policy or PolicyConfig())
         self.core.publish_early = self._publish
         self._inbox: list[tuple[str, object]] = []  # ("add", Request) | ("abort", id) | ("policy", PolicyConfig)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # guards _inbox; re-entrant for submit_together
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -182,6 +183,13 @@ class AsyncEngine:
         self._streams.update(dict.fromkeys(choice_ids, stream))  # outputs arrive by choice id
         self._send("add", request)
         return stream
+
+    @contextlib.contextmanager
+    def submit_together(self) -> Iterator[None]:
+        """Requests submitted inside reach the engine thread in one inbox, so the next step sees
+        them all (the engine thread waits for the block to end; keep it short)."""
+        with self._lock:
+            yield
 
     async def compile_grammar(self, structured: StructuredOutput) -> None:
         """Compile (and cache) a structured-output grammar on the compile thread, so that a

@@ -128,9 +128,9 @@ async def test_run_to_completion_holds_results_until_the_batch_is_done(tiny_mode
     engine = AsyncEngine(tiny_model, EngineConfig(batching="run_to_completion"), PolicyConfig())
     await engine.start(warmup=False)
     try:
-        # Both submitted before the loop yields, so the engine thread sees them in one batch.
-        short_stream = engine.submit([5, 6], SamplingParams(max_tokens=2, **GREEDY))
-        long_stream = engine.submit([7, 8], SamplingParams(max_tokens=40, **GREEDY))
+        with engine.submit_together():  # one batch: the engine thread can't start the short one alone
+            short_stream = engine.submit([5, 6], SamplingParams(max_tokens=2, **GREEDY))
+            long_stream = engine.submit([7, 8], SamplingParams(max_tokens=40, **GREEDY))
         short, long_one = asyncio.ensure_future(_drain(short_stream)), asyncio.ensure_future(_drain(long_stream))
         received = {}
         short.add_done_callback(lambda _: received.setdefault("short", time.monotonic()))
