@@ -33,7 +33,7 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 MANIFEST = "baton-manifest.json"
 CACHE_FORMAT = 2  # bump when the cache layout changes (2: config.json names its architecture)
-INT8_FORMAT = 1  # bump when Int8Linear's buffers or their meaning change
+INT8_FORMAT = 2  # bump when Int8Linear's buffers or their meaning change (2: q/k/v, gate/up smoothed together)
 INT8_FILE = "int8.safetensors"
 
 

@@ -102,3 +102,24 @@ def test_cache_is_used_and_a_corrupt_one_rebuilt(tmp_path, monkeypatch) -> None:
     assert torch.equal(start(), first) and len(calls) == 2  # rebuilt
     assert model_module.cache_is_valid(cached)
     assert torch.equal(start(), first) and len(calls) == 2
+
+
+def test_linears_reading_one_input_share_its_quantization() -> None:
+    """q/k/v and gate/up are smoothed together and quantize their input once; o/down alone."""
+    loaded = tiny_loaded_model()
+    quantized = quantization.quantize(copy.deepcopy(loaded.model), loaded.tokenizer)
+    attn, mlp = quantized.model.layers[0].self_attn, quantized.model.layers[0].mlp
+    assert attn.q_proj.shared is not None and attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared
+    assert mlp.gate_proj.shared is not None and mlp.gate_proj.shared is mlp.up_proj.shared
+    assert attn.o_proj.shared is None and mlp.down_proj.shared is None
+    assert torch.equal(attn.q_proj.inv_smooth, attn.v_proj.inv_smooth)
+    # Sharing changes no number: each member's output equals its own quantization of the input.
+    x = torch.randn(3, 64)
+    for member in (attn.q_proj, attn.k_proj, attn.v_proj):
+        alone = Int8Linear(64, member.out_features, member.bias is not None)
+        alone.load_state_dict(member.state_dict())
+        assert torch.equal(member(x), alone(x))
+    # A reload from the cache's state finds the same groups.
+    reloaded = quantization.load_quantized(copy.deepcopy(loaded.model), quantization.int8_state(quantized))
+    assert reloaded.model.layers[1].self_attn.k_proj.shared is reloaded.model.layers[1].self_attn.q_proj.shared
+    assert reloaded.model.layers[1].self_attn.o_proj.shared is None
