@@ -102,7 +102,9 @@ def load_model(config: EngineConfig, progress: bool = True) -> LoadedModel:
     if config.quantization == "int8":
         load_int8(model, tokenizer, model_dir, name)
         # int8 rounds attention's batch-dependent last bits into real drift: rows attend alone.
-        row_attention.install(model)
+        if not row_attention.install(model):
+            log.warning("int8: %s keeps batched attention (%s); greedy output may differ from the "
+                        "request alone", name, row_attention.supports(model.config) or "not sdpa")
 
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos_ids = {eos} if isinstance(eos, int) else set(eos or ())

@@ -40,10 +40,10 @@ def per_row_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     """``query [B, H, Q, D]``, ``key``/``value [B, H_kv, L, D]`` -> ``([B, Q, H, D], None)``.
 
     Rows are left-padded: row ``b``'s tokens are its last ``n_b`` columns. A decode step
-    (``Q == 1``) computes each row's one query over its tokens. A prefill (``Q == L``) computes a row's tokens as ``generate`` did: the
-    prompt in one causal pass, then each replayed token (``ROW_REPLAYED``: the outputs a
-    recompute preemption re-prefills) alone over its prefix, as its decode step did.
-    Padding queries and dummy rows come out zero.
+    (``Q == 1``) computes each row's one query over its tokens. A prefill (``Q == L``) computes
+    a row's tokens as ``generate`` did: the prompt in one causal pass, then each replayed token
+    (``ROW_REPLAYED``: the outputs a recompute preemption re-prefills) alone over its prefix,
+    as its decode step did. Padding queries and dummy rows come out zero.
     """
     lengths: list[int] | None = kwargs.pop(ROW_LENGTHS, None)
     replayed: list[int] | None = kwargs.pop(ROW_REPLAYED, None)
