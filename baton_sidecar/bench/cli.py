@@ -56,9 +56,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _systems_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("systems")
-    g.add_argument("--systems", help="comma-separated: baton, baton_int8, rtc, hf_static, hf_cb, sequential, hf_serve, "
-                                     "llama_server, baton_serve (default: baton,rtc,hf_static,hf_cb offline; baton,rtc,hf_cb "
-                                     "with arrivals)")
+    g.add_argument("--systems", help="comma-separated: baton, baton_int8, rtc, hf_static, hf_cb, sequential, "
+                                     "hf_serve, llama_server, baton_serve (default: baton,rtc,hf_static,hf_cb "
+                                     "offline; baton,rtc,hf_cb with arrivals)")
     g.add_argument("--url", help="also (or, without --systems, only) load an OpenAI-compatible server at URL, "
                                  "streamed, in the mode a probe settles (docs/benchmarks.md)")
     g.add_argument("--model-name", help="model name to send with --url (default: the first of /v1/models)")

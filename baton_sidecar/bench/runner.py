@@ -27,7 +27,8 @@ from .workloads import Workload, all_at_once, time_scale_for_rate, with_time_sca
 
 log = logging.getLogger("baton_sidecar.bench")
 
-SERVER_SYSTEMS = ("url", "hf_serve", "llama_server", "baton_serve")  # other processes: only the tokenizer is loaded here
+# Other processes: only the tokenizer is loaded here.
+SERVER_SYSTEMS = ("url", "hf_serve", "llama_server", "baton_serve")
 RTC_CAPACITY_KEYS = ("requests_per_s", "source", "output_tokens_per_s", "duration_s")
 
 
