@@ -43,18 +43,24 @@ class SharedInput:
     """One quantized input for the linears that read the same tensor (q/k/v; gate/up).
 
     They share ``inv_smooth`` (calibrated together), so the first of them quantizes ``x`` and
-    the others reuse it. The tensor last seen is held, so its identity can't be recycled; per
-    thread, so two threads running the model never see each other's input.
+    the others reuse it. The tensor is held until every member has read it (so its identity
+    can't be recycled meanwhile), then dropped: a large prefill's activations are not kept
+    after the layer. Per thread, so two threads running the model never see each other's input.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, members: int) -> None:
+        self.members = members
         self._last = threading.local()
 
     def get(self, x: torch.Tensor, quantize) -> tuple[torch.Tensor, torch.Tensor]:
         last = self._last
         if getattr(last, "x", None) is not x:
-            last.x, last.quantized = x, quantize(x)
-        return last.quantized
+            last.x, last.quantized, last.reads = x, quantize(x), 0
+        quantized = last.quantized
+        last.reads += 1
+        if last.reads == self.members:
+            last.x = last.quantized = None
+        return quantized
 
 
 class Int8Linear(nn.Module):
@@ -227,7 +233,7 @@ def share_inputs(model: nn.Module) -> None:
             group = [first] + [c for c in children if c.in_features == first.in_features
                                and torch.equal(c.inv_smooth, first.inv_smooth)]
             children = [c for c in children if c not in group]
-            shared = SharedInput() if len(group) > 1 else None
+            shared = SharedInput(len(group)) if len(group) > 1 else None
             for member in group:
                 member.shared = shared
 

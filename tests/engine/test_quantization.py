@@ -119,6 +119,10 @@ def test_linears_reading_one_input_share_its_quantization() -> None:
         alone = Int8Linear(64, member.out_features, member.bias is not None)
         alone.load_state_dict(member.state_dict())
         assert torch.equal(member(x), alone(x))
+    # Once every member has read it, the shared input is dropped (no activations kept after a layer).
+    with torch.inference_mode():
+        quantized(input_ids=torch.tensor([[3, 5, 7, 11]]))
+    assert attn.q_proj.shared._last.x is None and mlp.up_proj.shared._last.quantized is None
     # A reload from the cache's state finds the same groups.
     reloaded = quantization.load_quantized(copy.deepcopy(loaded.model), quantization.int8_state(quantized))
     assert reloaded.model.layers[1].self_attn.k_proj.shared is reloaded.model.layers[1].self_attn.q_proj.shared
