@@ -27,7 +27,7 @@ from aiohttp import web
 from baton_sidecar.config import PolicyConfig, RouterConfig, ServerConfig
 from baton_sidecar.server.errors import APIError
 from baton_sidecar.server.abstats import ABStats, SLATargets, parse_flag, parse_since
-from baton_sidecar.server.body import read_body, too_large
+from baton_sidecar.server.body import read_whole_body
 from baton_sidecar.server.configwatch import (ConfigManager, FileWatcher, LiveConfig, check_bearer,
                                               decode_admin_body)
 from baton_sidecar.server.eligibility import EligibilityCounts
@@ -274,10 +274,7 @@ def _authorize(request: web.Request) -> None:
 async def admin_put_config(request: web.Request) -> web.Response:
     _authorize(request)
     cfg = request.app[STATE].config
-    body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
-    if not body.complete:
-        raise too_large(cfg.max_body_bytes)
-    raw = body.data
+    raw = await read_whole_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
     try:
         live = request.app[CONFIG].apply_patch(decode_admin_body(raw))
     except ValueError as exc:

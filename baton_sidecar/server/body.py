@@ -100,6 +100,14 @@ def body_stream(request: web.Request, idle_timeout_s: float,
     return _chain(b"", request, idle_timeout_s, on_timeout)
 
 
+async def read_whole_body(request: web.Request, limit: int, idle_timeout_s: float) -> bytes:
+    """The whole body of a request the sidecar answers itself (nothing to relay): 413 past ``limit``."""
+    body = await read_body(request, limit, idle_timeout_s)
+    if not body.complete:
+        raise too_large(limit)
+    return body.data
+
+
 def too_large(limit: int) -> APIError:
     return APIError(413, f"request body exceeds {limit} bytes", param="body",
                        code="request_too_large")

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from baton_sidecar.engine.request import is_int64
-from baton_sidecar.server.body import read_body, too_large
+from baton_sidecar.server.body import read_whole_body
 from baton_sidecar.server.errors import APIError, bad_request
 from baton_sidecar.server.json_body import decode_json_body
 from baton_sidecar.server.oai_request import parse_messages
@@ -43,11 +43,7 @@ async def _checked_body(request: web.Request) -> tuple[Any, dict[str, Any]]:
     if state.engine is None or not state.engine.is_ready:
         raise APIError(503, "the model is still loading", type="service_unavailable", code="not_ready",
                        headers={"Retry-After": "1"})
-    config = state.config
-    raw = await read_body(request, config.max_body_bytes, config.body_timeout_s)  # bounded, like generation
-    if not raw.complete:
-        raise too_large(config.max_body_bytes)
-    body = decode_json_body(raw.data)
+    body = decode_json_body(await read_whole_body(request, state.config.max_body_bytes, state.config.body_timeout_s))
     model = body.get("model")
     if model is not None and model != state.config.served_model_name:
         raise APIError(404, f"model '{model}' does not exist; this server serves "
