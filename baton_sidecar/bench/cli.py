@@ -36,8 +36,8 @@ from .workloads import WorkloadError, default_data_dir, parse_range
 
 WORKLOADS = ("offline", "poisson", "trace", "prompts", "jsonl")
 SCENARIOS = ("priority", "padding", "features")
-POSITIVE_INTS = ("num_requests", "hf_batch_size", "llama_parallel", "repeat", "max_batch_size", "max_kv_tokens", "max_prefill_tokens",
-                 "threads", "max_prompt", "max_output", "ceiling_context")
+POSITIVE_INTS = ("num_requests", "hf_batch_size", "llama_parallel", "repeat", "max_batch_size", "max_kv_tokens",
+                 "max_prefill_tokens", "threads", "max_prompt", "max_output", "ceiling_context")
 POSITIVE_FLOATS = ("rate", "token_scale", "prompt_scale", "output_scale", "time_scale", "capacity", "overload")
 
 

@@ -93,9 +93,9 @@ def weight_tensors(model: torch.nn.Module) -> Iterable[torch.Tensor]:
     """Every distinct weight one forward reads in full.
 
     Parameters (``parameters()`` yields a tied matrix once), the buffers of Baton's
-    ``Int8Linear`` and the packed weights of ``torch.ao`` dynamic-quantized linears (not parameters: ``module.weight()`` unpacks them as
-    ``qint8``). An input embedding that is not also the output head is left out: a step
-    gathers only its rows' entries of it.
+    ``Int8Linear`` and the packed weights of ``torch.ao`` dynamic-quantized linears (not
+    parameters: ``module.weight()`` unpacks them as ``qint8``). An input embedding that is not
+    also the output head is left out: a step gathers only its rows' entries of it.
     """
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

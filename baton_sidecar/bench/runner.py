@@ -27,7 +27,9 @@ from .workloads import Workload, all_at_once, time_scale_for_rate, with_time_sca
 
 log = logging.getLogger("baton_sidecar.bench")
 
-# Other processes: only the tokenizer is loaded here.
+# Every --systems name: run in this process, or servers in other processes (``url`` is --url's;
+# with servers alone only the tokenizer is loaded here).
+IN_PROCESS_SYSTEMS = ("baton", "baton_int8", "rtc", "hf_static", "hf_cb", "sequential")
 SERVER_SYSTEMS = ("url", "hf_serve", "llama_server", "baton_serve")
 RTC_CAPACITY_KEYS = ("requests_per_s", "source", "output_tokens_per_s", "duration_s")
 

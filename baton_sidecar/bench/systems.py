@@ -3,8 +3,8 @@
 - ``baton``      AsyncEngine, iteration-level re-batching (finished rows leave at once).
 - ``rtc``        the same engine with ``EngineConfig(batching="run_to_completion")``.
 - ``hf_static``, ``hf_cb``, ``sequential``: transformers baselines (``hf_systems.py``).
-- ``url``, ``hf_serve``, ``llama_server``: OpenAI-compatible servers (``peer.py``, ``servers.py``),
-                 in the mode their probe settles (token ids or text, EOS ignored or not).
+- ``url``, ``hf_serve``, ``llama_server``, ``baton_serve``: OpenAI-compatible servers (``peer.py``,
+                 ``servers.py``), in the mode their probe settles (token ids or text, EOS ignored or not).
 
 All are greedy and ignore EOS (servers: where they accept it), so every request produces exactly
 ``max_tokens`` tokens and all systems do the same useful work. Times come from the load generator's

@@ -13,13 +13,12 @@ from typing import Any
 
 from ..inputs import BenchError, WorkloadOptions, build_workload, parse_loads, token_source
 from ..metrics import makespan_s, ratio
-from ..runner import Plan, Runner
+from ..runner import IN_PROCESS_SYSTEMS, SERVER_SYSTEMS, Plan, Runner
 from ..workloads import TokenSource, Workload, with_time_scale
 
 DEFAULT_SYSTEMS = {"offline": "baton,rtc,hf_static,hf_cb", "prompts": "baton,rtc,hf_static,hf_cb"}
 DEFAULT_ARRIVAL_SYSTEMS = "baton,rtc,hf_cb"
-KNOWN_SYSTEMS = ("baton", "baton_int8", "rtc", "hf_static", "hf_cb", "sequential", "hf_serve", "llama_server",
-                 "baton_serve")
+KNOWN_SYSTEMS = (*IN_PROCESS_SYSTEMS, *(s for s in SERVER_SYSTEMS if s != "url"))  # url comes from --url
 # baton / other: throughput > 1 and latency < 1 favour baton.
 RATIO_KEYS = ("output_tokens_per_s", "requests_per_s", "ttft_p95_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s")
 
@@ -83,10 +82,10 @@ def parse_systems(text: str | None, url: str | None, default: str) -> list[str]:
 
 def ratios(systems: dict[str, dict[str, Any]], reference: str = "baton") -> dict[str, dict[str, float | None]]:
     """``reference`` (Baton) divided by each other system, metric by metric (``RATIO_KEYS``)."""
-    baton = systems.get(reference)
-    if not baton:
+    ref = systems.get(reference)
+    if not ref:
         return {}
-    return {name: {key: ratio(baton.get(key), s.get(key)) for key in RATIO_KEYS}
+    return {name: {key: ratio(ref.get(key), s.get(key)) for key in RATIO_KEYS}
             for name, s in systems.items() if name != reference}
 
 
