@@ -95,6 +95,30 @@ class PaddingPolicy:
         _check(isinstance(self.bucketing, bool), "bucketing", "must be a boolean")
 
 
+PREFILL_BUDGETS = ("time", "tokens")
+PREFILL_MODES = ("fused", "separate")
+
+
+@dataclass(frozen=True)
+class PrefillPolicy:
+    """How much of a waiting prompt one step prefills, and in which forward pass.
+
+    ``budget``: ``time`` sizes each step's prefill from a live model of step cost so that,
+    while rows are decoding, the step stays under the step-time target (``max_step_ms``);
+    ``tokens`` uses ``limits.max_prefill_tokens`` alone (an upper bound in both).
+    ``mode``: ``fused`` runs prompt chunks in the decode rows' forward pass, packed (the
+    weights are read once per step) where the model allows; ``separate`` gives prefills a
+    forward pass of their own before the decode pass.
+    """
+
+    budget: str = "time"
+    mode: str = "fused"
+
+    def __post_init__(self) -> None:
+        _check(self.budget in PREFILL_BUDGETS, "budget", f"must be one of {PREFILL_BUDGETS}")
+        _check(self.mode in PREFILL_MODES, "mode", f"must be one of {PREFILL_MODES}")
+
+
 @dataclass(frozen=True)
 class Limits:
     max_batch_size: int = 32
@@ -118,14 +142,28 @@ class PolicyConfig:
     sla_classes: Mapping[str, SLAClass] = field(default_factory=default_sla_classes)
     aging_s: float = 30.0  # a waiting request gains one priority level per aging_s
     limits: Limits = field(default_factory=Limits)
+    prefill: PrefillPolicy = field(default_factory=PrefillPolicy)
+    # Step-time target of the time budget; None: the "interactive" class's tpot_ms.
+    max_step_ms: float | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.aging_s, (int, float)) and self.aging_s > 0, "aging_s", "must be > 0")
+        _check(self.max_step_ms is None or (isinstance(self.max_step_ms, (int, float))
+                                            and not isinstance(self.max_step_ms, bool) and self.max_step_ms > 0),
+               "max_step_ms", "must be a positive number")
+
+    @property
+    def step_target_ms(self) -> float | None:
+        """The step-time target: ``max_step_ms``, else the interactive class's ``tpot_ms``."""
+        if self.max_step_ms is not None:
+            return float(self.max_step_ms)
+        interactive = self.sla_classes.get("interactive")
+        return interactive.tpot_ms if interactive is not None else None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "PolicyConfig":
         data = dict(data or {})
-        known = {"preemption", "padding", "sla_classes", "aging_s", "limits"}
+        known = {"preemption", "padding", "sla_classes", "aging_s", "limits", "prefill", "max_step_ms"}
         unknown = sorted(set(data) - known)
         _check(not unknown, unknown[0] if unknown else "", "unknown policy field")
         classes_raw = data.get("sla_classes")
@@ -140,6 +178,8 @@ class PolicyConfig:
             sla_classes=classes,
             aging_s=data.get("aging_s", 30.0),
             limits=_build(Limits, data.get("limits"), "limits."),
+            prefill=_build(PrefillPolicy, data.get("prefill"), "prefill."),
+            max_step_ms=data.get("max_step_ms"),
         )
 
     def to_dict(self) -> dict[str, Any]:
