@@ -23,6 +23,8 @@ DEFAULT_POLICY: dict[str, Any] = {
     },
     "aging_s": 30.0,
     "limits": {"max_batch_size": 32, "max_kv_tokens": 65536, "max_queue": 256, "max_prefill_tokens": 512},
+    "prefill": {"budget": "time", "mode": "fused"},
+    # max_step_ms is left out like the classes' unset targets (None: the "interactive" class's tpot_ms).
 }
 
 # camelCase (custom resource) -> snake_case (baton.yaml), per section.
@@ -32,6 +34,7 @@ _PADDING_KEYS = {"compactionThreshold": "compaction_threshold", "maxPaddingRatio
 _SLA_KEYS = {"priority": "priority", "ttftMs": "ttft_ms", "tpotMs": "tpot_ms", "e2eMs": "e2e_ms"}
 _LIMIT_KEYS = {"maxBatchSize": "max_batch_size", "maxKvTokens": "max_kv_tokens", "maxQueue": "max_queue",
                "maxPrefillTokens": "max_prefill_tokens"}
+_PREFILL_KEYS = {"budget": "budget", "mode": "mode"}
 
 
 def _rename(data: Mapping[str, Any] | None, keys: Mapping[str, str]) -> dict[str, Any]:
@@ -42,8 +45,9 @@ def policy_from_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     """Translate a policy spec (BatonPolicy ``spec`` or BatonDeployment ``spec.policy``) to config shape.
 
     Only the fields present in ``spec`` appear in the result, so it can act as an override layer.
-    ``preemption.slaClasses`` and ``preemption.agingSeconds`` land at the config's top level, where the
-    sidecar keeps them; a class given as ``null`` removes that class from the lower layers.
+    ``preemption.slaClasses``, ``preemption.agingSeconds`` and ``prefill.maxStepMs`` land at the config's
+    top level, where the sidecar keeps them; a class given as ``null`` removes that class from the lower
+    layers.
     """
     spec = spec or {}
     out: dict[str, Any] = {}
@@ -61,6 +65,11 @@ def policy_from_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
         out["padding"] = section
     if section := _rename(spec.get("limits"), _LIMIT_KEYS):
         out["limits"] = section
+    prefill = spec.get("prefill") or {}
+    if section := _rename(prefill, _PREFILL_KEYS):
+        out["prefill"] = section
+    if prefill.get("maxStepMs") is not None:
+        out["max_step_ms"] = prefill["maxStepMs"]
     return out
 
 

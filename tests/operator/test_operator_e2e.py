@@ -62,6 +62,8 @@ def test_standalone_example_creates_owned_children_and_becomes_ready(cluster: Cl
     config = _config(cluster, "baton-standalone")
     assert config["policy"]["padding"] == {"compaction_threshold": 0.4, "max_padding_ratio": 0.7, "bucketing": True}
     assert config["policy"]["limits"]["max_batch_size"] == 64
+    assert config["policy"]["prefill"] == {"budget": "time", "mode": "fused"}
+    assert config["policy"]["max_step_ms"] == 150  # the example's prefill.maxStepMs
     assert config["router"] == {"incumbent_url": None, "baton_weight": 100}
     container = children["deployments"]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:7] == ["serve", "--config", "/etc/baton/baton.yaml", "--host", "0.0.0.0",

@@ -9,6 +9,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from baton_operator.config import OperatorConfig
+from baton_sidecar import config as sidecar_config
 from operator_testlib import ROOT
 
 CHART = ROOT / "helm" / "baton"
@@ -111,6 +113,9 @@ def test_sidecar_quantization_reaches_the_operator(helm) -> None:
     (["--set", "replicas=2"], "replicas"),  # not a value of this chart (one active operator)
     (["--set", "defaultPolicy.padding.max_padding_ratio=1.5"], "max_padding_ratio"),
     (["--set", "defaultPolicy.preemption.mode=never"], "mode"),
+    (["--set", "defaultPolicy.prefill.mode=chunked"], "/defaultPolicy/prefill/mode"),
+    (["--set", "defaultPolicy.prefill.budget=latency"], "/defaultPolicy/prefill/budget"),
+    (["--set", "defaultPolicy.max_step_ms=0"], "/defaultPolicy/max_step_ms"),
     (["--set", "watchNamespaces={Bad_Name}"], "watchNamespaces"),
     (["--set", "metrics.serviceMonitor.interval=often"], "interval"),
     (["--set", "sidecar.quantization=int4"], "quantization"),
@@ -119,6 +124,18 @@ def test_values_schema_rejects_bad_values(helm, values, complaint) -> None:
     proc = helm_run(helm, "template", "baton", str(CHART), *values, check=False)
     assert proc.returncode != 0, f"{values} was accepted"
     assert complaint in proc.stderr
+
+
+def test_default_policy_reaches_the_operator_and_parses_in_the_sidecar(helm, tmp_path) -> None:
+    values = ["--set", "defaultPolicy.prefill.budget=tokens", "--set", "defaultPolicy.prefill.mode=separate",
+              "--set", "defaultPolicy.max_step_ms=80"]
+    defaults = next(o for o in render(helm, *values) if o["kind"] == "ConfigMap")
+    path = tmp_path / "default-policy.yaml"
+    path.write_text(defaults["data"]["default-policy.yaml"])
+    cfg = OperatorConfig.from_env({"BATON_DEFAULT_POLICY_FILE": str(path)})
+    policy = sidecar_config.PolicyConfig.from_dict(cfg.default_policy)
+    assert policy.prefill == sidecar_config.PrefillPolicy(budget="tokens", mode="separate")
+    assert policy.max_step_ms == 80
 
 
 def test_crds_are_installed_from_the_crds_directory(helm) -> None:

@@ -129,6 +129,8 @@ BAD_DEPLOYMENTS = [
     ("spec.policy.preemption.mode", "sometimes", "spec/policy/preemption/mode"),
     ("spec.policy.padding.maxPaddingRatio", 1.5, "spec/policy/padding/maxPaddingRatio"),
     ("spec.policy.preemption.slaClasses", {"x": {"ttftMs": 0}}, "spec/policy/preemption/slaClasses/x/ttftMs"),
+    ("spec.policy.prefill.mode", "chunked", "spec/policy/prefill/mode"),
+    ("spec.policy.prefill.maxStepMs", 0, "spec/policy/prefill/maxStepMs"),
     ("spec.engine.limits.maxBatchSize", 0, "spec/engine/limits/maxBatchSize"),
     ("spec.router.weight", 101, "spec/router/weight"),
     ("spec.router.incumbentUrl", "ftp://x", "spec/router/incumbentUrl"),
@@ -159,10 +161,16 @@ def test_a_deployment_without_mode_or_spec_is_rejected() -> None:
 @pytest.mark.parametrize("field, value", [("spec.preemption.mode", "always"), ("spec.padding.bucketing", "yes"),
                                           ("spec.preemption.maxPreemptionsPerRequest", -1),
                                           ("spec.padding.compactionThreshold", -0.1), ("spec.limits.maxQueue", 0),
+                                          ("spec.prefill.budget", "latency"), ("spec.prefill.mode", "chunked"),
+                                          ("spec.prefill.maxStepMs", 0), ("spec.prefill.maxStepMs", "50ms"),
+                                          ("spec.prefill.chunkTokens", 64), ("spec.maxStepMs", 50),
                                           ("spec.priorityClasses", {})])
 def test_known_bad_policies_are_rejected(field, value) -> None:
     policy = docs(EXAMPLES / "batonpolicy.yaml")[0]
-    assert BP.errors(_with(policy, field, value)), f"{field}={value!r} was accepted"
+    errors = BP.errors(_with(policy, field, value))
+    assert errors, f"{field}={value!r} was accepted"
+    where, parent = field.replace(".", "/"), field.rpartition(".")[0].replace(".", "/")
+    assert any(e.startswith((f"{where}:", f"{parent}:")) for e in errors), errors  # unknown: at its parent
 
 
 def test_null_removes_an_sla_class_and_is_accepted() -> None:
