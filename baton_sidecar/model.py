@@ -101,10 +101,12 @@ def load_model(config: EngineConfig, progress: bool = True) -> LoadedModel:
     model.requires_grad_(False)
     if config.quantization == "int8":
         load_int8(model, tokenizer, model_dir, name)
-        # int8 rounds attention's batch-dependent last bits into real drift: rows attend alone.
-        if not row_attention.install(model):
-            log.warning("int8: %s keeps batched attention (%s); greedy output may differ from the "
-                        "request alone", name, row_attention.supports(model.config) or "not sdpa")
+    # Packed steps (prompt chunks fused with decode) need Baton's attention function; int8
+    # rounds attention's batch-dependent last bits into real drift, so there rows attend alone.
+    if not row_attention.install(model, rows_alone=config.quantization == "int8"):
+        log.warning("%s keeps plain attention (%s): prefills run apart from the decode pass%s", name,
+                    row_attention.supports(model.config) or "not sdpa",
+                    "; int8 greedy output may differ from the request alone" if config.quantization == "int8" else "")
 
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos_ids = {eos} if isinstance(eos, int) else set(eos or ())

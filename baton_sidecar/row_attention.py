@@ -1,4 +1,9 @@
-"""Per-row attention: each row of a batch attends over exactly its own tokens, as if alone.
+"""Baton's attention function: per-row attention (int8) and packed steps (``engine/packed.py``).
+
+Installed on every model whose layers are all plain full attention (``install``); a forward
+without Baton's keyword arguments runs plain ``sdpa``, so ``generate`` is unchanged.
+
+Per-row attention: each row of a batch attends over exactly its own tokens, as if alone.
 
 Batched attention over the left-padded cache reduces a row's softmax and weighted sum over
 all ``L`` live columns, its own tokens placed after the padding. The kernel's reduction order
@@ -24,6 +29,8 @@ prefill budget is therefore not bit-identical to ``generate``'s one-pass prefill
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -33,6 +40,8 @@ from transformers.masking_utils import sdpa_mask
 NAME = "baton_per_row"
 ROW_LENGTHS = "baton_row_lengths"  # forward kwarg: real tokens per row, queries included (0 = dummy row)
 ROW_REPLAYED = "baton_row_replayed"  # prefill kwarg: trailing tokens per row that decode steps computed
+PACKED = "baton_packed"  # forward kwarg: a packed step's cache (``engine/packed.py``), which attends itself
+ROWS_ALONE = "_baton_rows_alone"  # model attribute: decode rows attend alone (set by ``install``)
 
 
 def per_row_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -45,6 +54,9 @@ def per_row_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     (``ROW_REPLAYED``: the outputs a recompute preemption re-prefills) alone over its prefix,
     as its decode step did. Padding queries and dummy rows come out zero.
     """
+    packed = kwargs.pop(PACKED, None)
+    if packed is not None:  # a packed step: decode rows and prompt segments, each over its own keys
+        return packed.attend(module, query, **kwargs), None
     lengths: list[int] | None = kwargs.pop(ROW_LENGTHS, None)
     replayed: list[int] | None = kwargs.pop(ROW_REPLAYED, None)
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -84,13 +96,39 @@ def supports(config) -> str | None:
     return None
 
 
-def install(model: nn.Module) -> bool:
-    """Switch ``model`` to per-row attention if its attention allows; True if it did."""
-    if supports(model.config) is not None or model.config._attn_implementation != "sdpa":
-        return False
-    model.set_attn_implementation(NAME)
+def install(model: nn.Module, rows_alone: bool = False) -> bool:
+    """Switch ``model`` to this attention function if its attention allows; True if it did.
+
+    Installed, the model runs plain ``sdpa`` unless a forward passes ``ROW_LENGTHS`` or
+    ``PACKED``, and packed steps become possible. ``rows_alone``: the engine's decode rows
+    attend alone (int8). Idempotent; ``rows_alone`` once set stays set.
+    """
+    if not installed(model):
+        if supports(model.config) is not None or model.config._attn_implementation != "sdpa":
+            return False
+        model.set_attn_implementation(NAME)
+    if rows_alone:
+        setattr(model, ROWS_ALONE, True)
     return True
 
 
 def installed(model: nn.Module) -> bool:
     return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+@contextlib.contextmanager
+def plain_attention(model: nn.Module):
+    """Run ``model`` on transformers' own ``sdpa`` meanwhile (code that accepts only its own
+    implementations, such as its continuous batching)."""
+    if not installed(model):
+        yield model
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(NAME)
+
+
+def rows_attend_alone(model: nn.Module) -> bool:
+    return installed(model) and getattr(model, ROWS_ALONE, False)

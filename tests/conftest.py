@@ -34,3 +34,15 @@ def tiny_model():
     from tiny import tiny_loaded_model
 
     return tiny_loaded_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_model():
+    """A tiny random model with int8 linear layers whose rows attend alone (as ``--quantization int8``)."""
+    from baton_sidecar import quantization, row_attention
+    from tiny import tiny_loaded_model
+
+    loaded = tiny_loaded_model(seed=3)
+    quantization.quantize(loaded.model, loaded.tokenizer)
+    assert row_attention.install(loaded.model, rows_alone=True)
+    return loaded

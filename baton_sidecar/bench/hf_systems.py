@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from .. import row_attention
 from ..model import LoadedModel
 from .systems import Progress, SystemRun, Timed, new_records
 from .workloads import BenchRequest, Workload
@@ -148,6 +149,11 @@ class HFContinuousSystem:
             max_requests_per_batch=self.max_batch_size, allow_block_sharing=False)
         generation_config = _greedy_config(self.loaded, max_new)
         generation_config.min_new_tokens = None
+        with row_attention.plain_attention(model):  # it accepts only transformers' own attention
+            return self._serve(model, workload, run, generation_config, cb_config, progress)
+
+    def _serve(self, model, workload: Workload, run: SystemRun, generation_config, cb_config,
+               progress: Progress) -> SystemRun:
         manager = model.init_continuous_batching(generation_config=generation_config,
                                                  continuous_batching_config=cb_config)
         manager.start()

@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 
 from ..config import EngineConfig, PolicyConfig
 from ..model import LoadedModel
-from . import row_padding
+from . import row_padding, step_cost
 from .grammar import GrammarCompiler
 from .outputs import OutputProcessor, Tracked
 from .request import Request, RequestOutput, RequestStatus
-from .runner import ModelRunner, Prefilled, SwappedRow
+from .runner import ModelRunner, Prefilled, PromptPart, SwappedRow
 from .sampler import SampledToken, sample
 from .scheduler import BatchView, make_scheduler
 from .step import Preemption, PrefillChunk, StepPlan, StepRecord, StepResults
+from .step_cost import StepCostModel, StepShape, decode_shape, prompt_shape
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class EngineCore:
         padded_rows = row_padding.calibrate(loaded.model, loaded.device) if config.decode_row_padding == "auto" else {}
         self.runner = ModelRunner(loaded, padded_rows)
         self.scheduler = make_scheduler(config.batching, policy)
+        # The time budget's step cost model: a prior measured now, then fitted to every step.
+        self.scheduler.step_cost = StepCostModel(step_cost.calibrate(loaded.model, loaded.device))
         # The logits' width; out_features, not weight.shape: an int8 head has no float weight.
         self.vocab_size = loaded.model.get_output_embeddings().out_features
         # Compiles structured-output grammars off this thread (AsyncEngine.compile_grammar);
@@ -135,18 +138,26 @@ class EngineCore:
         self._forget(update.leave)
         self.runner.shrink_if_sparse(self.policy.padding.compaction_threshold)
         self.steps += 1
+        self._observe_cost(plan, results, time.perf_counter() - start)
         if self.step_observer is not None:
             self.step_observer(self._record(start, plan, results))
         return update.outputs
 
     def _execute(self, plan: StepPlan, results: StepResults) -> None:
-        """Run the plan on the runner, in the plan's field order."""
+        """Run the plan on the runner, in the plan's field order (fused: prompts in the decode pass)."""
         self._preempt(plan.preempt)
         self._resume(plan.resume)
-        if plan.prefill:
-            self._prefill(plan.prefill, results)
-        if plan.chunk is not None:
-            self._prefill_chunk(plan.chunk, results)
+        prompts = self._prompt_parts(plan)
+        if prompts and self.runner.can_pack:  # one packed forward; fused: the decode rows' too
+            fused = plan.fused and self.runner.num_rows > 0
+            self._run_parts(prompts, results, decode=fused)
+            if fused:
+                return
+        elif prompts:  # the model's own attention: whole prompts left-padded together, chunks one by one
+            if plan.prefill:
+                self._prefill(plan.prefill, results)
+            for chunk in plan.chunks:
+                self._run_parts([chunk], results, decode=False)
         if results.outputs and self.publish_early is not None:
             self.publish_early(results.outputs)  # newcomers' first tokens need not wait for the decode pass
             results.outputs = []
@@ -170,7 +181,6 @@ class EngineCore:
 
     def _prefill(self, requests: list[Request], results: StepResults) -> None:
         """Prefill requests together, apart from the batch; only they fail if it fails."""
-        self._mark_scheduled(requests)
         tokens = [r.prefill_token_ids() for r in requests]
         scores = {i: (r.prompt_token_ids[1:], r.params.prompt_logprobs)
                   for i, r in enumerate(requests) if r.wants_prompt_logprobs}
@@ -186,26 +196,63 @@ class EngineCore:
         results.prefill_tokens += sum(len(t) for t in tokens)
         self._join(requests, prefilled, results)
 
-    def _prefill_chunk(self, chunk: PrefillChunk, results: StepResults) -> None:
-        """One chunk of a long prompt; after its last chunk the request joins the batch."""
+    def _prompt_parts(self, plan: StepPlan) -> list[PrefillChunk]:
+        """The step's prompt work as parts: whole prompts first, then chunks."""
+        whole = [PrefillChunk(r, 0, r.num_prefill_tokens, last=True, reason="whole") for r in plan.prefill]
+        parts = [*whole, *plan.chunks]
+        self._mark_scheduled([c.request for c in parts])
+        return parts
+
+    def _run_parts(self, chunks: list[PrefillChunk], results: StepResults, decode: bool) -> None:
+        """One forward over prompt parts (and with ``decode`` the batch's rows); then the rows'
+        tokens, and each finished prompt's first token and join."""
+        parts = [self._part(c) for c in chunks]
+        if decode:
+            self._count_decode(results)
+        start = time.perf_counter()
+        try:
+            if self.runner.can_pack:
+                out = self.runner.run_packed(parts, decode)
+                decode_logits, prefilled = out.decode_logits, out.prefilled
+            else:
+                part = parts[0]
+                decode_logits, prefilled = None, [self.runner.prefill_chunk(
+                    part.request_id, part.tokens, part.start, part.last, part.scores)]
+        except Exception as error:
+            if decode or len(chunks) > 1:  # a failure ends only its own requests: run the parts apart
+                log.warning("packed step failed (%s); running its parts apart", error)
+                if decode:
+                    self._decode(results, counted=True)
+                for chunk in chunks:
+                    self._run_parts([chunk], results, decode=False)
+                return
+            self.runner.drop_chunk(chunks[0].request.request_id)
+            self._fail([chunks[0].request], f"prefill failed: {error}", results)
+            return
+        finally:
+            elapsed = time.perf_counter() - start
+            if decode:
+                results.decode_s = elapsed
+            else:
+                results.chunk_s += elapsed
+        for chunk, part in zip(chunks, parts):
+            if chunk.start == 0 and chunk.last:
+                results.prefill_tokens += len(part.tokens)  # a whole prompt
+            else:
+                results.chunk_tokens += len(part.tokens)
+        if decode_logits is not None:
+            self._apply_decode(decode_logits, results)
+        for chunk, done in zip(chunks, prefilled):
+            if done is not None:
+                self._join([chunk.request], done, results)
+
+    def _part(self, chunk: PrefillChunk) -> PromptPart:
         request = chunk.request
-        self._mark_scheduled([request])
-        tokens = request.prefill_token_ids(chunk.start, chunk.stop)
         # Positions [start, stop) score prompt tokens [start + 1, stop + 1) (the next chunk's first).
         scores = ((request.prompt_token_ids[chunk.start + 1: chunk.stop + 1], request.params.prompt_logprobs)
                   if request.wants_prompt_logprobs else None)
-        start = time.perf_counter()
-        try:
-            prefilled = self.runner.prefill_chunk(request.request_id, tokens, chunk.start, chunk.last, scores)
-        except Exception as error:
-            self.runner.drop_chunk(request.request_id)
-            self._fail([request], f"prefill failed: {error}", results)
-            return
-        finally:
-            results.chunk_s += time.perf_counter() - start
-        results.chunk_tokens += len(tokens)
-        if prefilled is not None:
-            self._join([request], prefilled, results)
+        return PromptPart(request.request_id, request.prefill_token_ids(chunk.start, chunk.stop), chunk.start,
+                          request.num_prefill_tokens, request.num_prompt_tokens, chunk.last, scores)
 
     def _mark_scheduled(self, requests: list[Request]) -> None:
         now = time.monotonic()
@@ -260,9 +307,23 @@ class EngineCore:
         tokens = sample(logits, [self.tracked[c.request_id].sampler for _, c in drawn], self.grammars)
         return {c.request_id: token for (_, c), token in zip(drawn, tokens)}
 
-    def _decode(self, results: StepResults) -> None:
+    def _decode(self, results: StepResults, counted: bool = False) -> None:
         """One token for every row. A row whose request already finished (a run-to-completion
         rider) is decoded with the rest and its token discarded."""
+        if not counted:
+            self._count_decode(results)
+        start = time.perf_counter()
+        try:
+            logits = self.runner.decode()  # [B, V]
+        except Exception as error:  # a batch-wide failure: every running request ends with it
+            log.exception("decode step failed")
+            self._fail(self._unfinished_rows(), f"decode failed: {error}", results)
+            return
+        finally:
+            results.decode_s = time.perf_counter() - start
+        self._apply_decode(logits, results)
+
+    def _count_decode(self, results: StepResults) -> None:
         runner = self.runner
         slots = runner.cache.num_slots()
         padding = slots - runner.num_cached_tokens()
@@ -270,19 +331,16 @@ class EngineCore:
         self.kv_padding_slots_total += padding
         results.decode_rows, results.decode_context = runner.num_rows, runner.cache.length + 1
         results.decode_slots, results.decode_padding_slots = slots, padding
-        start = time.perf_counter()
-        try:
-            logits = runner.decode()  # [B, V]
-        except Exception as error:  # a batch-wide failure: every running request ends with it
-            log.exception("decode step failed")
-            self._fail([self.tracked[rid].request for rid in runner.row_ids
-                        if not self.tracked[rid].request.status.finished], f"decode failed: {error}", results)
-            return
-        finally:
-            results.decode_s = time.perf_counter() - start
-        rows = [self.tracked[rid] for rid in runner.row_ids]
+
+    def _unfinished_rows(self) -> list[Request]:
+        return [self.tracked[rid].request for rid in self.runner.row_ids
+                if not self.tracked[rid].request.status.finished]
+
+    def _apply_decode(self, logits, results: StepResults) -> None:
+        """Sample each row's token from the decode logits ``[B, V]`` and deliver it."""
+        rows = [self.tracked[rid] for rid in self.runner.row_ids]
         tokens = sample(logits, [t.sampler for t in rows], self.grammars)
-        runner.set_next_tokens([t.token_id for t in tokens])
+        self.runner.set_next_tokens([t.token_id for t in tokens])
         for tracked, token in zip(rows, tokens):
             if tracked.request.status.finished:
                 continue
@@ -340,6 +398,24 @@ class EngineCore:
 
     # --- observability ----------------------------------------------------------------------
 
+    def _observe_cost(self, plan: StepPlan, results: StepResults, seconds: float) -> None:
+        """Teach the step cost model what this step's work took (steps that ran a forward)."""
+        shape = StepShape()
+        if results.decode_rows:
+            shape = shape + decode_shape(results.decode_rows, results.decode_context)
+        prompts = bool(plan.prefill or plan.chunks)
+        if self.runner.can_pack:  # prompts in one packed forward; fused, the decode rows' too
+            forwards = bool(results.decode_rows) + (prompts and not (plan.fused and results.decode_rows))
+        else:
+            forwards = bool(results.decode_rows) + bool(plan.prefill) + len(plan.chunks)
+        shape = shape + StepShape(forwards=forwards)
+        for request in plan.prefill:
+            shape = shape + prompt_shape(0, request.num_prefill_tokens, True)
+        for chunk in plan.chunks:
+            shape = shape + prompt_shape(chunk.start, chunk.stop - chunk.start, chunk.last)
+        if shape.forwards and self.scheduler.step_cost is not None:
+            self.scheduler.step_cost.observe(shape, seconds)
+
     def _record(self, start: float, plan: StepPlan, results: StepResults) -> StepRecord:
         end = time.perf_counter()
         slots = results.decode_slots
@@ -349,7 +425,10 @@ class EngineCore:
             decode_rows=results.decode_rows, context=results.decode_context,
             padding_ratio=results.decode_padding_slots / slots if slots else 0.0,
             batch_rows=self.runner.num_rows, preempted=len(plan.preempt), resumed=len(plan.resume),
-            joined=len(results.joined), finished=len(results.finished))
+            joined=len(results.joined), finished=len(results.finished),
+            fused=plan.fused and self.runner.can_pack and bool(plan.prefill or plan.chunks) and bool(results.decode_rows),
+            predicted_s=plan.predicted_s, chunk_sizes=tuple(c.stop - c.start for c in plan.chunks),
+            chunk_reasons=tuple(c.reason for c in plan.chunks))
 
     def stats(self) -> EngineStats:
         """A snapshot from counters and row positions (no mask reduction, no device sync)."""

@@ -6,8 +6,13 @@ executes the scheduler's plan through it, and it never calls the scheduler. All 
 inputs (mask, positions, cache views) are built here and in ``kv_cache``.
 
 State: the batch (``cache`` plus per-row ``row_ids``, ``next_tokens``, ``positions``, all
-index-aligned) and, apart from it, one ``DynamicCache`` per prompt whose chunked prefill is
-under way (``chunks``, with the prompt scores of its chunks so far in ``chunk_scores``).
+index-aligned) and, apart from it, the K/V of each prompt whose prefill is under way: a
+``PromptKV`` for packed steps (``prompts``), or a ``DynamicCache`` for models that cannot
+pack (``chunks``), each with its parts' prompt scores so far (``chunk_scores``).
+
+Two ways to run prompts: ``run_packed`` (prompt parts, and with ``decode`` the batch's decode
+rows, in one packed forward: see ``packed.py``), where the model allows (``can_pack``); else
+``prefill`` (whole prompts, left-padded together) and ``prefill_chunk``.
 
 A prefill row can be embedded several times (``embed`` with a repeated row): that is how the
 choices of an ``n`` > 1 request fork from its one prefill.
@@ -23,6 +28,7 @@ from transformers import DynamicCache
 from .. import row_attention
 from ..model import LoadedModel
 from .kv_cache import BatchKVCache, RowKV
+from .packed import PackedCache, PromptKV, Segment
 from .prompt_logprobs import PromptScores, capture_hidden, head_is_plain, score
 
 # What a prefill row scores of its prompt (``prompt_logprobs``): (the tokens its positions
@@ -40,6 +46,25 @@ class Prefilled:
     mask: torch.Tensor
     last_logits: torch.Tensor  # [n, V] logits at each row's last prompt token
     prompt_scores: dict[int, PromptScores] = field(default_factory=dict)  # row -> its prompt's logprobs
+
+
+@dataclass
+class PromptPart:
+    """Tokens ``[start, start + len(tokens))`` of a request's prefill, for a packed step."""
+
+    request_id: str
+    tokens: list[int]
+    start: int
+    total: int  # the tokens its prefill computes in all (prompt, plus replayed outputs)
+    prompt_len: int  # positions >= this are replayed outputs
+    last: bool  # the prefill's last part: it returns ``Prefilled``
+    scores: ScoreRequest | None = None
+
+
+@dataclass
+class PackedOutput:
+    decode_logits: torch.Tensor | None  # [B, V]: the decode rows', if the step decoded
+    prefilled: list[Prefilled | None]  # per part: ``Prefilled`` after its prefill's last part
 
 
 @dataclass
@@ -69,11 +94,15 @@ class ModelRunner:
         self.positions: list[int] = []  # that token's position (= real tokens before it)
         self.padded_rows = dict(padded_rows or {})
         self.chunks: dict[str, DynamicCache] = {}  # request id -> its chunked prefill's cache so far
+        self.prompts: dict[str, PromptKV] = {}  # request id -> its packed prefill's K/V so far
         self.chunk_scores: dict[str, list[PromptScores]] = {}  # ... and its chunks' prompt scores
         # Prompt logprobs are exact only for a model whose logits are its plain output head
         # (see prompt_logprobs); checked once, with a 2-token forward.
         self.scores_prompts = head_is_plain(self.model, self.device)
-        self.per_row_attention = row_attention.installed(self.model)  # int8: rows attend as if alone
+        # Rows attend as if alone (int8); packed steps need Baton's attention function (installed
+        # here too for models built outside ``load_model``, where the model allows it).
+        self.per_row_attention = row_attention.rows_attend_alone(self.model)
+        self.can_pack = row_attention.install(self.model)
 
     @property
     def num_rows(self) -> int:
@@ -155,14 +184,87 @@ class ModelRunner:
 
     def drop_chunk(self, request_id: str) -> None:
         self.chunks.pop(request_id, None)
+        self.prompts.pop(request_id, None)
         self.chunk_scores.pop(request_id, None)
+
+    def prefilled_tokens(self, request_id: str) -> int | None:
+        """Tokens of an unfinished prefill computed so far; None if it has none under way."""
+        if request_id in self.prompts:
+            return self.prompts[request_id].filled
+        cache = self.chunks.get(request_id)
+        return None if cache is None else cache.get_seq_length()
 
     def discard(self, request_id: str) -> None:
         """Drop a request's K/V wherever it is: its row, or its unfinished chunked prefill."""
-        if request_id in self.chunks:
+        if request_id in self.chunks or request_id in self.prompts:
             self.drop_chunk(request_id)
         else:
             self.remove([request_id])
+
+    # --- packed steps ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run_packed(self, parts: list[PromptPart], decode: bool) -> PackedOutput:
+        """One forward over prompt ``parts`` and, with ``decode``, one token of every batch row.
+
+        The sequence is ``[1, N]``: the rows' next tokens, then each part's tokens (see
+        ``packed.py``). Logits are kept for the rows and for each last part's last token only.
+        """
+        rows = self.num_rows if decode else 0
+        segments, offset = [], rows
+        for part in parts:
+            kv = self.prompts.get(part.request_id) if part.start else None
+            if kv is None:
+                kv = self.prompts[part.request_id] = PromptKV(
+                    self.cache.num_layers, self.cache.num_kv_heads, self.cache.head_dim, part.total,
+                    self.dtype, self.device, zeroed=self.per_row_attention)
+                self.chunk_scores[part.request_id] = []
+            assert kv.filled == part.start, "parts must arrive in order"
+            segments.append(Segment(kv, offset, part.start, len(part.tokens), part.prompt_len))
+            offset += len(part.tokens)
+        input_ids = self.next_tokens[:rows] + [t for part in parts for t in part.tokens]
+        positions = self.positions[:rows] + [p for s in segments for p in range(s.start, s.stop)]
+        keep = list(range(rows)) + [s.offset + s.length - 1 for s, p in zip(segments, parts) if p.last]
+        decode_mask = self.cache.begin_step(rows) if rows else None
+        packed = PackedCache(self.cache, rows, decode_mask, segments,
+                             [p + 1 for p in self.positions] if self.per_row_attention else None)
+        try:
+            with capture_hidden(self.model, enabled=any(p.scores is not None for p in parts)) as hidden:
+                out = self.model(input_ids=torch.tensor([input_ids], device=self.device),
+                                 position_ids=torch.tensor([positions], device=self.device),
+                                 # A ready 4-D mask is used as is; the packed cache masks each part.
+                                 attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),
+                                 past_key_values=packed, use_cache=True,
+                                 logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
+                                 **{row_attention.PACKED: packed})
+        except BaseException:
+            if rows:
+                self.cache.abort_step()
+            raise
+        if rows:
+            self.cache.end_step()
+            self.positions = [p + 1 for p in self.positions]
+        logits = out.logits[0]  # [len(keep), V]
+        prefilled: list[Prefilled | None] = []
+        done = rows
+        for segment, part in zip(segments, parts):
+            segment.kv.filled = segment.stop
+            if part.scores is not None:
+                hidden_part = hidden[0][0, segment.offset: segment.offset + segment.length]
+                self.chunk_scores[part.request_id].append(score(self.model, hidden_part, *part.scores))
+            if not part.last:
+                prefilled.append(None)
+                continue
+            prefilled.append(self._prompt_done(part, logits[done: done + 1]))
+            done += 1
+        return PackedOutput(logits[:rows] if rows else None, prefilled)
+
+    def _prompt_done(self, part: PromptPart, last_logits: torch.Tensor) -> Prefilled:
+        kv = self.prompts.pop(part.request_id)
+        parts = self.chunk_scores.pop(part.request_id)
+        mask = torch.ones(1, kv.length, dtype=torch.bool, device=self.device)
+        return Prefilled([part.request_id], kv.keys, kv.values, mask, last_logits,
+                         {0: PromptScores.cat(parts)} if part.scores is not None else {})
 
     @torch.inference_mode()
     def embed(self, prefilled: Prefilled, rows: list[int], next_tokens: list[int],
@@ -260,4 +362,5 @@ class ModelRunner:
         self.cache.release()
         self.row_ids, self.next_tokens, self.positions = [], [], []
         self.chunks.clear()
+        self.prompts.clear()
         self.chunk_scores.clear()

@@ -32,8 +32,10 @@ import math
 from dataclasses import dataclass
 
 from ..config import PolicyConfig
+from .budget import StepBudget
 from .request import Request, RequestOutput, RequestStatus
 from .step import Preemption, PrefillChunk, StepPlan, StepResults, StepUpdate
+from .step_cost import StepCostModel
 
 # --- pure decisions -----------------------------------------------------------------------
 
@@ -89,13 +91,6 @@ def padding_ratio_after(real_tokens: int, rows: int, length: int, new_len: int) 
     return 1.0 - (real_tokens + new_len) / slots
 
 
-def next_chunk(request: Request, limit: int) -> PrefillChunk:
-    """The next ``limit`` tokens of a prompt too long for one step, from its computed count."""
-    start, total = request.num_computed_tokens, request.num_prefill_tokens
-    stop = min(start + limit, total)
-    return PrefillChunk(request, start, stop, last=stop == total)
-
-
 def _rows(request: Request) -> list[tuple[int, int]]:
     """``(length, remaining steps)`` of each row the request holds or will hold (its forks'
     too), as ``projected_peak_slots`` sees them."""
@@ -116,38 +111,17 @@ class BatchView:
 UNLIMITED = 1 << 62
 
 
-class PrefillBudget:
-    """Tokens one step may prefill, counted as the forward pass really costs them.
+@dataclass
+class Room:
+    """Who holds or is being given rows while a plan is made, and the batch's shape after them."""
 
-    Prompts that fit the budget are prefilled together, left-padded to the longest, so a
-    group costs ``rows * width``; a longer prompt is chunked and costs one chunk. The first
-    prompt of a step is always admitted, so nothing waits forever behind the budget.
-    """
+    present: list[Request]
+    rows: int  # the batch's rows
+    length: int  # its live columns
+    real_tokens: int
 
-    def __init__(self, limit: int, reserved: int = 0) -> None:
-        self.limit = limit
-        self.chunk_tokens = reserved  # owed to chunked prompts this step
-        self.group_rows = 0
-        self.group_width = 0
-
-    @property
-    def spent(self) -> int:
-        return self.chunk_tokens + self.group_rows * self.group_width
-
-    def cost_with(self, width: int) -> int:
-        if width > self.limit:
-            return self.spent + self.limit
-        return self.chunk_tokens + (self.group_rows + 1) * max(self.group_width, width)
-
-    def admits(self, width: int) -> bool:
-        return self.spent == 0 or self.cost_with(width) <= self.limit
-
-    def add(self, width: int) -> None:
-        if width > self.limit:
-            self.chunk_tokens += self.limit
-        else:
-            self.group_rows += 1
-            self.group_width = max(self.group_width, width)
+    def slots(self) -> list[tuple[int, int]]:
+        return [row for r in self.present for row in _rows(r)]
 
 
 # --- the scheduler ------------------------------------------------------------------------
@@ -163,6 +137,7 @@ class Scheduler:
         self.swapped: list[Request] = []
         self.prefilling: dict[str, Request] = {}
         self.running: dict[str, Request] = {}
+        self.step_cost: StepCostModel | None = None  # set by the engine core; no time budget without it
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -177,62 +152,106 @@ class Scheduler:
 
     @property
     def prefill_token_limit(self) -> int:
-        """Prefill tokens per step; a prompt longer than this is prefilled in chunks of it."""
+        """Prefill tokens per step at most; a longer prompt is prefilled in chunks."""
         return self.policy.limits.max_prefill_tokens
 
     # --- planning ---------------------------------------------------------------------------
 
     def schedule(self, now: float, batch: BatchView) -> StepPlan:
-        plan = StepPlan()
-        limit = self.prefill_token_limit
-        ongoing = next(iter(self.prefilling.values()), None)
-        admitted: list[Request] = []
-        if self.waiting or self.swapped:
-            owed = next_chunk(ongoing, limit) if ongoing is not None else None
-            budget = PrefillBudget(limit, 0 if owed is None else owed.stop - owed.start)
-            admitted = self._admit(now, batch, plan, budget)
-        # Chunking is decided here, once, from what is left to compute.
-        plan.prefill = [r for r in admitted if r.num_prefill_tokens <= limit]
+        """Admit, preempt and resume; then give the step's prefill budget to whole prompts
+        first (short newcomers never wait behind a long prompt), and what is left to the
+        prompts being chunked, most urgent and oldest first."""
+        plan = StepPlan(fused=self._fuses())
+        budget = self._budget(batch, plan.fused)
+        room = Room([*self.running.values(), *self.prefilling.values()], batch.rows, batch.length,
+                    batch.real_tokens)
+        ongoing = self._chunk_order(now, plan, [])
+        if ongoing:
+            budget.reserve(ongoing[0].num_prefill_tokens - ongoing[0].num_computed_tokens)
+        too_long = self._admit(now, plan, budget, room) if self.waiting or self.swapped else []
+        self._plan_chunks(now, plan, budget, room, too_long)
         preempted = {p.request for p in plan.preempt}
-        chunk_order = [*self.prefilling.values(), *(r for r in admitted if r.num_prefill_tokens > limit)]
-        plan.chunk = next((next_chunk(r, limit) for r in chunk_order if r not in preempted), None)
         plan.decode = [r for r in self.running.values() if r not in preempted] + plan.resume
+        plan.predicted_s = budget.predicted_s() if budget.target_s is not None else None
         return plan
 
-    def _admit(self, now: float, batch: BatchView, plan: StepPlan, budget: PrefillBudget) -> list[Request]:
+    def _fuses(self) -> bool:
+        return self.policy.prefill.mode == "fused"
+
+    def _budget(self, batch: BatchView, fused: bool) -> StepBudget:
+        timed = self.policy.prefill.budget == "time" and self.step_cost is not None
+        target_ms = self.policy.step_target_ms if timed else None
+        return StepBudget(self.prefill_token_limit, self.step_cost,
+                          None if target_ms is None else target_ms / 1000, batch.rows, batch.length + 1, fused)
+
+    def _admit(self, now: float, plan: StepPlan, budget: StepBudget, room: Room) -> list[Request]:
         """Admit waiting and swapped requests in order while they fit, preempting for them.
 
-        Fills ``plan.preempt`` and ``plan.resume``; returns the requests to prefill (new or
-        recompute-resumed). The head of the line that cannot fit stops admission: order is kept.
+        Fills ``plan.preempt``, ``plan.resume`` and ``plan.prefill`` (new or recompute-resumed
+        prompts that fit the budget whole). Returns, in order, the newcomers too long for any
+        one step, which ``_plan_chunks`` may admit. The head of the line that cannot fit the
+        batch, or must wait for an emptier step, stops admission: order is kept.
         """
-        present = [*self.running.values(), *self.prefilling.values()]  # holding or getting rows
-        rows = [row for r in present for row in _rows(r)]
-        admitted: list[Request] = []
-        batch_rows, batch_len, real_tokens = batch.rows, batch.length, batch.real_tokens
-        for candidate in self._candidates(now, batch_len):
+        too_long: list[Request] = []
+        for candidate in self._candidates(now, room.length):
             swapped = candidate in self.swapped
-            if not swapped and not budget.admits(candidate.num_prefill_tokens):
-                break  # prefill budget for this step is spent
-            if self._held_back_for_padding(candidate, now, batch_rows, batch_len, real_tokens, present):
-                continue
-            entry = _rows(candidate)
-            while not self._fits(rows + entry):
-                victim = self._victim(present, candidate, plan, admitted)
-                if victim is None:
-                    return admitted  # head of line can't fit: keep order, try next step
-                present.remove(victim)
-                rows = [row for r in present for row in _rows(r)]
-                plan.preempt.append(Preemption(victim, self._preemption_mode(victim)))
-                batch_rows -= 1
-                real_tokens -= victim.num_tokens
-            (plan.resume if swapped else admitted).append(candidate)
-            present.append(candidate)
-            rows.extend(entry)
+            total = candidate.num_prefill_tokens
             if not swapped:
-                budget.add(candidate.num_prefill_tokens)  # one prefill, whatever its rows
-            batch_rows, batch_len = batch_rows + len(entry), max(batch_len, candidate.num_tokens)
-            real_tokens += candidate.num_tokens * len(entry)
-        return admitted
+                if not budget.fits_alone(total):
+                    too_long.append(candidate)  # chunked, after the prompts under way
+                    continue
+                grant = budget.room(0, total)
+                if grant.count < total:
+                    break  # this step's prefill budget is spent
+            if self._held_back_for_padding(candidate, now, room):
+                continue
+            if not self._make_room(candidate, plan, room):
+                break  # head of line can't fit: keep order, try next step
+            if swapped:
+                plan.resume.append(candidate)
+            else:
+                plan.prefill.append(candidate)
+                budget.take(grant, total)
+        return too_long
+
+    def _plan_chunks(self, now: float, plan: StepPlan, budget: StepBudget, room: Room,
+                     newcomers: list[Request]) -> None:
+        """Chunks for prompts under way and long newcomers, by urgency then arrival, while the
+        budget lasts. The first always gets the minimum chunk: no prompt starves."""
+        for request in self._chunk_order(now, plan, newcomers):
+            start, total = request.num_computed_tokens, request.num_prefill_tokens
+            grant = budget.chunk(start, total - start, first=not plan.chunks)
+            if grant.count == 0:
+                break
+            if request in newcomers and not self._make_room(request, plan, room):
+                break  # its rows do not fit: it waits, in order
+            budget.take(grant, total - start)
+            plan.chunks.append(PrefillChunk(request, start, grant.stop, grant.stop == total, grant.reason))
+
+    def _chunk_order(self, now: float, plan: StepPlan, newcomers: list[Request]) -> list[Request]:
+        """Prompts under way (not preempted by ``plan``) and ``newcomers``, by urgency then arrival."""
+        preempted = {p.request for p in plan.preempt}
+        ongoing = [r for r in self.prefilling.values() if r not in preempted]
+        return sorted([*ongoing, *newcomers], key=lambda r: waiting_key(r, now, self.policy.aging_s))
+
+    def _make_room(self, candidate: Request, plan: StepPlan, room: Room) -> bool:
+        """Fit ``candidate``'s rows in the batch, preempting less urgent requests if need be."""
+        entry = _rows(candidate)
+        slots = room.slots()
+        while not self._fits(slots + entry):
+            victim = self._victim(room.present, candidate, plan)
+            if victim is None:
+                return False
+            room.present.remove(victim)
+            slots = room.slots()
+            plan.preempt.append(Preemption(victim, self._preemption_mode(victim)))
+            room.rows -= 1
+            room.real_tokens -= victim.num_tokens
+        room.present.append(candidate)
+        room.rows += len(entry)
+        room.length = max(room.length, candidate.num_tokens)
+        room.real_tokens += candidate.num_tokens * len(entry)
+        return True
 
     def _candidates(self, now: float, batch_len: int) -> list[Request]:
         aging = self.policy.aging_s
@@ -248,28 +267,28 @@ class Scheduler:
         return (len(rows) <= limits.max_batch_size
                 and projected_peak_slots(rows, rows_leave=self.rows_leave) <= limits.max_kv_tokens)
 
-    def _victim(self, present: list[Request], candidate: Request, plan: StepPlan,
-                admitted: list[Request]) -> Request | None:
+    def _victim(self, present: list[Request], candidate: Request, plan: StepPlan) -> Request | None:
         """Who to split off for ``candidate``; never a request admitted in this same plan."""
         if self.policy.preemption.mode == "off":
             return None
-        earlier = [r for r in present if r not in admitted and r not in plan.resume]
+        admitted = {*plan.prefill, *plan.resume, *(c.request for c in plan.chunks)}
+        earlier = [r for r in present if r not in admitted]
         return choose_victim(earlier, candidate, self.policy.preemption.max_preemptions_per_request)
 
     def _preemption_mode(self, victim: Request) -> str:
         # A prompt whose chunked prefill is under way has no row to swap: it starts over.
         return "recompute" if victim.request_id in self.prefilling else self.policy.preemption.mode
 
-    def _held_back_for_padding(self, candidate: Request, now: float, rows: int, length: int,
-                               real_tokens: int, running: list[Request]) -> bool:
+    def _held_back_for_padding(self, candidate: Request, now: float, room: Room) -> bool:
         """Length-aware admission: don't let a non-urgent newcomer bloat the padding."""
-        if rows == 0:
+        if room.rows == 0:
             return False
+        running = room.present
         if running and candidate.priority < min(r.priority for r in running):
             return False  # more urgent than everything running
         if now - candidate.times.arrival >= self.policy.aging_s:
             return False  # waited long enough: padding is no reason to starve it
-        ratio = padding_ratio_after(real_tokens, rows, length, candidate.num_tokens)
+        ratio = padding_ratio_after(room.real_tokens, room.rows, room.length, candidate.num_tokens)
         return ratio > self.policy.padding.max_padding_ratio
 
     # --- applying a step ----------------------------------------------------------------------
@@ -280,12 +299,12 @@ class Scheduler:
             self._requeue(preemption)
         for request in (*plan.resume, *results.joined):
             self._to_running(request)
-        chunk = plan.chunk
-        if chunk is not None and not chunk.request.status.finished:
-            chunk.request.num_computed_tokens = chunk.stop
-            if not chunk.last:
-                self._to_prefilling(chunk.request)
-        for request in (*plan.prefill, *([chunk.request] if chunk is not None and chunk.last else [])):
+        for chunk in plan.chunks:
+            if not chunk.request.status.finished:
+                chunk.request.num_computed_tokens = chunk.stop
+                if not chunk.last:
+                    self._to_prefilling(chunk.request)
+        for request in (*plan.prefill, *(c.request for c in plan.chunks if c.last)):
             request.release_forks()  # its choices joined as copies of its row, or ended
         for request in (*plan.decode, *results.joined):
             request.num_computed_tokens = request.num_tokens - 1  # a row caches all but its pending token
@@ -373,8 +392,13 @@ class RunToCompletionScheduler(Scheduler):
             return StepPlan(decode=list(self.running.values()))  # nothing joins midway
         return super().schedule(now, batch)
 
-    def _victim(self, present: list[Request], candidate: Request, plan: StepPlan,
-                admitted: list[Request]) -> Request | None:
+    def _fuses(self) -> bool:
+        return False  # its batches are prefilled apart, left-padded together
+
+    def _budget(self, batch: BatchView, fused: bool) -> StepBudget:
+        return StepBudget(UNLIMITED)  # the whole batch is prefilled at once
+
+    def _victim(self, present: list[Request], candidate: Request, plan: StepPlan) -> Request | None:
         return None
 
     def _held_back_for_padding(self, *args) -> bool:

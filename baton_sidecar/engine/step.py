@@ -35,6 +35,7 @@ class PrefillChunk:
     start: int  # = request.num_computed_tokens when planned
     stop: int
     last: bool  # the prompt's last chunk: the request samples its first token and joins the batch
+    reason: str = "tokens"  # why it has this size (``budget.Grant.reason``)
 
 
 @dataclass
@@ -42,22 +43,25 @@ class StepPlan:
     """Everything one step does, decided by the scheduler before any model work.
 
     Executed in field order: preempt, resume, prefill (together, apart from the batch),
-    chunk, then one decode pass over every row of the batch.
+    chunks, then one decode pass over every row of the batch; or, ``fused``, prefill and
+    chunks ride in the decode pass (one packed forward, see ``packed.py``).
     """
 
     preempt: list[Preemption] = field(default_factory=list)  # rows split off the batch
     resume: list[Request] = field(default_factory=list)  # swapped rows embedded back
     prefill: list[Request] = field(default_factory=list)  # new or recompute-resumed, prefilled whole
-    chunk: PrefillChunk | None = None  # the next chunk of the oldest prompt too long for one step
+    chunks: list[PrefillChunk] = field(default_factory=list)  # parts of prompts too long for this step
     # Rows decoded this step that were in the batch before it (riders of a run-to-completion
     # batch included) plus the resumed ones. Newcomers that join this step (``prefill``, a
     # last ``chunk``) are decoded with them unless their first token finished them.
     decode: list[Request] = field(default_factory=list)
+    fused: bool = False
+    predicted_s: float | None = None  # the step cost model's prediction, with a time budget
 
     @property
     def empty(self) -> bool:
         """Nobody joins or leaves: a plain decode step."""
-        return not (self.preempt or self.resume or self.prefill or self.chunk)
+        return not (self.preempt or self.resume or self.prefill or self.chunks)
 
 
 @dataclass
@@ -101,7 +105,7 @@ class StepRecord:
     prefill_tokens: int  # tokens of the prompts prefilled whole (real, not padded)
     chunk_s: float  # the chunked-prefill forward
     chunk_tokens: int
-    decode_s: float  # the decode forward (ModelRunner.decode)
+    decode_s: float  # the decode forward (ModelRunner.decode; fused: the whole packed forward)
     decode_rows: int  # 0: no decode this step
     context: int  # columns the decode attended to (live length + the new one)
     padding_ratio: float  # padding share of the live window the decode read
@@ -110,3 +114,7 @@ class StepRecord:
     resumed: int
     joined: int
     finished: int
+    fused: bool = False  # prompts rode in the decode forward
+    predicted_s: float | None = None  # what the step cost model predicted (time budget only)
+    chunk_sizes: tuple[int, ...] = ()  # each chunk's tokens ...
+    chunk_reasons: tuple[str, ...] = ()  # ... and why that size (``budget``: whole, time, tokens, floor)

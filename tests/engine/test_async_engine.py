@@ -67,15 +67,22 @@ async def test_finished_rows_leave_while_others_keep_running(engine):
 
 
 async def test_a_failing_prefill_ends_only_its_own_requests(engine, monkeypatch):
+    """Whether prompts run apart or in the decode rows' packed forward (then it is retried apart)."""
     runner = engine.core.runner
-    real_prefill = runner.prefill
+    real_prefill, real_packed = runner.prefill, runner.run_packed
 
     def flaky_prefill(request_ids, token_lists, *args):
         if any(tokens[0] == 66 for tokens in token_lists):
             raise RuntimeError("boom")
         return real_prefill(request_ids, token_lists, *args)
 
+    def flaky_packed(parts, decode):
+        if any(part.tokens[0] == 66 for part in parts):
+            raise RuntimeError("boom")
+        return real_packed(parts, decode)
+
     monkeypatch.setattr(runner, "prefill", flaky_prefill)
+    monkeypatch.setattr(runner, "run_packed", flaky_packed)
     healthy = engine.submit([5, 6], SamplingParams(max_tokens=40, **GREEDY))
     await wait_until(lambda: engine.stats().batch_size == 1)
     broken = await engine.generate([66, 6], SamplingParams(max_tokens=5, **GREEDY))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from baton_sidecar.config import EngineConfig, Limits, PolicyConfig, PreemptionPolicy
+from baton_sidecar.config import EngineConfig, Limits, PolicyConfig, PreemptionPolicy, PrefillPolicy
 from baton_sidecar.engine.core import EngineCore
 from baton_sidecar.engine.request import Request, RequestStatus, RequestTimes, SamplingParams
 from baton_sidecar.engine.step import StepRecord
@@ -28,9 +28,9 @@ def check_mirrors(core: EngineCore) -> None:
         req = scheduler.running[rid]
         if not req.status.finished:
             assert req.num_computed_tokens == runner.positions[row] == req.num_tokens - 1
-    assert sorted(scheduler.prefilling) == sorted(runner.chunks)
+    assert sorted(scheduler.prefilling) == sorted([*runner.prompts, *runner.chunks])
     for rid, req in scheduler.prefilling.items():
-        assert runner.chunks[rid].get_seq_length() == req.num_computed_tokens < req.num_prefill_tokens
+        assert runner.prefilled_tokens(rid) == req.num_computed_tokens < req.num_prefill_tokens
     assert sorted(core.swapped_kv) == sorted(r.request_id for r in scheduler.swapped)
     assert runner.num_cached_tokens() == runner.cache.num_real_tokens()
     queued = [*scheduler.waiting, *scheduler.swapped, *scheduler.prefilling.values(), *scheduler.running.values()]
@@ -52,10 +52,11 @@ def run(core: EngineCore, tokens: dict[str, list[int]] | None = None, max_steps:
     raise AssertionError("the engine did not drain")
 
 
+@pytest.mark.parametrize("prefill", ["fused", "separate"])
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_scheduler_state_mirrors_the_runner_through_chunks_and_preemptions(tiny_model, mode):
+def test_scheduler_state_mirrors_the_runner_through_chunks_and_preemptions(tiny_model, mode, prefill):
     policy = PolicyConfig(limits=Limits(max_batch_size=2, max_prefill_tokens=8),
-                          preemption=PreemptionPolicy(mode=mode))
+                          preemption=PreemptionPolicy(mode=mode), prefill=PrefillPolicy(mode=prefill))
     core = EngineCore(tiny_model, EngineConfig(decode_row_padding="off"), policy)
     records: list[StepRecord] = []
     core.step_observer = records.append
@@ -63,8 +64,10 @@ def test_scheduler_state_mirrors_the_runner_through_chunks_and_preemptions(tiny_
     core.add(request("two", [4, 5], 2, priority=0, arrival=0.0))  # joins and finishes in one step
     core.add(request("low-b", list(range(2, 22)), 30, priority=10, arrival=1.0))  # 20 tokens: chunks of 8
     tokens: dict[str, list[int]] = {}
-    for _ in range(4):
+    for _ in range(6):  # fused: a newcomer's second token comes a step later (not in its prefill's step)
         step(core, tokens)
+        if core.scheduler.running.keys() == {"low-a", "low-b"}:
+            break
     assert core.scheduler.running.keys() == {"low-a", "low-b"}
     core.add(request("urgent", [9, 10], 5, priority=0, arrival=2.0))
     run(core, tokens)
@@ -76,7 +79,7 @@ def test_scheduler_state_mirrors_the_runner_through_chunks_and_preemptions(tiny_
     if mode == "swap":  # embedded back from host memory, nothing recomputed
         assert len(chunks) == 3 and sum(r.resumed for r in records) == 1
     else:  # low-b re-prefills its prompt and generated tokens but the pending one, chunk by chunk
-        assert max(chunks[3:]) == 8 and sum(chunks[3:]) > 20
+        assert max(chunks[3:]) == 8 and sum(chunks[3:]) >= 20
 
 
 def test_a_request_preempted_mid_chunked_prefill_starts_over(tiny_model):
@@ -86,11 +89,11 @@ def test_a_request_preempted_mid_chunked_prefill_starts_over(tiny_model):
     core.add(request("long", list(range(2, 12)), 4, priority=10))  # 10 tokens: 8, then 2
     tokens: dict[str, list[int]] = {}
     step(core, tokens)
-    assert core.runner.chunks["long"].get_seq_length() == 8
+    assert core.runner.prefilled_tokens("long") == 8
     core.add(request("urgent", [9, 10], 3, priority=0, arrival=1.0))
     step(core, tokens)
     long_request = core.tracked["long"].request
-    assert "long" not in core.runner.chunks and long_request.num_computed_tokens == 0
+    assert core.runner.prefilled_tokens("long") is None and long_request.num_computed_tokens == 0
     assert long_request.status == RequestStatus.PREEMPTED and core.scheduler.waiting == [long_request]
     run(core, tokens)
     assert len(tokens["long"]) == 4 and len(tokens["urgent"]) == 3

@@ -14,17 +14,14 @@ import pytest
 import torch
 from transformers import DynamicCache, Gemma2Config, LlamaConfig, MistralConfig
 
-from baton_sidecar import quantization, row_attention
+from baton_sidecar import row_attention
 from baton_sidecar.engine.runner import ModelRunner
-from tiny import random_prompts, tiny_loaded_model
+from tiny import random_prompts
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    loaded = tiny_loaded_model(seed=3)
-    quantization.quantize(loaded.model, loaded.tokenizer)
-    assert row_attention.install(loaded.model)
-    return loaded
+def loaded(tiny_int8_model):
+    return tiny_int8_model
 
 
 def alone(model, prompt: list[int], outputs: list[int]) -> list[torch.Tensor]:

@@ -108,7 +108,7 @@ def test_schedule_admits_in_order_within_batch_limit():
     for r in (third, first, second):
         scheduler.add(r)
     plan = scheduler.schedule(now=3.0, batch=BatchView())
-    assert plan.prefill == [first, second] and not plan.preempt and plan.chunk is None
+    assert plan.prefill == [first, second] and not plan.preempt and not plan.chunks
 
 
 def urgent_arrives_at_a_full_batch(mode: str):
@@ -160,13 +160,13 @@ def test_prefill_budget_splits_admissions_across_steps():
     assert len(scheduler.schedule(now=3.0, batch=BatchView()).prefill) == 2
 
 
-def test_prefill_budget_counts_the_padded_group_not_real_tokens():
-    # 30 + 5 real tokens fit a budget of 40, but prefilled together they cost 2 x 30 padded.
+def test_packed_prompts_cost_their_real_tokens():
+    # 30 + 5 real tokens fit a budget of 40: prompts are packed, not left-padded to the longest.
     scheduler = Scheduler(policy(max_prefill_tokens=40))
     long, short = make(prompt=30, arrival=0.0), make(prompt=5, arrival=1.0)
     scheduler.add(long)
     scheduler.add(short)
-    assert scheduler.schedule(now=2.0, batch=BatchView()).prefill == [long]
+    assert scheduler.schedule(now=2.0, batch=BatchView()).prefill == [long, short]
 
 
 def test_chunking_is_planned_once_from_the_computed_token_count():
@@ -175,24 +175,41 @@ def test_chunking_is_planned_once_from_the_computed_token_count():
     scheduler.add(huge)
     scheduler.add(tiny)
     plan = scheduler.schedule(now=2.0, batch=BatchView())
-    assert plan.prefill == [] and plan.chunk == PrefillChunk(huge, 0, 16, last=False)  # its chunk fills the step
+    # The short newcomer goes first, whole; 12 tokens left are less than a chunk worth starting.
+    assert plan.prefill == [tiny] and plan.chunks == []
+    tiny.append_token(7)
+    scheduler.update_from_output(plan, StepResults(joined=[tiny]))
+    assert scheduler.waiting == [huge]
+
+    plan = scheduler.schedule(now=3.0, batch=view(tiny))
+    assert plan.chunks == [PrefillChunk(huge, 0, 16, last=False, reason="tokens")]
     scheduler.update_from_output(plan, StepResults())
     assert scheduler.prefilling == {huge.request_id: huge} and huge.num_computed_tokens == 16
-    assert scheduler.waiting == [tiny]
 
-    plan = scheduler.schedule(now=3.0, batch=BatchView())
-    assert plan.chunk == PrefillChunk(huge, 16, 32, last=False)
-    assert plan.prefill == []  # the step owes a whole chunk: nothing else fits its budget
+    plan = scheduler.schedule(now=4.0, batch=view(tiny))
+    assert plan.chunks == [PrefillChunk(huge, 16, 32, last=False, reason="tokens")]
     scheduler.update_from_output(plan, StepResults())
 
-    plan = scheduler.schedule(now=4.0, batch=BatchView())
-    assert plan.chunk == PrefillChunk(huge, 32, 40, last=True)
-    assert plan.prefill == [tiny]  # 8 tokens owed, 4 more fit
+    plan = scheduler.schedule(now=5.0, batch=view(tiny))
+    assert plan.chunks == [PrefillChunk(huge, 32, 40, last=True, reason="whole")]
     huge.append_token(7)
-    tiny.append_token(7)
-    scheduler.update_from_output(plan, StepResults(joined=[tiny, huge]))
+    scheduler.update_from_output(plan, StepResults(joined=[huge]))
     assert list(scheduler.running) == [tiny.request_id, huge.request_id] and not scheduler.prefilling
-    assert (huge.num_computed_tokens, tiny.num_computed_tokens) == (40, 4)  # all but the pending token
+    assert huge.num_computed_tokens == 40  # all but the pending token
+
+
+def test_a_prompt_under_way_keeps_its_minimum_chunk_while_short_prompts_fill_the_step():
+    scheduler = Scheduler(policy(max_prefill_tokens=32))
+    huge = make(prompt=100, arrival=0.0)
+    scheduler.add(huge)
+    scheduler.update_from_output(scheduler.schedule(0.0, BatchView()), StepResults())
+    assert huge.num_computed_tokens == 32
+    shorts = [make(prompt=10, arrival=1.0 + i) for i in range(3)]  # 30 tokens: would fill the step
+    for short in shorts:
+        scheduler.add(short)
+    plan = scheduler.schedule(now=4.0, batch=BatchView())
+    assert plan.prefill == shorts[:1]  # 16 of 32 tokens are held for the prompt under way ...
+    assert plan.chunks == [PrefillChunk(huge, 32, 54, last=False, reason="tokens")]  # ... which gets the rest
 
 
 def test_a_recompute_resumed_request_is_chunked_by_what_it_re_prefills():
@@ -201,22 +218,22 @@ def test_a_recompute_resumed_request_is_chunked_by_what_it_re_prefills():
     scheduler = Scheduler(policy(max_prefill_tokens=16))
     scheduler.add(resumed)
     plan = scheduler.schedule(now=1.0, batch=BatchView())
-    assert plan.prefill == [resumed] and plan.chunk is None
+    assert plan.prefill == [resumed] and not plan.chunks
     assert resumed.prefill_token_ids() == resumed.prompt_token_ids
 
 
 def test_a_prompt_mid_chunked_prefill_is_preempted_by_recompute_even_in_swap_mode():
     scheduler = Scheduler(PolicyConfig(limits=Limits(max_batch_size=1, max_prefill_tokens=8),
                                        preemption=PreemptionPolicy(mode="swap")))
-    long_low = make(priority=10, prompt=10, arrival=0.0)  # 8 tokens, then 2 (room for 6 more that step)
+    long_low = make(priority=10, prompt=10, arrival=0.0)  # 8 tokens, then 2
     scheduler.add(long_low)
     scheduler.update_from_output(plan := scheduler.schedule(0.0, BatchView()), StepResults())
-    assert plan.chunk.request is long_low and long_low.num_computed_tokens == 8
+    assert plan.chunks[0].request is long_low and long_low.num_computed_tokens == 8
     urgent = make(priority=0, prompt=4, arrival=1.0)
     scheduler.add(urgent)
     plan = scheduler.schedule(now=1.0, batch=BatchView())
     assert [(p.request, p.mode) for p in plan.preempt] == [(long_low, "recompute")]
-    assert plan.prefill == [urgent] and plan.chunk is None  # its chunk is not planned any more
+    assert plan.prefill == [urgent] and not plan.chunks  # its chunk is not planned any more
     scheduler.update_from_output(plan, StepResults(joined=[urgent]))
     assert scheduler.waiting == [long_low] and long_low.num_computed_tokens == 0  # starts over later
     assert long_low.status == RequestStatus.PREEMPTED and long_low.num_preemptions == 1

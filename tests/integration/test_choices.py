@@ -35,13 +35,17 @@ async def test_n_choices_share_one_prefill_and_seeds_make_them_reproducible(real
         alone = await engine.generate_choices(PROMPT, params)
         # Choice 0 of a seeded n > 1 request is the same request with n = 1.
         single = await engine.generate(PROMPT, SamplingParams(temperature=0.9, seed=11, max_tokens=12))
-        prefills = []
-        real_prefill = engine.core.runner.prefill
+        prefills = []  # prompts whose prefill starts, per forward
+        real_prefill, real_packed = engine.core.runner.prefill, engine.core.runner.run_packed
 
         def spy(ids, tokens, *args):
             prefills.append(len(ids))
             return real_prefill(ids, tokens, *args)
-        engine.core.runner.prefill = spy
+
+        def spy_packed(parts, decode):
+            prefills.append(sum(1 for part in parts if part.start == 0))
+            return real_packed(parts, decode)
+        engine.core.runner.prefill, engine.core.runner.run_packed = spy, spy_packed
         others = [engine.generate(f"{i} plus {i} is", SamplingParams(temperature=1.0, max_tokens=10))
                   for i in range(4)]
         busy, *_ = await asyncio.gather(engine.generate_choices(PROMPT, params), *others)

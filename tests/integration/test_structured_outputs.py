@@ -13,7 +13,7 @@ import re
 import jsonschema
 import pytest
 
-from baton_sidecar.config import EngineConfig, Limits, PolicyConfig, PreemptionPolicy
+from baton_sidecar.config import EngineConfig, Limits, PolicyConfig, PreemptionPolicy, PrefillPolicy
 from baton_sidecar.engine import AsyncEngine, RequestValidationError, SamplingParams, StructuredOutput
 from parity import assert_same_greedy, solo_generate
 from schemas import SCHEMAS
@@ -103,14 +103,16 @@ async def test_preempted_constrained_rows_resume_with_identical_output(real_mode
     finally:
         await quiet.shutdown(drain_timeout_s=5)
 
-    policy = PolicyConfig(limits=Limits(max_batch_size=3),
+    # Token budget: the three rows join whole before the urgent requests come (a time budget
+    # chunks prompts while rows decode, and a prompt caught mid-chunk is always recomputed).
+    policy = PolicyConfig(limits=Limits(max_batch_size=3), prefill=PrefillPolicy(budget="tokens"),
                           preemption=PreemptionPolicy(mode=mode, max_preemptions_per_request=8))
     engine = AsyncEngine(real_model, EngineConfig(), policy)
     await engine.start()
     try:
         low = [asyncio.ensure_future(engine.generate(p, params, priority=10)) for p, params in requests]
-        for _ in range(4):
-            await asyncio.sleep(0.3)
+        for _ in range(8):  # urgent arrivals while the constrained rows run
+            await asyncio.sleep(0.2)
             await engine.generate("Hi", SamplingParams(max_tokens=3, temperature=0), priority=0)
         outs = await asyncio.gather(*low)
     finally:
