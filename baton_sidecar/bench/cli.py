@@ -7,6 +7,7 @@ Usage (see docs/benchmarks.md)::
     python -m baton_sidecar.bench --scenario priority
     python -m baton_sidecar.bench --scenario padding
     python -m baton_sidecar.bench --scenario features
+    python -m baton_sidecar.bench --scenario long-prompts --threads 1
     python -m baton_sidecar.bench poisson --url http://127.0.0.1:8080 --capacity 1.5 --load 0.8
     python -m baton_sidecar.bench --systems baton,hf_serve --http-api chat
     python -m baton_sidecar.bench --systems baton,llama_server --llama-server ~/llama.cpp/build/bin/llama-server
@@ -29,16 +30,17 @@ from ..config import QUANTIZATIONS, EngineConfig, Limits, PolicyConfig
 from . import report
 from .inputs import BenchError, WorkloadOptions, check_trace
 from .metrics import SLO
-from .plans import compare, features, padding, priority
+from .plans import compare, features, long_prompts, padding, priority
 from .runner import Plan, RunOptions, Runner
 from .servers import llama_server_binary
 from .workloads import WorkloadError, default_data_dir, parse_range
 
 WORKLOADS = ("offline", "poisson", "trace", "prompts", "jsonl")
-SCENARIOS = ("priority", "padding", "features")
+SCENARIOS = ("priority", "padding", "features", "long-prompts")
 POSITIVE_INTS = ("num_requests", "hf_batch_size", "llama_parallel", "repeat", "max_batch_size", "max_kv_tokens",
                  "max_prefill_tokens", "threads", "max_prompt", "max_output", "ceiling_context")
-POSITIVE_FLOATS = ("rate", "token_scale", "prompt_scale", "output_scale", "time_scale", "capacity", "overload")
+POSITIVE_FLOATS = ("rate", "token_scale", "prompt_scale", "output_scale", "time_scale", "capacity", "overload",
+                   "duration", "short_rate", "long_interval", "max_step_ms")
 
 
 # --- arguments ------------------------------------------------------------------------------------
@@ -58,7 +60,8 @@ def _systems_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("systems")
     g.add_argument("--systems", help="comma-separated: baton, baton_int8, rtc, hf_static, hf_cb, sequential, "
                                      "hf_serve, llama_server, baton_serve (default: baton,rtc,hf_static,hf_cb "
-                                     "offline; baton,rtc,hf_cb with arrivals)")
+                                     "offline; baton,rtc,hf_cb with arrivals); long-prompts scenario: some "
+                                     "of baton_tokens, baton_time, baton_fused, hf_cb, llama_server")
     g.add_argument("--url", help="also (or, without --systems, only) load an OpenAI-compatible server at URL, "
                                  "streamed, in the mode a probe settles (docs/benchmarks.md)")
     g.add_argument("--model-name", help="model name to send with --url (default: the first of /v1/models)")
@@ -104,12 +107,33 @@ def _scenario_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scenario", choices=SCENARIOS,
                    help="priority: mixed-priority overload, preemption vs FIFO; padding: three padding "
                         "policies on the scaled Azure conversation trace; features: JSON schemas, n=3 and "
-                        "penalties mixed in, against the same requests plain")
+                        "penalties mixed in, against the same requests plain; long-prompts: short "
+                        "interactive streams while long prompts prefill, against the short streams alone")
     g.add_argument("--urgent-fraction", type=float, default=0.2, help="priority scenario: urgent share (0.2)")
     g.add_argument("--overload", type=float, default=1.5,
                    help="priority scenario: offered rate / measured capacity (default 1.5)")
     g.add_argument("--padding-settings", default=padding.DEFAULT_SETTINGS,
                    help=f"padding scenario: RATIO:on|off (bucketing) list (default {padding.DEFAULT_SETTINGS})")
+    mix = long_prompts.Mix()
+    g.add_argument("--duration", type=float, default=mix.duration_s,
+                   help="long-prompts scenario: seconds of short arrivals (long ones stop "
+                        f"{mix.long_tail_s:g} s earlier)")
+    g.add_argument("--short-rate", type=float, default=mix.short_rate,
+                   help="long-prompts scenario: short requests per second, Poisson")
+    g.add_argument("--short-prompt-len", default=_range_text(mix.short_prompt),
+                   help="long-prompts scenario: short prompt tokens LO:HI")
+    g.add_argument("--short-output-len", default=_range_text(mix.short_output),
+                   help="long-prompts scenario: short output tokens LO:HI")
+    g.add_argument("--long-interval", type=float, default=mix.long_interval_s,
+                   help="long-prompts scenario: mean seconds between long prompts, Poisson")
+    g.add_argument("--long-prompt-len", default=_range_text(mix.long_prompt),
+                   help="long-prompts scenario: long prompt tokens LO:HI")
+    g.add_argument("--long-output-len", default=_range_text(mix.long_output),
+                   help="long-prompts scenario: long output tokens LO:HI")
+
+
+def _range_text(lo_hi: tuple[int, int]) -> str:
+    return f"{lo_hi[0]}:{lo_hi[1]}" if lo_hi[0] != lo_hi[1] else str(lo_hi[0])
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,8 +146,11 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=int, help="engine and hf_cb batch limit (default 32; priority "
                                                       "scenario 8)")
     g.add_argument("--max-kv-tokens", type=int, help="engine KV-token budget (default 65536)")
-    g.add_argument("--max-prefill-tokens", type=int, help="engine prefill tokens per step (default 2048)")
+    g.add_argument("--max-prefill-tokens", type=int, help="engine prefill tokens per step at most (default 512)")
     g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    g.add_argument("--max-step-ms", type=float,
+                   help="engine step-time target of the time prefill budget, ms (default: the interactive "
+                        "SLA class's tpot_ms)")
     g.add_argument("--settle-load", type=float,
                    help="before each system, wait until the 1-minute load average is at most this")
     g.add_argument("--settle-timeout", type=float, default=300.0,
@@ -196,6 +223,16 @@ def workload_options(args: argparse.Namespace) -> WorkloadOptions:
         data_dir=args.data_dir or default_data_dir(), synthetic_fallback=args.synthetic_fallback)
 
 
+def mix_options(args: argparse.Namespace) -> long_prompts.Mix:
+    """The long-prompts scenario's two streams."""
+    return long_prompts.Mix(
+        duration_s=args.duration, short_rate=args.short_rate,
+        short_prompt=parse_range(args.short_prompt_len, "--short-prompt-len"),
+        short_output=parse_range(args.short_output_len, "--short-output-len"), long_interval_s=args.long_interval,
+        long_prompt=parse_range(args.long_prompt_len, "--long-prompt-len"),
+        long_output=parse_range(args.long_output_len, "--long-output-len"))
+
+
 def run_options(args: argparse.Namespace) -> RunOptions:
     defaults = Limits()
     batch = priority.MAX_BATCH_SIZE if args.scenario == "priority" else 32
@@ -205,12 +242,13 @@ def run_options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(
         engine_config=EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                    quantization=args.quantization),
-        policy=PolicyConfig(limits=limits),
+        policy=PolicyConfig(limits=limits, max_step_ms=args.max_step_ms),
         slo=SLO(args.slo_ttft or None, args.slo_tpot or None, args.slo_e2e or None),
         progress=not args.no_progress, threads=args.threads, repeat=args.repeat, settle_load=args.settle_load,
         settle_timeout_s=args.settle_timeout, hf_batch_size=args.hf_batch_size, url=args.url,
         model_name=args.model_name, http_api=args.http_api, http_prompt=args.http_prompt,
-        llama_server=args.llama_server, llama_parallel=args.llama_parallel)
+        llama_server=args.llama_server, llama_parallel=args.llama_parallel,
+        llama_slot_context=long_prompts.slot_context(mix_options(args)) if args.scenario == "long-prompts" else None)
 
 
 def make_plan(args: argparse.Namespace, runner: Runner) -> Plan:
@@ -226,6 +264,8 @@ def make_plan(args: argparse.Namespace, runner: Runner) -> Plan:
                             capacity=args.capacity)
     if args.scenario == "features":
         return features.plan(runner, workload)
+    if args.scenario == "long-prompts":
+        return long_prompts.plan(runner, workload, mix_options(args), systems=args.systems)
     return compare.plan(runner, args.workload, workload, systems=args.systems, capacity=args.capacity,
                         ceiling=not args.no_ceiling, ceiling_context=args.ceiling_context,
                         roofline=not args.no_roofline)

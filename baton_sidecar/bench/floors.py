@@ -73,6 +73,15 @@ FLOORS = (
     Floor("features: mixed / plain output tok/s", "scenario.throughput_ratio", ">=", 0.85, "0.85", ("features",)),
     Floor("features: plain rows' TPOT p50, mixed run / plain run", "scenario.plain_rows_tpot_p50_ratio",
           "<=", 1.10, "1.10", ("features",)),
+    # Short streams keep decoding while long prompts prefill, and the long prompts lose little TTFT
+    # to it: each prefill policy under a time budget against its own short-only run and against
+    # the token budget (baton_tokens, the engine before it).
+    *(floor for name in ("baton_time", "baton_fused") for floor in (
+        Floor(f"long-prompts: {name} short ITL p99 during long prefills / its short ITL p50 without long prompts",
+              f"scenario.systems.{name}.short_itl_in_prefill_p99_vs_baseline_p50", "<=", 2.5, "2.5",
+              ("long-prompts",)),
+        Floor(f"long-prompts: {name} long TTFT p50 / baton_tokens'",
+              f"scenario.systems.{name}.long_ttft_p50_vs_baton_tokens", "<=", 1.15, "1.15", ("long-prompts",)))),
 )
 
 

@@ -136,6 +136,28 @@ def summarize(records: Sequence[RequestRecord], slo: SLO | None = None,
     return out
 
 
+def first_token_windows(records: Iterable[RequestRecord]) -> list[tuple[float, float]]:
+    """(submitted, first token) of each record that got a first token: its wait plus prefill."""
+    return [(r.submitted_s, r.token_times_s[0]) for r in records if r.token_times_s]
+
+
+def itl_gaps(records: Iterable[RequestRecord], windows: Sequence[tuple[float, float]] | None = None) -> list[float]:
+    """Every gap between consecutive tokens of the completed ``records``, pooled (the ITL values).
+
+    With ``windows`` ((start, end) pairs): only the gaps (a, b) that overlap one, a < end and
+    b > start; a gap that spans a whole window counts, one that merely touches it does not.
+    """
+    gaps = []
+    for r in records:
+        if not r.ok:
+            continue
+        times = r.token_times_s
+        for a, b in zip(times, times[1:]):
+            if windows is None or any(a < end and b > start for start, end in windows):
+                gaps.append(b - a)
+    return gaps
+
+
 def summarize_by_priority(records: Sequence[RequestRecord], slo: SLO | None = None) -> dict[str, Any]:
     """``{"priority_<p>": summary}`` per priority class; rates use the whole run's makespan."""
     duration = makespan_s(records)

@@ -119,7 +119,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     slo = result.get("slo") or {}
     parts += ["Goodput SLO: " + ", ".join(f"{k} <= {v}" for k, v in slo.items() if v is not None), ""]
     parts += systems_tables(result)
-    for key, what in (("by_priority", "priority class"), ("by_feature", "feature")):
+    for key, what in (("by_priority", "priority class"), ("by_feature", "feature"), ("by_kind", "kind of request")):
         for name, by_class in (result.get(key) or {}).items():
             parts += [f"### {name} by {what}", "", systems_table(by_class, None), ""]
     parts += engine_section(result) + ceiling_section(result) + roofline_section(result)

@@ -53,6 +53,7 @@ class RunOptions:
     http_prompt: str = "auto"  # auto | ids | text
     llama_server: str | None = None  # the llama-server binary (else $BATON_LLAMA_SERVER)
     llama_parallel: int = 16
+    llama_slot_context: int | None = None  # tokens per llama_server slot; None: servers.SLOT_CONTEXT
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class Runner:
     def _managed(self, name: str):
         """``hf_serve``, ``llama_server`` or ``baton_serve`` on the same model, threads, dtype and device."""
         from ..model import converted_gguf_dir, embedded_model_path, resolve_device
-        from .servers import (ManagedPeer, baton_serve_launch, hf_serve_launch, llama_server_binary,
+        from .servers import (SLOT_CONTEXT, ManagedPeer, baton_serve_launch, hf_serve_launch, llama_server_binary,
                               llama_server_launch)
 
         o = self.options
@@ -158,6 +159,7 @@ class Runner:
             if source.suffix != ".gguf":
                 raise BenchError("llama_server: the model must be a .gguf file")
             make = lambda port, scratch: llama_server_launch(binary, source, port, o.threads, o.llama_parallel,
+                                                             o.llama_slot_context or SLOT_CONTEXT,
                                                              gpu=device.startswith("cuda"))
         return ManagedPeer(name, make, self.tokenizer, api=o.http_api, prompt=o.http_prompt)
 

@@ -138,6 +138,8 @@ class EngineSystem:
                         max_batch_size=self.policy.limits.max_batch_size,
                         max_padding_ratio=self.policy.padding.max_padding_ratio,
                         bucketing=self.policy.padding.bucketing,
+                        prefill_budget=self.policy.prefill.budget, prefill_mode=self.policy.prefill.mode,
+                        step_target_ms=self.policy.step_target_ms,
                         priorities="used" if self.use_priorities else "ignored",
                         features="applied" if self.use_features else "left out")
         return run

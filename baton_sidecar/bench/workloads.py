@@ -67,6 +67,7 @@ class BenchRequest:
     priority: int | None = None  # lower = more urgent (engine convention); None = the engine's default
     sla_class: str | None = None
     features: Features | None = None  # None: plain (greedy, EOS ignored, one choice)
+    kind: str | None = None  # a scenario's class of request ("short", "long"); the systems never see it
 
     @property
     def prompt_len(self) -> int:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from baton_sidecar.bench.ceiling import ceiling_batch_sizes, efficiency, interpolate_step_s
-from baton_sidecar.bench.metrics import (SLO, RequestRecord, distribution, makespan_s, percentile, ratio,
-                                         summarize, summarize_by_priority, summarize_steps)
+from baton_sidecar.bench.metrics import (SLO, RequestRecord, distribution, first_token_windows, itl_gaps,
+                                         makespan_s, percentile, ratio, summarize, summarize_by_priority,
+                                         summarize_steps)
 
 
 @pytest.mark.parametrize("values", [[1.0], [3.0, 1.0], [5, 1, 4, 2, 3], list(np.linspace(0, 7, 41) ** 2)])
@@ -38,6 +39,21 @@ def test_request_latencies():
     assert r.e2e_s == pytest.approx(1.2)
     one = record(1, 0.0, [0.4], 0.4)
     assert one.tpot_s is None and one.itls_s() == []
+
+
+def test_itl_gaps_pooled_and_within_windows():
+    a = record(0, 0.0, [0.1, 0.2, 0.5, 1.0, 1.1], 1.1)
+    b = record(1, 0.5, [0.6, 0.7], 0.7)
+    failed = record(2, 0.0, [0.1, 0.9], 0.9, error="refused")
+    assert itl_gaps([a, b, failed]) == pytest.approx([0.1, 0.3, 0.5, 0.1, 0.1])  # completed requests only
+    # A gap counts when it overlaps a window: inside, across an edge, or spanning it; touching is not enough.
+    assert itl_gaps([a, b], [(0.25, 0.45)]) == pytest.approx([0.3])  # 0.2 -> 0.5 spans it
+    assert itl_gaps([a, b], [(0.45, 0.65)]) == pytest.approx([0.3, 0.5, 0.1])  # across both edges; b inside
+    assert itl_gaps([a], [(0.5, 1.0)]) == pytest.approx([0.5])  # 0.5 -> 1.0 lies inside; its neighbours touch
+    assert itl_gaps([a], [(2.0, 3.0), (0.0, 0.15)]) == pytest.approx([0.1])
+    assert itl_gaps([a], []) == []
+    waiting = RequestRecord(3, 0.4, 10, 2)
+    assert first_token_windows([a, b, waiting]) == [(0.0, 0.1), (0.5, 0.6)]  # no first token: no window
 
 
 def test_slo_and_goodput():

@@ -5,4 +5,6 @@
 - ``priority`` (``--scenario priority``): mixed-priority overload, preemption against FIFO.
 - ``padding`` (``--scenario padding``): padding policies on the scaled Azure conversation trace.
 - ``features`` (``--scenario features``): JSON schemas, ``n`` and penalties mixed in, against plain.
+- ``long_prompts`` (``--scenario long-prompts``): short streams while long prompts prefill, per
+  prefill policy, each against its own run of the short streams alone.
 """
