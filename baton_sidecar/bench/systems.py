@@ -44,7 +44,7 @@ class SystemRun:
     wall_s: float = 0.0
     load_avg_before: float | None = None
     load_avg_after: float | None = None
-    steps: list[dict[str, float]] = field(default_factory=list)  # engine systems: one entry per step
+    steps: list[dict[str, Any]] = field(default_factory=list)  # engine systems: one entry per step
     info: dict[str, Any] = field(default_factory=dict)
     outputs: dict[int, list[str]] = field(default_factory=dict)  # keep_outputs: request index -> choice texts
 
@@ -83,19 +83,21 @@ class Timed:
 
 # --- Baton's engine (baton, rtc) -------------------------------------------------------------
 
-def step_entry(record: StepRecord) -> dict[str, float]:
+def step_entry(record: StepRecord) -> dict[str, Any]:
     """One ``SystemRun.steps`` entry (``steps.json``) from the engine's ``StepRecord``.
 
     ``rows``, ``length`` and ``padding_ratio`` describe the decode forward (0 when the step
     had none); ``prefill_s`` and ``prefill_tokens`` count chunked prefill too, which is also
-    given apart as ``chunk_s`` and ``chunk_tokens``.
+    given apart as ``chunk_s`` and ``chunk_tokens``. ``fused``: prompts rode in the decode
+    forward; ``predicted_s``: the time budget's prediction; each chunk's size and reason.
     """
     return {"t": record.t, "step_s": record.step_s,
             "prefill_s": record.prefill_s + record.chunk_s,
             "prefill_tokens": record.prefill_tokens + record.chunk_tokens,
             "chunk_s": record.chunk_s, "chunk_tokens": record.chunk_tokens,
             "decode_s": record.decode_s, "rows": record.decode_rows, "length": record.context,
-            "padding_ratio": record.padding_ratio}
+            "padding_ratio": record.padding_ratio, "fused": record.fused, "predicted_s": record.predicted_s,
+            "chunk_sizes": list(record.chunk_sizes), "chunk_reasons": list(record.chunk_reasons)}
 
 
 def request_params(request: BenchRequest, features: bool = True):

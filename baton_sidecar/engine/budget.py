@@ -7,7 +7,9 @@ tokens until either runs out:
 - time: with ``prefill.budget: time`` and rows decoding, the step's predicted seconds
   (``StepCostModel``) stay under ``HEADROOM`` times the step target, so the rows' next token
   comes within their inter-token objective. With no row decoding nothing waits on the step,
-  and the token limit alone applies.
+  and the token limit alone applies. Nor does the time target hold a short prompt past its
+  TTFT objective (``timed=False`` for an overdue newcomer): under overload, steps stretch
+  rather than the queue growing without bound.
 
 Each grant says why it is the size it is (``Grant.reason``), for the step's record.
 """
@@ -63,11 +65,13 @@ class StepBudget:
     def predicted_s(self) -> float | None:
         return None if self.cost is None else self.cost.predict(self.shape)
 
-    def fits_alone(self, total: int) -> bool:
-        """Whether a whole prompt of ``total`` tokens fits this step with no other prompt."""
+    def fits_alone(self, total: int, timed: bool = True) -> bool:
+        """Whether a whole prompt of ``total`` tokens fits this step with no other prompt;
+        ``timed=False``: against the token limit alone."""
         if total > self.token_limit:
             return False
-        return self.target_s is None or self.cost.predict(self._with(0, total, True, self._base, 0)) <= self.target_s
+        return (not timed or self.target_s is None
+                or self.cost.predict(self._with(0, total, True, self._base, 0)) <= self.target_s)
 
     def _with(self, start: int, count: int, last: bool, shape: StepShape | None = None,
               tokens: int | None = None) -> StepShape:
@@ -77,13 +81,14 @@ class StepBudget:
             shape = shape + FORWARD  # the first prompt tokens open a forward of their own
         return shape + prompt_shape(start, count, last)
 
-    def room(self, start: int, remaining: int) -> Grant:
-        """The most of tokens ``[start, start + remaining)`` this step can still take."""
+    def room(self, start: int, remaining: int, timed: bool = True) -> Grant:
+        """The most of tokens ``[start, start + remaining)`` this step can still take;
+        ``timed=False``: the token limit alone (an overdue prompt's)."""
         count = min(remaining, self.token_limit - self.tokens)
         reason = WHOLE if count == remaining else TOKENS
         if count <= 0:
             return Grant(start, 0, TOKENS)
-        if self.target_s is not None and self._over(start, count, remaining):
+        if timed and self.target_s is not None and self._over(start, count, remaining):
             low, high = 0, count  # the largest fitting count, by bisection: low fits, high does not
             while high - low > 1:
                 middle = (low + high) // 2

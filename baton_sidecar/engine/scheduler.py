@@ -197,10 +197,11 @@ class Scheduler:
             swapped = candidate in self.swapped
             total = candidate.num_prefill_tokens
             if not swapped:
-                if not budget.fits_alone(total):
+                timed = not self._overdue(candidate, now)
+                if not budget.fits_alone(total, timed):
                     too_long.append(candidate)  # chunked, after the prompts under way
                     continue
-                grant = budget.room(0, total)
+                grant = budget.room(0, total, timed)
                 if grant.count < total:
                     break  # this step's prefill budget is spent
             if self._held_back_for_padding(candidate, now, room):
@@ -227,6 +228,11 @@ class Scheduler:
                 break  # its rows do not fit: it waits, in order
             budget.take(grant, total - start)
             plan.chunks.append(PrefillChunk(request, start, grant.stop, grant.stop == total, grant.reason))
+
+    def _overdue(self, request: Request, now: float) -> bool:
+        """Waited past its TTFT objective (its class's; unclassed: the interactive class's)."""
+        sla = self.policy.sla_classes.get(request.sla_class or "interactive")
+        return sla is not None and sla.ttft_ms is not None and now - request.times.arrival >= sla.ttft_ms / 1000
 
     def _chunk_order(self, now: float, plan: StepPlan, newcomers: list[Request]) -> list[Request]:
         """Prompts under way (not preempted by ``plan``) and ``newcomers``, by urgency then arrival."""

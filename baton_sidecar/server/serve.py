@@ -177,14 +177,18 @@ async def serve(engine_cfg: EngineConfig, policy: PolicyConfig, router_cfg: Rout
 
     engine = None
     try:
-        loading = _load_in_thread(load_model, engine_cfg)
+        # The engine too: building it measures the model (row padding, step cost), which must
+        # not block the event loop that answers health checks meanwhile.
+        loading = _load_in_thread(lambda: AsyncEngine(load_model(engine_cfg), engine_cfg,
+                                                      app[CONFIG].current.policy))
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not loading.done():
             log.info("stopped while loading the model")
             return 0
         stopping.cancel()
-        engine = AsyncEngine(loading.result(), engine_cfg, app[CONFIG].current.policy)
+        engine = loading.result()
+        engine.apply_policy(app[CONFIG].current.policy)  # the latest, if it changed while loading
         await engine.start()
         attach_engine(app, engine)
         log.info("ready: model %s, batching %s", engine.model_name, engine_cfg.batching)

@@ -32,7 +32,7 @@ def _kind(workload: Workload, kind: str):
 # --- the requests ---------------------------------------------------------------------------------
 
 def test_the_mix_is_seeded_tagged_and_in_range(source):
-    mix = Mix(duration_s=300.0)
+    mix = Mix(duration_s=300.0, short_rate=1.0, long_interval_s=30.0)
     a, b, c = mixed_workload(source, mix, 3), mixed_workload(source, mix, 3), mixed_workload(source, mix, 4)
     assert a.requests == b.requests and a.requests != c.requests
     assert [r.index for r in a.requests] == list(range(len(a.requests)))

@@ -134,3 +134,14 @@ def test_short_newcomers_go_first_whole_while_a_long_prompt_is_chunked():
     plan = scheduler.schedule(now=1.0, batch=BatchView(rows=4, length=100, real_tokens=400))
     assert plan.prefill == [short]
     assert [c.request for c in plan.chunks] == [long] and plan.chunks[0].start == 512
+
+
+def test_the_time_target_never_holds_a_short_prompt_past_its_ttft_objective():
+    scheduler = timed_scheduler(target_ms=100.0)  # 10 decode rows alone fill it
+    busy = BatchView(rows=10, length=100, real_tokens=1000)
+    short = make(prompt=200, arrival=0.0)  # interactive by default: ttft 1000 ms
+    scheduler.add(short)
+    early = scheduler.schedule(now=0.5, batch=busy)
+    assert early.prefill == [] and early.chunks == []  # waits for a lighter step
+    late = scheduler.schedule(now=1.0, batch=busy)
+    assert late.prefill == [short]  # overdue: whole, the step stretches
