@@ -233,6 +233,8 @@ class EngineCore:
             elapsed = time.perf_counter() - start
             if decode:
                 results.decode_s = elapsed
+            elif all(c.start == 0 and c.last for c in chunks):
+                results.prefill_s += elapsed  # whole prompts only
             else:
                 results.chunk_s += elapsed
         for chunk, part in zip(chunks, parts):

@@ -101,9 +101,9 @@ class StepRecord:
 
     t: float  # when the step ended
     step_s: float
-    prefill_s: float  # whole-prompt prefill forward(s)
+    prefill_s: float  # a prompts-only forward of whole prompts (fused steps: in decode_s)
     prefill_tokens: int  # tokens of the prompts prefilled whole (real, not padded)
-    chunk_s: float  # the chunked-prefill forward
+    chunk_s: float  # a prompts-only forward with chunks in it (fused steps: in decode_s)
     chunk_tokens: int
     decode_s: float  # the decode forward (ModelRunner.decode; fused: the whole packed forward)
     decode_rows: int  # 0: no decode this step

@@ -123,3 +123,22 @@ def test_step_observer_costs_no_record_when_unset(tiny_model, monkeypatch):
     monkeypatch.setattr(core, "_record", lambda *a: pytest.fail("a record was built with no observer"))
     core.add(request("a", [5, 6], 3))
     assert len(run(core)["a"]) == 3
+
+
+def test_a_model_that_cannot_pack_prefills_apart_with_the_same_tokens(tiny_model):
+    """Models Baton's attention cannot serve (sliding windows) prefill with their own attention:
+    whole prompts left-padded together, chunks one forward each; the tokens are the same."""
+    outputs = []
+    for can_pack in (True, False):
+        policy = PolicyConfig(limits=Limits(max_batch_size=4, max_prefill_tokens=8))
+        core = EngineCore(tiny_model, EngineConfig(decode_row_padding="off"), policy)
+        core.runner.can_pack = can_pack
+        records: list[StepRecord] = []
+        core.step_observer = records.append
+        core.add(request("a", [5, 6, 7], 12))
+        core.add(request("b", list(range(2, 30)), 6, arrival=0.5))  # 28 tokens: chunked
+        core.add(request("c", [8, 9], 5, arrival=1.0))
+        outputs.append(run(core))
+        assert any(r.chunk_tokens for r in records)
+        assert any(r.fused for r in records) == can_pack
+    assert outputs[0] == outputs[1]
