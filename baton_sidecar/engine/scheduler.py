@@ -218,12 +218,15 @@ class Scheduler:
     def _plan_chunks(self, now: float, plan: StepPlan, budget: StepBudget, room: Room,
                      newcomers: list[Request]) -> None:
         """Chunks for prompts under way and long newcomers, by urgency then arrival, while the
-        budget lasts. The first always gets the minimum chunk: no prompt starves."""
+        budget lasts. The first prompt under way always gets the minimum chunk: none starves."""
+        served_one_under_way = False
         for request in self._chunk_order(now, plan, newcomers):
             start, total = request.num_computed_tokens, request.num_prefill_tokens
-            grant = budget.chunk(start, total - start, first=not plan.chunks)
+            first = start > 0 and not served_one_under_way
+            grant = budget.chunk(start, total - start, first=first)
+            served_one_under_way |= first
             if grant.count == 0:
-                break
+                continue  # the budget is spent for it: a newcomer waits, a prompt under way resumes next step
             if request in newcomers and not self._make_room(request, plan, room):
                 break  # its rows do not fit: it waits, in order
             budget.take(grant, total - start)

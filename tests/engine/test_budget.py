@@ -145,3 +145,15 @@ def test_the_time_target_never_holds_a_short_prompt_past_its_ttft_objective():
     assert early.prefill == [] and early.chunks == []  # waits for a lighter step
     late = scheduler.schedule(now=1.0, batch=busy)
     assert late.prefill == [short]  # overdue: whole, the step stretches
+
+
+def test_an_urgent_long_newcomer_does_not_take_the_minimum_held_for_the_prompt_under_way():
+    scheduler = timed_scheduler(target_ms=50.0)  # decode rows alone overrun it
+    busy = BatchView(rows=10, length=100, real_tokens=1000)
+    under_way = make(prompt=2000, priority=5, arrival=0.0)
+    scheduler.add(under_way)
+    scheduler.update_from_output(scheduler.schedule(0.0, BatchView()), StepResults())
+    scheduler.add(make(prompt=2000, priority=0, arrival=0.5))  # more urgent, too long for any step
+    plan = scheduler.schedule(now=0.6, batch=busy)
+    assert [(c.request, c.start, c.stop - c.start, c.reason) for c in plan.chunks] == [
+        (under_way, 512, 16, "floor")]
