@@ -81,6 +81,24 @@ def causal_mask(start: int, queries: int, keys: int, device: torch.device) -> to
     return (torch.arange(keys, device=device)[None, :] <= rows)[None, None]
 
 
+def grouped_attention(module: nn.Module, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+    """``query [1, H, C, D]`` over ``keys``/``values [1, H_kv, S, D]`` -> ``[1, C, H, D]``.
+
+    The query heads that share a K/V head are laid side by side as one block of queries
+    (``[1, H_kv, G * C, D]``, G = H / H_kv), so the keys are read as they are: ``sdpa`` with
+    a mask would otherwise have them copied G-fold (``repeat_kv``), for every layer of every
+    step, which at a long prompt's context costs more than the attention itself.
+    """
+    _, heads, count, dim = query.shape
+    groups = heads // keys.shape[1]
+    grouped = query.reshape(1, heads // groups, groups * count, dim)  # query r*C + i of KV head k: head k*G + r
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grouped, keys, values, attn_mask=mask.expand(1, 1, count, mask.shape[-1]).repeat(1, 1, groups, 1),
+        scale=module.scaling)
+    return out.reshape(1, heads, count, dim).transpose(1, 2)
+
+
 class PackedCache:
     """The ``transformers`` cache protocol for a packed step (``update(k, v, layer_idx)``).
 
@@ -148,7 +166,8 @@ class PackedCache:
                                           mask, **kwargs)[0][:, :count]
 
         if self.rows_alone is None:  # batched rows: plain causal attention over the keys so far
-            return over(seg.length, seg.stop)
+            return grouped_attention(module, q, keys[:, :, :seg.stop], values[:, :, :seg.stop],
+                                     causal_mask(seg.start, seg.length, seg.stop, q.device))
         prompt_queries = max(0, min(seg.stop, seg.prompt_len) - seg.start)
         out = []
         if prompt_queries:  # keys padded to the prompt's length: the one-pass prefill's reduction

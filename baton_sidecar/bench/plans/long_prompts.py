@@ -3,9 +3,9 @@
 Two seeded Poisson streams (``Mix``), prompts cut from real text, each stream with its own
 generator so that the short one is the same whatever the long one:
 
-- short: prompts 20-100 tokens, outputs 64-128, 0.4 req/s over ``duration_s`` (about four
-  running at once where one takes ~9 s: one CPU thread), SLA class ``interactive``;
-- long: prompts 2048-6144 tokens, outputs 16, one every ``long_interval_s`` (45 s) on
+- short: prompts 20-100 tokens, outputs 64-128, 0.3 req/s over ``duration_s`` (three or four
+  running at once where one takes ~10 s: one CPU thread), SLA class ``interactive``;
+- long: prompts 2048-6144 tokens, outputs 16, one every ``long_interval_s`` (60 s) on
   average, arriving only in the first ``duration_s - long_tail_s`` seconds so that each
   prefill meets short streams (one at the middle of that window if the draw puts none there);
   no SLA class.
@@ -48,10 +48,10 @@ class Mix:
     """The two request streams; lengths are inclusive (lo, hi) token counts."""
 
     duration_s: float = 150.0  # short arrivals over [0, duration_s)
-    short_rate: float = 0.4  # req/s
+    short_rate: float = 0.3  # req/s
     short_prompt: tuple[int, int] = (20, 100)
     short_output: tuple[int, int] = (64, 128)
-    long_interval_s: float = 45.0  # mean gap between long arrivals
+    long_interval_s: float = 60.0  # mean gap between long arrivals
     long_prompt: tuple[int, int] = (2048, 6144)
     long_output: tuple[int, int] = (16, 16)
     long_tail_s: float = 20.0  # about one 4k-token prefill on two CPU cores
