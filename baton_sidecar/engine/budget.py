@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .step_cost import FORWARD, StepCostModel, StepShape, decode_shape, prompt_shape
 
 HEADROOM = 0.9  # aim under the target: predictions err, and the step does more than its forwards
-MIN_CHUNK = 16  # the least a chunked prompt is given when it is first in line (so it never starves)
+MIN_CHUNK = 16  # no chunk is smaller but a prompt's last; the first prompt under way always gets one
 
 # Why a grant has its size.
 WHOLE = "whole"  # the rest of the prompt fitted
@@ -53,14 +53,11 @@ class StepBudget:
         self.fused = fused
         self.tokens = 0  # prompt tokens granted (and reserved)
         self.reserved = 0  # held for the prompt under way that is first in line
+        self.granted = False  # any prompt tokens yet (in separate mode, they open a forward)
         # The step's predicted work: its decode forward, and (separate) a prefill forward once
         # a prompt is granted.
         self.shape = FORWARD + decode_shape(rows, context) if rows else StepShape()
         self._base = self.shape
-
-    @property
-    def spent(self) -> bool:
-        return self.tokens >= self.token_limit or self.room(0, 1).count == 0
 
     def predicted_s(self) -> float | None:
         return None if self.cost is None else self.cost.predict(self.shape)
@@ -71,12 +68,12 @@ class StepBudget:
         if total > self.token_limit:
             return False
         return (not timed or self.target_s is None
-                or self.cost.predict(self._with(0, total, True, self._base, 0)) <= self.target_s)
+                or self.cost.predict(self._with(0, total, True, self._base, False)) <= self.target_s)
 
     def _with(self, start: int, count: int, last: bool, shape: StepShape | None = None,
-              tokens: int | None = None) -> StepShape:
+              granted: bool | None = None) -> StepShape:
         shape = self.shape if shape is None else shape
-        first = not (self.tokens if tokens is None else tokens)
+        first = not (self.granted if granted is None else granted)
         if first and (not self.fused or not shape.forwards):
             shape = shape + FORWARD  # the first prompt tokens open a forward of their own
         return shape + prompt_shape(start, count, last)
@@ -127,7 +124,7 @@ class StepBudget:
         if grant.count < min(least, remaining):
             if start == 0 or not first:
                 return Grant(start, 0, grant.reason)
-            grant = Grant(start, min(least, remaining), grant.reason if grant.count == remaining else FLOOR)
+            grant = Grant(start, min(least, remaining), FLOOR)
         tail = remaining - grant.count
         if tail <= 0 or tail >= least:
             return grant
@@ -140,3 +137,4 @@ class StepBudget:
     def take(self, grant: Grant, remaining: int) -> None:
         self.shape = self._with(grant.start, grant.count, grant.count == remaining)
         self.tokens += grant.count
+        self.granted = True

@@ -157,3 +157,11 @@ def test_an_urgent_long_newcomer_does_not_take_the_minimum_held_for_the_prompt_u
     plan = scheduler.schedule(now=0.6, batch=busy)
     assert [(c.request, c.start, c.stop - c.start, c.reason) for c in plan.chunks] == [
         (under_way, 512, 16, "floor")]
+
+
+def test_tokens_held_for_a_prompt_under_way_do_not_hide_the_separate_prefill_forward():
+    plain = StepBudget(512, StepCostModel(THETA), 0.3, rows=4, context=300, fused=False)
+    holding = StepBudget(512, StepCostModel(THETA), 0.3, rows=4, context=300, fused=False)
+    holding.reserve(1000)  # 16 tokens held: whole prompts are granted next, before the chunk
+    grant = holding.room(0, 3000)
+    assert grant.reason == "time" and grant.count == plain.room(0, 3000).count
