@@ -8,8 +8,9 @@ tokens until either runs out:
   (``StepCostModel``) stay under ``HEADROOM`` times the step target, so the rows' next token
   comes within their inter-token objective. With no row decoding nothing waits on the step,
   and the token limit alone applies. Nor does the time target hold a short prompt past its
-  TTFT objective (``timed=False`` for an overdue newcomer): under overload, steps stretch
-  rather than the queue growing without bound.
+  TTFT objective, or a prompt more urgent than every running row (``timed=False``): under
+  overload steps stretch rather than the queue growing without bound, and less urgent rows'
+  inter-token objective never delays a more urgent request's first token.
 
 Each grant says why it is the size it is (``Grant.reason``), for the step's record.
 """
@@ -106,7 +107,7 @@ class StepBudget:
         self.reserved = min(self.least, remaining)
         self.tokens += self.reserved
 
-    def chunk(self, start: int, remaining: int, first: bool) -> Grant:
+    def chunk(self, start: int, remaining: int, first: bool, timed: bool = True) -> Grant:
         """The chunk of ``[start, start + remaining)`` to run now.
 
         - A prompt not yet started starts only with at least the minimum chunk.
@@ -120,7 +121,7 @@ class StepBudget:
         if first and self.reserved:
             self.tokens -= self.reserved
             self.reserved = 0
-        grant = self.room(start, remaining)
+        grant = self.room(start, remaining, timed)
         if grant.count < min(least, remaining):
             if start == 0 or not first:
                 return Grant(start, 0, grant.reason)

@@ -197,7 +197,7 @@ class Scheduler:
             swapped = candidate in self.swapped
             total = candidate.num_prefill_tokens
             if not swapped:
-                timed = not self._overdue(candidate, now)
+                timed = not (self._overdue(candidate, now) or self._outranks(candidate, room))
                 if not budget.fits_alone(total, timed):
                     too_long.append(candidate)  # chunked, after the prompts under way
                     continue
@@ -223,7 +223,7 @@ class Scheduler:
         for request in self._chunk_order(now, plan, newcomers):
             start, total = request.num_computed_tokens, request.num_prefill_tokens
             first = start > 0 and not served_one_under_way
-            grant = budget.chunk(start, total - start, first=first)
+            grant = budget.chunk(start, total - start, first=first, timed=not self._outranks(request, room))
             served_one_under_way |= first
             if grant.count == 0:
                 continue  # the budget is spent for it: a newcomer waits, a prompt under way resumes next step
@@ -231,6 +231,12 @@ class Scheduler:
                 break  # its rows do not fit: it waits, in order
             budget.take(grant, total - start)
             plan.chunks.append(PrefillChunk(request, start, grant.stop, grant.stop == total, grant.reason))
+
+    @staticmethod
+    def _outranks(request: Request, room: Room) -> bool:
+        """More urgent than every other request holding or getting a row (and there are some)."""
+        others = [other.priority for other in room.present if other is not request]
+        return bool(others) and request.priority < min(others)
 
     def _overdue(self, request: Request, now: float) -> bool:
         """Waited past its TTFT objective (its class's; unclassed: the interactive class's)."""

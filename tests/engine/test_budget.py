@@ -153,10 +153,11 @@ def test_an_urgent_long_newcomer_does_not_take_the_minimum_held_for_the_prompt_u
     under_way = make(prompt=2000, priority=5, arrival=0.0)
     scheduler.add(under_way)
     scheduler.update_from_output(scheduler.schedule(0.0, BatchView()), StepResults())
-    scheduler.add(make(prompt=2000, priority=0, arrival=0.5))  # more urgent, too long for any step
+    urgent = make(prompt=2000, priority=0, arrival=0.5)  # more urgent than every row: not held to the target
+    scheduler.add(urgent)
     plan = scheduler.schedule(now=0.6, batch=busy)
     assert [(c.request, c.start, c.stop - c.start, c.reason) for c in plan.chunks] == [
-        (under_way, 512, 16, "floor")]
+        (urgent, 0, 512 - 16, "tokens"), (under_way, 512, 16, "floor")]
 
 
 def test_tokens_held_for_a_prompt_under_way_do_not_hide_the_separate_prefill_forward():
@@ -165,3 +166,20 @@ def test_tokens_held_for_a_prompt_under_way_do_not_hide_the_separate_prefill_for
     holding.reserve(1000)  # 16 tokens held: whole prompts are granted next, before the chunk
     grant = holding.room(0, 3000)
     assert grant.reason == "time" and grant.count == plain.room(0, 3000).count
+
+
+def test_less_urgent_rows_inter_token_objective_never_delays_a_more_urgent_prompt():
+    scheduler = timed_scheduler(target_ms=100.0)
+    rows = [make(prompt=50, priority=10, arrival=0.0) for _ in range(3)]
+    for row in rows:
+        scheduler.add(row)
+    first = scheduler.schedule(now=0.0, batch=BatchView())
+    for row in rows:
+        row.append_token(7)
+    scheduler.update_from_output(first, StepResults(joined=rows))
+    busy = BatchView(rows=3, length=51, real_tokens=153)
+    urgent, peer = make(prompt=200, priority=0, arrival=0.5), make(prompt=200, priority=10, arrival=0.5)
+    scheduler.add(peer)
+    assert scheduler.schedule(now=0.6, batch=busy).prefill == []  # as urgent as the rows: it waits
+    scheduler.add(urgent)
+    assert scheduler.schedule(now=0.6, batch=busy).prefill == [urgent]  # more urgent: whole, now
