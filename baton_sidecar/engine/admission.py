@@ -31,7 +31,7 @@ import time
 
 from ..config import Limits, PolicyConfig
 from .request import AdmissionError, RequestValidationError
-from .scheduler import projected_peak_slots
+from .decisions import projected_peak_slots
 
 URGENT_HEADROOM = 0.8  # low-urgency work is refused once the queue is this full
 

@@ -7,9 +7,9 @@ Each engine step is plan -> execute -> apply, as in vLLM v1 (see ``step.py``)::
     update = scheduler.update_from_output(plan, results)  # every state change, in one place
 
 Between steps the scheduler owns request state: the queues below, each request's status,
-preemption count and computed-token count. Each decision is a small pure function, so unit
-tests drive them without a model. ``RunToCompletionScheduler`` is the static-batching
-baseline, the same interface with its own rules.
+preemption count and computed-token count. Each decision is a small pure function
+(``decisions.py``), so unit tests drive them without a model. ``RunToCompletionScheduler``
+is the static-batching baseline, the same interface with its own rules.
 
 Queues (a request is in at most one)::
 
@@ -28,74 +28,15 @@ between rows (see docs/architecture.md, "n: one prefill, forked rows").
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..config import PolicyConfig
 from .budget import StepBudget
+from .decisions import (choose_victim, effective_priority, padding_ratio_after, projected_peak_slots,
+                        request_rows, waiting_key)
 from .request import Request, RequestOutput, RequestStatus
 from .step import Preemption, PrefillChunk, StepPlan, StepResults, StepUpdate
 from .step_cost import StepCostModel
-
-# --- pure decisions -----------------------------------------------------------------------
-
-
-def effective_priority(request: Request, now: float, aging_s: float) -> int:
-    """Priority after aging: one level more urgent per ``aging_s`` seconds of waiting."""
-    waited = max(0.0, now - request.times.arrival)
-    return request.priority - int(waited // aging_s)
-
-
-def waiting_key(request: Request, now: float, aging_s: float) -> tuple:
-    """Waiting order: (aged) priority, then deadline, then arrival."""
-    deadline = request.deadline if request.deadline is not None else math.inf
-    return (effective_priority(request, now, aging_s), deadline, request.times.arrival)
-
-
-def choose_victim(running: list[Request], candidate: Request, max_preemptions: int) -> Request | None:
-    """The least urgent running request that is strictly less urgent than ``candidate``.
-
-    Ties go to the latest arrival (it has the least work to lose). Requests that were
-    preempted ``max_preemptions`` times are never chosen again.
-    """
-    eligible = [r for r in running
-                if r.priority > candidate.priority and r.num_preemptions < max_preemptions]
-    if not eligible:
-        return None
-    return max(eligible, key=lambda r: (r.priority, r.times.arrival))
-
-
-def projected_peak_slots(rows: list[tuple[int, int]], rows_leave: bool = True) -> int:
-    """Worst-case padded KV slots over the batch's future, for rows ``(length, remaining)``.
-
-    All rows end at the same column, so at step t the window is max(length + t) wide over
-    the rows still present; slots grow until a row leaves, so the peak is reached just
-    before some row's last step. With ``rows_leave=False`` (run-to-completion) no row
-    leaves before the longest is done.
-    """
-    if not rows:
-        return 0
-    if not rows_leave:
-        horizon = max(r for _, r in rows)
-        return len(rows) * max(length + horizon for length, _ in rows)
-    peak = 0
-    for _, t in rows:
-        active = [length for length, remaining in rows if remaining >= t]
-        peak = max(peak, len(active) * (max(active) + t))
-    return peak
-
-
-def padding_ratio_after(real_tokens: int, rows: int, length: int, new_len: int) -> float:
-    """Padding ratio of the batch after embedding one row of ``new_len`` tokens."""
-    slots = (rows + 1) * max(length, new_len)
-    return 1.0 - (real_tokens + new_len) / slots
-
-
-def _rows(request: Request) -> list[tuple[int, int]]:
-    """``(length, remaining steps)`` of each row the request holds or will hold (its forks'
-    too), as ``projected_peak_slots`` sees them."""
-    return [(request.num_tokens, request.max_tokens - len(request.output_token_ids))] * request.num_rows
-
 
 # --- budgets --------------------------------------------------------------------------------
 
@@ -121,7 +62,7 @@ class Room:
     real_tokens: int
 
     def slots(self) -> list[tuple[int, int]]:
-        return [row for r in self.present for row in _rows(r)]
+        return [row for r in self.present for row in request_rows(r)]
 
 
 # --- the scheduler ------------------------------------------------------------------------
@@ -251,7 +192,7 @@ class Scheduler:
 
     def _make_room(self, candidate: Request, plan: StepPlan, room: Room) -> bool:
         """Fit ``candidate``'s rows in the batch, preempting less urgent requests if need be."""
-        entry = _rows(candidate)
+        entry = request_rows(candidate)
         slots = room.slots()
         while not self._fits(slots + entry):
             victim = self._victim(room.present, candidate, plan)

@@ -8,9 +8,9 @@ import pytest
 
 from baton_sidecar.config import Limits, PaddingPolicy, PolicyConfig, PreemptionPolicy
 from baton_sidecar.engine.request import Request, RequestOutput, RequestStatus, RequestTimes, SamplingParams
-from baton_sidecar.engine.scheduler import (BatchView, RunToCompletionScheduler, Scheduler, choose_victim,
-                                            effective_priority, padding_ratio_after, projected_peak_slots,
-                                            waiting_key)
+from baton_sidecar.engine.decisions import (choose_victim, effective_priority, padding_ratio_after,
+                                            projected_peak_slots, waiting_key)
+from baton_sidecar.engine.scheduler import BatchView, RunToCompletionScheduler, Scheduler
 from baton_sidecar.engine.step import PrefillChunk, StepPlan, StepResults
 
 _ids = itertools.count()
