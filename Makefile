@@ -26,10 +26,10 @@ serve: $(STAMP)
 	$(VENV)/bin/baton-sidecar serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rfEs $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -rs -m "not model and not operator_e2e and not rollout_e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rfEs -m "not model and not operator_e2e and not rollout_e2e" $(PYTEST_ARGS)
 
 # Offline and trace runs, then the README's Performance section from both results.
 # On a GPU: make bench BENCH_INT8= BENCH_ARGS="--device cuda --dtype bfloat16 -n 256"

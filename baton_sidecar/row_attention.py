@@ -1,7 +1,10 @@
-"""Baton's attention function: per-row attention (int8) and packed steps (``engine/packed.py``).
+"""Baton's attention function: per-layer masks, per-row attention (int8) and packed steps.
 
-Installed on every model whose layers are all plain full attention (``install``); a forward
-without Baton's keyword arguments runs plain ``sdpa``, so ``generate`` is unchanged.
+Installed on every model Baton serves (``install``), over the attention the model was loaded
+with: ``sdpa``, or ``eager`` for models ``sdpa`` cannot run (Gemma 2's logit soft-capping).
+It applies each layer's sliding window to the batch's mask (``attention_masks``); without
+Baton's keyword arguments it is otherwise the base function, so ``generate`` is unchanged.
+Packed steps (``engine/packed.py``) run only over ``sdpa`` without soft-capping (``packs``).
 
 Per-row attention: each row of a batch attends over exactly its own tokens, as if alone.
 
@@ -30,14 +33,18 @@ prefill budget is therefore not bit-identical to ``generate``'s one-pass prefill
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import eager_mask, sdpa_mask
 
-NAME = "baton_per_row"
+from .attention_masks import additive, windowed
+
+NAME = "baton_per_row"  # over sdpa
+NAME_EAGER = "baton_eager"  # over the model's own eager attention
 ROW_LENGTHS = "baton_row_lengths"  # forward kwarg: real tokens per row, queries included (0 = dummy row)
 ROW_REPLAYED = "baton_row_replayed"  # prefill kwarg: trailing tokens per row that decode steps computed
 PACKED = "baton_packed"  # forward kwarg: a packed step's cache (``engine/packed.py``), which attends itself
@@ -60,7 +67,9 @@ def per_row_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     lengths: list[int] | None = kwargs.pop(ROW_LENGTHS, None)
     replayed: list[int] | None = kwargs.pop(ROW_REPLAYED, None)
     q_len, kv_len = query.shape[2], key.shape[2]
-    if lengths is None or (q_len > 1 and q_len != kv_len):
+    window = kwargs.get("sliding_window")
+    if lengths is None or window or (q_len > 1 and q_len != kv_len):
+        attention_mask = windowed(attention_mask, window, q_len, kv_len, query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     def alone(row: int, queries: slice, keys: slice) -> torch.Tensor:  # [1, len(queries), H, D]
@@ -81,39 +90,66 @@ def per_row_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return out, None
 
 
+def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own eager attention (soft-capping and all), with the batch's bool mask made
+    additive and each layer's window applied. Shapes as ``per_row_attention``."""
+    kwargs.pop(ROW_LENGTHS, None), kwargs.pop(ROW_REPLAYED, None)
+    mask = windowed(attention_mask, kwargs.get("sliding_window"), query.shape[2], key.shape[2], query.device)
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, key, value, additive(mask, query.dtype), **kwargs)
+
+
 AttentionInterface.register(NAME, per_row_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # masks for the calls that fall back to sdpa
+AttentionInterface.register(NAME_EAGER, eager_attention)
+AttentionMaskInterface.register(NAME_EAGER, eager_mask)
+
+LAYER_TYPES = {"full_attention", "sliding_attention"}
+BASES = {"sdpa": NAME, "eager": NAME_EAGER}
 
 
-def supports(config) -> str | None:
-    """None if every layer is plain full causal attention; else why per-row attention can't run."""
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
+def refusal(config) -> str | None:
+    """None if Baton's masks can express every layer's attention; else the layer kind it cannot."""
+    unknown = set(getattr(config, "layer_types", None) or ()) - LAYER_TYPES
+    if unknown:
+        return f"{sorted(unknown)[0]} layers (Baton masks full and sliding-window attention only)"
+    return None
+
+
+def pack_refusal(config) -> str | None:
+    """None if prompts can be packed with decode rows (``packed.py`` is sdpa, without soft-capping)."""
     if getattr(config, "attn_logit_softcapping", None):
         return "attention logit soft-capping"
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
-        return "layers other than full attention"
+    if config._attn_implementation != NAME:
+        return "eager attention (the model does not run on sdpa)"
     return None
 
 
 def install(model: nn.Module, rows_alone: bool = False) -> bool:
-    """Switch ``model`` to this attention function if its attention allows; True if it did.
+    """Switch ``model`` to Baton's attention over its own (sdpa or eager); True if it is on.
 
-    Installed, the model runs plain ``sdpa`` unless a forward passes ``ROW_LENGTHS`` or
-    ``PACKED``, and packed steps become possible. ``rows_alone``: the engine's decode rows
-    attend alone (int8). Idempotent; ``rows_alone`` once set stays set.
+    Installed, the model runs its base attention unless a forward passes ``ROW_LENGTHS`` or
+    ``PACKED``. ``rows_alone``: the engine's decode rows attend alone (int8, over sdpa only).
+    Idempotent; ``rows_alone`` once set stays set.
     """
     if not installed(model):
-        if supports(model.config) is not None or model.config._attn_implementation != "sdpa":
+        base = BASES.get(model.config._attn_implementation)
+        if base is None or refusal(model.config) is not None:
             return False
-        model.set_attn_implementation(NAME)
-    if rows_alone:
+        model.set_attn_implementation(base)
+    if rows_alone and model.config._attn_implementation == NAME:
         setattr(model, ROWS_ALONE, True)
     return True
 
 
 def installed(model: nn.Module) -> bool:
-    return getattr(model.config, "_attn_implementation", None) == NAME
+    return getattr(model.config, "_attn_implementation", None) in BASES.values()
+
+
+def packs(model: nn.Module) -> bool:
+    """Whether the model's prompts can run packed with decode rows."""
+    return installed(model) and pack_refusal(model.config) is None
 
 
 @contextlib.contextmanager
@@ -123,11 +159,12 @@ def plain_attention(model: nn.Module):
     if not installed(model):
         yield model
         return
-    model.set_attn_implementation("sdpa")
+    current = model.config._attn_implementation
+    model.set_attn_implementation(next(base for base, name in BASES.items() if name == current))
     try:
         yield model
     finally:
-        model.set_attn_implementation(NAME)
+        model.set_attn_implementation(current)
 
 
 def rows_attend_alone(model: nn.Module) -> bool:

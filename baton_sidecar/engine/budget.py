@@ -11,6 +11,9 @@ tokens until either runs out:
   TTFT objective, or a prompt more urgent than every running row (``timed=False``): under
   overload steps stretch rather than the queue growing without bound, and less urgent rows'
   inter-token objective never delays a more urgent request's first token.
+- a floor: the time target never cuts a step's prompt tokens below ``MIN_CHUNK`` in all. On
+  a machine where the decode rows alone fill the target, short prompts would otherwise wait
+  for their TTFT objective to pass before any step took them.
 
 Each grant says why it is the size it is (``Grant.reason``), for the step's record.
 """
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from .step_cost import FORWARD, StepCostModel, StepShape, decode_shape, prompt_shape
 
 HEADROOM = 0.9  # aim under the target: predictions err, and the step does more than its forwards
-MIN_CHUNK = 16  # no chunk is smaller but a prompt's last; the first prompt under way always gets one
+MIN_CHUNK = 16  # no chunk is smaller but a prompt's last; every step may prefill this many (the floor)
 
 # Why a grant has its size.
 WHOLE = "whole"  # the rest of the prompt fitted
@@ -68,7 +71,7 @@ class StepBudget:
         ``timed=False``: against the token limit alone."""
         if total > self.token_limit:
             return False
-        return (not timed or self.target_s is None
+        return (not timed or self.target_s is None or total <= self.least
                 or self.cost.predict(self._with(0, total, True, self._base, False)) <= self.target_s)
 
     def _with(self, start: int, count: int, last: bool, shape: StepShape | None = None,
@@ -91,7 +94,11 @@ class StepBudget:
             while high - low > 1:
                 middle = (low + high) // 2
                 low, high = (middle, high) if not self._over(start, middle, remaining) else (low, middle)
-            count, reason = low, TIME
+            floor = min(count, self.least - self.tokens)  # the step's prompt progress floor, if unspent
+            if low < floor:
+                count, reason = floor, (WHOLE if floor == remaining else FLOOR)
+            else:
+                count, reason = low, TIME
         return Grant(start, count, reason)
 
     def _over(self, start: int, count: int, remaining: int) -> bool:

@@ -149,9 +149,9 @@ class EngineCore:
         self._resume(plan.resume)
         prompts = self._prompt_parts(plan)
         if prompts and self.runner.can_pack:  # one packed forward; fused: the decode rows' too
-            fused = plan.fused and self.runner.num_rows > 0
-            self._run_parts(prompts, results, decode=fused)
-            if fused:
+            results.fused = plan.fused and self.runner.num_rows > 0
+            self._run_parts(prompts, results, decode=results.fused)
+            if results.fused:
                 return
         elif prompts:  # the model's own attention: whole prompts left-padded together, chunks one by one
             if plan.prefill:
@@ -221,6 +221,7 @@ class EngineCore:
         except Exception as error:
             if decode or len(chunks) > 1:  # a failure ends only its own requests: run the parts apart
                 log.warning("packed step failed (%s); running its parts apart", error)
+                results.fused = False
                 if decode:
                     self._decode(results, counted=True)
                 for chunk in chunks:
@@ -407,7 +408,7 @@ class EngineCore:
             shape = shape + decode_shape(results.decode_rows, results.decode_context)
         prompts = bool(plan.prefill or plan.chunks)
         if self.runner.can_pack:  # prompts in one packed forward; fused, the decode rows' too
-            forwards = bool(results.decode_rows) + (prompts and not (plan.fused and results.decode_rows))
+            forwards = bool(results.decode_rows) + (prompts and not results.fused)
         else:
             forwards = bool(results.decode_rows) + bool(plan.prefill) + len(plan.chunks)
         shape = shape + StepShape(forwards=forwards)
@@ -428,7 +429,7 @@ class EngineCore:
             padding_ratio=results.decode_padding_slots / slots if slots else 0.0,
             batch_rows=self.runner.num_rows, preempted=len(plan.preempt), resumed=len(plan.resume),
             joined=len(results.joined), finished=len(results.finished),
-            fused=plan.fused and self.runner.can_pack and bool(plan.prefill or plan.chunks) and bool(results.decode_rows),
+            fused=results.fused,
             predicted_s=plan.predicted_s, chunk_sizes=tuple(c.stop - c.start for c in plan.chunks),
             chunk_reasons=tuple(c.reason for c in plan.chunks))
 

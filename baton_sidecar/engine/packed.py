@@ -36,6 +36,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .. import row_attention
+from ..attention_masks import positional_band, windowed
 from .kv_cache import BatchKVCache
 
 
@@ -75,10 +76,11 @@ class Segment:
         return self.start + self.length
 
 
-def causal_mask(start: int, queries: int, keys: int, device: torch.device) -> torch.Tensor:
-    """``[1, 1, queries, keys]`` bool: query ``i`` (position ``start + i``) sees keys ``<= start + i``."""
-    rows = torch.arange(queries, device=device)[:, None] + start
-    return (torch.arange(keys, device=device)[None, :] <= rows)[None, None]
+def causal_mask(start: int, queries: int, keys: int, device: torch.device,
+                window: int | None = None) -> torch.Tensor:
+    """``[1, 1, queries, keys]`` bool: query ``i`` (position ``start + i``) sees keys ``<= start + i``
+    (and, in a sliding-window layer, only the last ``window`` of them)."""
+    return positional_band(window, start, queries, keys, device)
 
 
 def grouped_attention(module: nn.Module, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -144,11 +146,13 @@ class PackedCache:
     def _attend_rows(self, module: nn.Module, query: torch.Tensor, layer: int, **kwargs) -> torch.Tensor:
         q = query[0, :, : self.rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
         keys, values = self._decode_kv.pop(layer)
-        if self.rows_alone is not None:
+        window = kwargs.get("sliding_window")
+        if self.rows_alone is not None and not window:
             kwargs[row_attention.ROW_LENGTHS] = self.rows_alone
             out, _ = row_attention.per_row_attention(module, q, keys, values, None, **kwargs)
         else:
-            out, _ = sdpa_attention_forward(module, q, keys, values, self.decode_mask, **kwargs)
+            mask = windowed(self.decode_mask, window, 1, keys.shape[2], q.device)
+            out, _ = sdpa_attention_forward(module, q, keys, values, mask, **kwargs)
         return out.transpose(0, 1)  # [B, 1, H, D] -> [1, B, H, D]
 
     def _attend_segment(self, module: nn.Module, query: torch.Tensor, seg: Segment, layer: int,
@@ -165,9 +169,10 @@ class PackedCache:
             return sdpa_attention_forward(module, queries, keys[:, :, :width], values[:, :, :width],
                                           mask, **kwargs)[0][:, :count]
 
-        if self.rows_alone is None:  # batched rows: plain causal attention over the keys so far
+        window = kwargs.get("sliding_window")
+        if self.rows_alone is None or window:  # batched rows: plain causal attention over the keys so far
             return grouped_attention(module, q, keys[:, :, :seg.stop], values[:, :, :seg.stop],
-                                     causal_mask(seg.start, seg.length, seg.stop, q.device))
+                                     causal_mask(seg.start, seg.length, seg.stop, q.device, window))
         prompt_queries = max(0, min(seg.stop, seg.prompt_len) - seg.start)
         out = []
         if prompt_queries:  # keys padded to the prompt's length: the one-pass prefill's reduction

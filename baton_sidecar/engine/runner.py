@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from .. import row_attention
+from ..architectures import full_cache, kv_geometry
 from ..model import LoadedModel
 from .kv_cache import BatchKVCache, RowKV
 from .packed import PackedCache, PromptKV, Segment
@@ -81,11 +82,9 @@ class ModelRunner:
         """``padded_rows``: ``{B: B'}``, decode steps at B rows run with B' - B dummy rows."""
         self.model = loaded.model
         self.device = loaded.device
-        config = loaded.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers, kv_heads, head_dim = kv_geometry(loaded.model, loaded.device)
         self.dtype = next(loaded.model.parameters()).dtype
-        self.cache = BatchKVCache(config.num_hidden_layers, config.num_key_value_heads, head_dim,
-                                  self.dtype, self.device)
+        self.cache = BatchKVCache(layers, kv_heads, head_dim, self.dtype, self.device)
         pad = loaded.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else 0  # padding is always masked; its id is irrelevant
         # Row state, index-aligned with the cache's rows.
@@ -102,7 +101,8 @@ class ModelRunner:
         # Rows attend as if alone (int8); packed steps need Baton's attention function (installed
         # here too for models built outside ``load_model``, where the model allows it).
         self.per_row_attention = row_attention.rows_attend_alone(self.model)
-        self.can_pack = row_attention.install(self.model)
+        row_attention.install(self.model)
+        self.can_pack = row_attention.packs(self.model)
 
     @property
     def num_rows(self) -> int:
@@ -139,7 +139,7 @@ class ModelRunner:
             mask[i, width - len(tokens):] = True
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.long().cumsum(dim=-1) - 1).clamp_min(0)  # [n, P]
-        cache = DynamicCache(config=self.model.config)
+        cache = full_cache()
         with capture_hidden(self.model, enabled=bool(scores)) as hidden:
             out = self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions,
                              past_key_values=cache, use_cache=True, logits_to_keep=1,
@@ -162,7 +162,7 @@ class ModelRunner:
         """
         cache = self.chunks.get(request_id) if start else None
         if cache is None:
-            cache = self.chunks[request_id] = DynamicCache(config=self.model.config)
+            cache = self.chunks[request_id] = full_cache()
             self.chunk_scores[request_id] = []
         assert cache.get_seq_length() == start, "chunks must arrive in order"
         stop = start + len(tokens)

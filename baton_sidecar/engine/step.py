@@ -78,6 +78,7 @@ class StepResults:
     chunk_tokens: int = 0
     decode_s: float = 0.0
     decode_rows: int = 0  # rows in the decode forward (dummy rows of row padding excluded)
+    fused: bool = False  # prompts rode in the decode forward (a plan's ``fused`` needs rows to ride with)
     decode_context: int = 0  # columns it attends to: the live window plus the new one
     decode_slots: int = 0  # live window before the decode forward: rows x columns
     decode_padding_slots: int = 0  # ... of which padding

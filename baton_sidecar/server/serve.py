@@ -25,6 +25,7 @@ from aiohttp import web
 
 from baton_sidecar.config import (BATCHING_MODES, PREEMPTION_MODES, QUANTIZATIONS, TOOL_CALL_PARSERS, EngineConfig,
                                   PolicyConfig, RouterConfig, ServerConfig)
+from baton_sidecar.model_dir import ModelLoadError
 from baton_sidecar.server.configwatch import deep_merge, read_admin_token
 
 log = logging.getLogger("baton_sidecar.serve")
@@ -175,7 +176,7 @@ async def serve(engine_cfg: EngineConfig, policy: PolicyConfig, router_cfg: Rout
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    engine = None
+    engine, failure = None, None
     try:
         # The engine too: building it measures the model (row padding, step cost), which must
         # not block the event loop that answers health checks meanwhile.
@@ -187,7 +188,13 @@ async def serve(engine_cfg: EngineConfig, policy: PolicyConfig, router_cfg: Rout
             log.info("stopped while loading the model")
             return 0
         stopping.cancel()
-        engine = loading.result()
+        try:
+            engine = loading.result()
+        except Exception as error:  # the pod must crash-loop with the cause, not stay unready forever
+            if not isinstance(error, ModelLoadError):
+                log.error("loading the model failed", exc_info=error)
+            failure = _one_line(error)
+            return 1
         engine.apply_policy(app[CONFIG].current.policy)  # the latest, if it changed while loading
         await engine.start()
         attach_engine(app, engine)
@@ -202,6 +209,13 @@ async def serve(engine_cfg: EngineConfig, policy: PolicyConfig, router_cfg: Rout
     finally:
         await runner.cleanup()
         log.info("stopped")
+        if failure:  # the last line: what a crash-looping pod's log shows first
+            log.error("cannot serve: %s", failure)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if isinstance(error, ModelLoadError) else f"{type(error).__name__}: {text}"
 
 
 def set_cpu_threads(requested: int | None) -> None:

@@ -75,10 +75,26 @@ def test_with_no_row_decoding_only_the_token_limit_applies():
 
 def test_when_decode_alone_overruns_the_target_a_prompt_under_way_still_gets_the_minimum():
     budget = StepBudget(512, StepCostModel(THETA), target_s=0.05, rows=32, context=2000)
-    assert budget.chunk(0, 3000, first=True).count == 0  # not started on an overrun step ...
-    grant = budget.chunk(640, 3000, first=True)  # ... but one under way progresses
+    budget.reserve(3000 - 640)  # held for the prompt under way, before any other is granted
+    assert budget.chunk(0, 3000, first=False).count == 0  # a newcomer finds the floor taken ...
+    grant = budget.chunk(640, 3000, first=True)  # ... by the prompt under way, which progresses
     assert (grant.count, grant.reason) == (MIN_CHUNK, "floor")
-    assert budget.chunk(640, 3000, first=False).count == 0
+    budget.take(grant, 3000 - 640)
+    assert budget.chunk(640 + MIN_CHUNK, 3000, first=False).count == 0
+
+
+def test_when_decode_alone_overruns_the_target_each_step_still_prefills_the_floor():
+    """Else, on a machine whose decode rows alone fill the target, every short prompt would
+    wait for its TTFT objective to pass."""
+    budget = StepBudget(512, StepCostModel(THETA), target_s=0.05, rows=32, context=2000)
+    assert budget.fits_alone(MIN_CHUNK) and not budget.fits_alone(MIN_CHUNK + 1)
+    short = budget.room(0, 10)
+    assert (short.count, short.reason) == (10, "whole")
+    budget.take(short, 10)
+    rest = budget.room(0, 100)
+    assert (rest.count, rest.reason) == (MIN_CHUNK - 10, "floor")  # the floor is per step, not per prompt
+    budget.take(rest, 100)
+    assert budget.room(0, 100).count == 0
 
 
 def timed_scheduler(target_ms: float = 200.0, mode: str = "fused") -> Scheduler:
@@ -142,7 +158,8 @@ def test_the_time_target_never_holds_a_short_prompt_past_its_ttft_objective():
     short = make(prompt=200, arrival=0.0)  # interactive by default: ttft 1000 ms
     scheduler.add(short)
     early = scheduler.schedule(now=0.5, batch=busy)
-    assert early.prefill == [] and early.chunks == []  # waits for a lighter step
+    assert early.prefill == []  # only the step's floor: one minimum chunk
+    assert [(c.start, c.stop, c.reason) for c in early.chunks] == [(0, MIN_CHUNK, "floor")]
     late = scheduler.schedule(now=1.0, batch=busy)
     assert late.prefill == [short]  # overdue: whole, the step stretches
 

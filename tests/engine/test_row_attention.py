@@ -75,11 +75,17 @@ def test_recompute_replay_equals_the_decode_steps_it_replaces(loaded):
     assert torch.equal(prefilled.last_logits[1], alone(loaded.model, short, [])[-1])
 
 
-@pytest.mark.parametrize("config, reason", [
-    (MistralConfig(sliding_window=16), "sliding-window attention"),
-    (Gemma2Config(sliding_window=None, layer_types=["full_attention"] * 26), "attention logit soft-capping"),
-    (Gemma2Config(), "sliding-window attention"),
+@pytest.mark.parametrize("config, refusal, pack_refusal", [
+    (MistralConfig(sliding_window=16), None, None),  # windows are Baton's masks: served and packed
+    (Gemma2Config(), None, "attention logit soft-capping"),
+    (LlamaConfig(), None, None),
+    ("state-space", "linear_attention layers", None),
 ])
-def test_attention_it_cannot_reproduce_is_left_alone(config, reason):
-    assert row_attention.supports(config) == reason
-    assert row_attention.supports(LlamaConfig()) is None
+def test_what_batons_attention_can_express(config, refusal, pack_refusal):
+    if config == "state-space":
+        config = LlamaConfig()
+        config.layer_types = ["full_attention", "linear_attention"]
+    config._attn_implementation = row_attention.NAME
+    assert (row_attention.refusal(config) or "").startswith(refusal or "")
+    assert (row_attention.refusal(config) is None) == (refusal is None)
+    assert row_attention.pack_refusal(config) == pack_refusal
