@@ -218,11 +218,18 @@ class RouterConfig:
     sticky_header: str = "x-baton-session"  # hash this header (or the body's `user`) to pick an arm
     fallback_to_baton: bool = False  # on incumbent failure, retry on Baton (counted)
     incumbent_timeout_s: float = 300.0
+    # Of the requests the incumbent serves, the percent also run on Baton and discarded (mirroring),
+    # for paired statistics; the client always gets the incumbent's answer.
+    shadow_percent: float = 0.0
+    profile_text: bool = False  # the traffic profile ring keeps prompt text (else token counts only)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.baton_weight, (int, float)) and not isinstance(self.baton_weight, bool)
                and 0 <= self.baton_weight <= 100,
                "baton_weight", "must be a number in [0, 100]")
+        _check(isinstance(self.shadow_percent, (int, float)) and not isinstance(self.shadow_percent, bool)
+               and 0 <= self.shadow_percent <= 100, "shadow_percent", "must be a number in [0, 100]")
+        _check(isinstance(self.profile_text, bool), "profile_text", "must be a boolean")
         _check(self.incumbent_url is None or (isinstance(self.incumbent_url, str)
                                               and self.incumbent_url.startswith(("http://", "https://"))),
                "incumbent_url", "must be an http(s) URL")

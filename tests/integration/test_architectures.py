@@ -35,19 +35,26 @@ UNPACKED = {"gemma2": "attention logit soft-capping", "gpt-oss": "eager attentio
 
 
 async def run_staggered(loaded, prompts, policy):
-    """Greedy requests arriving 20 ms apart, priorities 0..2 (so preemption picks victims);
-    returns their tokens, their preemption counts and the steps' chunk sizes."""
+    """Greedy requests arriving 20 ms apart; returns their tokens, their preemption counts and
+    the steps' chunk sizes. The first two are the least urgent and the rest arrive once both
+    run, so with a batch of two every later arrival preempts (whatever the machine's speed)."""
     engine = AsyncEngine(loaded, EngineConfig(), policy)
     chunks = []
     engine.observe_steps(lambda record: chunks.extend(record.chunk_sizes))
     await engine.start()
+    both_running = asyncio.Event()
 
     async def one(index, prompt):
-        await asyncio.sleep(index * 0.02)
+        if index >= 2:
+            await both_running.wait()
+            await asyncio.sleep((index - 2) * 0.02)
         tokens, final = [], None
-        async for final in engine.submit(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
-                                                                ignore_eos=True), priority=2 - index % 3):
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+        async for final in engine.submit(prompt, params, priority=2 if index < 2 else index % 2):
             tokens.extend(final.token_ids)  # each output carries the new tokens only
+            if index < 2 and engine.stats().batch_size >= 2:
+                both_running.set()
+        both_running.set()  # (a first request that ends before the other joins releases the rest)
         return tokens, final.num_preemptions
 
     try:
@@ -82,3 +89,20 @@ def test_each_family_attends_through_batons_masks(family):
     name, loaded, _, _ = family
     assert row_attention.installed(loaded.model)
     assert row_attention.pack_refusal(loaded.model.config) == UNPACKED.get(name)
+
+
+async def test_absolute_positions_never_run_past_the_embedding_table(tmp_path):
+    """GPT-2's learned positions end at ``n_positions``: a request past them is refused (400), not run."""
+    from baton_sidecar.engine.request import RequestValidationError
+
+    loaded = load_model(EngineConfig(model=str(save_family("gpt2", tmp_path / "gpt2"))), progress=False)
+    assert loaded.max_model_len == loaded.model.config.n_positions
+    engine = AsyncEngine(loaded, EngineConfig(), PolicyConfig())
+    await engine.start()
+    try:
+        with pytest.raises(RequestValidationError, match="max_tokens"):
+            await engine.generate([2] * (loaded.max_model_len - 10), SamplingParams(max_tokens=11))
+        out = await engine.generate([2] * (loaded.max_model_len - 10), SamplingParams(max_tokens=10, ignore_eos=True))
+        assert len(out.token_ids) == 10  # up to the table's last position
+    finally:
+        await engine.shutdown(drain_timeout_s=5)
