@@ -35,9 +35,12 @@ from baton_sidecar.server.engine_api import Engine
 from baton_sidecar.server.generate import chat_completions, completions
 from baton_sidecar.server.metrics import CONTENT_TYPE, Metrics
 from baton_sidecar.server.passthrough import OWN_PREFIX, make_catch_all, models
+from baton_sidecar.server.profiles import ProfileRing, export_jsonl, parse_profile_since
 from baton_sidecar.server.router import Router
-from baton_sidecar.server.state import (ABSTATS, CONFIG, ELIGIBILITY, EXECUTOR, METRICS, ROUTER,
-                                        SESSION, STATE, TRACING, WATCHER, ServerState)
+from baton_sidecar.server.paired import PairedStats
+from baton_sidecar.server.shadow import Shadow
+from baton_sidecar.server.state import (ABSTATS, CONFIG, ELIGIBILITY, EXECUTOR, METRICS, PROFILES,
+                                        ROUTER, SESSION, SHADOW, STATE, TRACING, WATCHER, ServerState)
 from baton_sidecar.server.tokenize import detokenize, tokenize
 from baton_sidecar.server.tracing import Tracing
 
@@ -74,7 +77,9 @@ def init_app(engine: Engine | None, server_config: ServerConfig, router_config: 
     app[STATE] = state
     app[METRICS] = metrics
     app[ABSTATS] = ABStats()
+    app[SHADOW] = Shadow(PairedStats())
     app[ELIGIBILITY] = EligibilityCounts()
+    app[PROFILES] = ProfileRing()
     app[ROUTER] = router
     app[CONFIG] = manager
     app[TRACING] = tracing if tracing is not None else Tracing.from_env()
@@ -95,7 +100,7 @@ def init_app(engine: Engine | None, server_config: ServerConfig, router_config: 
                 app.router.add_route(method, path, handler)
     app.router.add_route("*", "/{tail:.*}", make_catch_all(OWN_ROUTES, STANDALONE_ALIASES))
 
-    app.cleanup_ctx.extend([_tracer, _idle_event, _tokenizer_worker, _incumbent_session,
+    app.cleanup_ctx.extend([_tracer, _idle_event, _tokenizer_worker, _incumbent_session, _shadow_copies,
                             _config_watcher])
     return app
 
@@ -110,6 +115,11 @@ def attach_engine(app: web.Application, engine: Engine) -> None:
 
 
 # -- what the app opens: each a cleanup context (opened at start-up, closed at clean-up) -------------
+
+async def _shadow_copies(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[SHADOW].close()  # copies still running are cancelled (their rows freed)
+
 
 async def _idle_event(app: web.Application) -> AsyncIterator[None]:
     app[STATE].idle = asyncio.Event()
@@ -155,6 +165,7 @@ async def drain(app: web.Application, timeout_s: float) -> bool:
     """Refuse new work (503, /ready fails) and wait for in-flight requests; True if all finished."""
     state = app[STATE]
     state.draining = True
+    await app[SHADOW].close()  # shadow copies answer no one: they never hold up a drain
     if state.idle is None or state.in_flight == 0:
         return True
     try:
@@ -251,13 +262,35 @@ async def ab_report(request: web.Request) -> web.Response:
                                          samples=samples)
     report["router"] = {"incumbent_url": live.router.incumbent_url,
                         "baton_weight": live.router.baton_weight,
+                        "shadow_percent": live.router.shadow_percent,
                         "sticky_header": live.router.sticky_header,
                         "fallback_to_baton": live.router.fallback_to_baton}
     report.update(app[ELIGIBILITY].report())
+    report["paired"] = await asyncio.to_thread(app[SHADOW].paired.block)  # CIs over up to 5000 pairs
     if samples:  # up to 4 x window floats: encode them off the loop too
         body = await asyncio.to_thread(json.dumps, report)
         return web.Response(text=body, content_type="application/json")
     return web.json_response(report)
+
+
+async def ab_profile(request: web.Request) -> web.Response:
+    """``GET /baton/ab/profile[?since=<unix seconds>]``: the traffic profile as the bench's JSONL
+    workload (see profiles, docs/server.md)."""
+    app = request.app
+    try:
+        since = parse_profile_since(request.query.get("since"))
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="since", code="invalid_value") from None
+    selected = app[PROFILES].select(since)
+    state = app[STATE]
+    if selected and state.engine is None:  # synthetic and chat prompts need the tokenizer
+        raise APIError(503, "model is loading", type="service_unavailable", code="not_ready",
+                       headers={"Retry-After": "5"})
+    tokenizer = state.engine.tokenizer if state.engine is not None else None
+    body, skipped = await asyncio.to_thread(export_jsonl, selected, tokenizer,
+                                            state.config.chat_template)
+    return web.Response(body=body, content_type="application/x-ndjson",
+                        headers={"X-Baton-Profile-Skipped": str(skipped)})
 
 
 # -- admin -----------------------------------------------------------------------------------------
@@ -299,6 +332,7 @@ OWN_ROUTES = {
     OWN_PREFIX + "ready": {"GET": ready},
     OWN_PREFIX + "metrics": {"GET": metrics_handler},
     OWN_PREFIX + "ab/report": {"GET": ab_report},
+    OWN_PREFIX + "ab/profile": {"GET": ab_profile},
     OWN_PREFIX + "admin/config": {"GET": admin_get_config, "PUT": admin_put_config},
 }
 # Answered at the root too, as a vLLM server's are, while no incumbent is configured (with one,

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -30,11 +30,12 @@ from baton_sidecar.server.body import read_body, too_large
 from baton_sidecar.server.eligibility import BODY_TOO_LARGE, OTHER_MODEL, refusal_reason
 from baton_sidecar.server.local import LocalRun
 from baton_sidecar.server.passthrough import incumbent_failure, relay
+from baton_sidecar.server.profiles import record_answer
 from baton_sidecar.server.proxy import IncumbentFailure, proxy
 from baton_sidecar.server.results import ArmResult
 from baton_sidecar.server.router import BATON, INCUMBENT
-from baton_sidecar.server.state import (ABSTATS, ELIGIBILITY, EXECUTOR, METRICS, ROUTER, SESSION,
-                                        STATE, TRACING)
+from baton_sidecar.server.state import (ABSTATS, CONFIG, ELIGIBILITY, EXECUTOR, METRICS, PROFILES,
+                                        ROUTER, SESSION, SHADOW, STATE, TRACING)
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ async def _serve(request: web.Request, raw: bytes, parsed: ParsedRequest,
     try:
         if arm == INCUMBENT:
             _count_eligible(app)
-            served_by_incumbent, resp, status, error_type = await _serve_incumbent(
+            served_by_incumbent, resp, status, error_type = await _serve_shadowed(
                 request, raw, parsed, arrival, trace)
             if served_by_incumbent:
                 return resp
@@ -157,9 +158,28 @@ async def _serve(request: web.Request, raw: bytes, parsed: ParsedRequest,
         trace.end(status, error_type)
 
 
+async def _serve_shadowed(request: web.Request, raw: bytes, parsed: ParsedRequest,
+                          arrival: float, trace) -> tuple[bool, Any, int, str | None]:
+    """``_serve_incumbent``, with a copy on Baton when ``router.shadow_percent`` draws it (``shadow``)."""
+    app = request.app
+    state, shadow = app[STATE], app[SHADOW]
+    incumbent_done = shadow.start(app[ROUTER].config.shadow_percent, state.engine, app[CONFIG].current.policy,
+                                  parsed, arrival, app[EXECUTOR], state.config.chat_template)
+    shadow.incumbent_in_flight += 1
+    answers: list[ArmResult] = []
+    try:
+        return await _serve_incumbent(request, raw, parsed, arrival, trace, answers.append)
+    finally:
+        shadow.incumbent_in_flight -= 1
+        if incumbent_done is not None:  # no answer (failed, fell back, cancelled): no pair
+            incumbent_done.set_result(answers[0] if answers else ArmResult(ok=False))
+
+
 async def _serve_incumbent(request: web.Request, raw: bytes, parsed: ParsedRequest,
-                           arrival: float, trace) -> tuple[bool, Any, int, str | None]:
-    """(served, response, status, error type); served False means: fall back to Baton."""
+                           arrival: float, trace, on_answer: Callable[[ArmResult], None] | None = None
+                           ) -> tuple[bool, Any, int, str | None]:
+    """(served, response, status, error type); served False means: fall back to Baton.
+    ``on_answer``: called with the incumbent's result, if it answered."""
     app = request.app
     metrics, stats, cfg = app[METRICS], app[ABSTATS], app[ROUTER].config
     trace.set_request(parsed.params, parsed.priority, parsed.sla_class, parsed.stream)
@@ -183,7 +203,9 @@ async def _serve_incumbent(request: web.Request, raw: bytes, parsed: ParsedReque
     if not result.ok and not result.cancelled:
         metrics.incumbent_failures.labels("status" if result.status >= 500 else "stream").inc()
     reason = result.finish_reason or ("error" if not result.ok else f"http_{result.status}")
-    account(app, INCUMBENT, result, reason, parsed.sla_class, trace, record=True)
+    account(app, INCUMBENT, result, reason, parsed.sla_class, trace, record=True, parsed=parsed)
+    if on_answer is not None:
+        on_answer(result)
     error_type = None if result.ok else ("client_disconnected" if result.cancelled
                                          else "incumbent_stream_error")
     return True, result.response, result.status, error_type
@@ -230,15 +252,23 @@ async def _respond_baton(request: web.Request, run: LocalRun, parsed: ParsedRequ
     finally:
         r = run.result
         account(app, BATON, r, r.finish_reason or "error", parsed.sla_class, trace, record=record,
-                response_id=run.response_id, response_model=run.model_name)
+                parsed=parsed, response_id=run.response_id, response_model=run.model_name)
 
 
 def account(app: web.Application, arm: str, result: ArmResult, reason: str,
-            sla_class: str | None, trace, *, record: bool, **response: Any) -> None:
+            sla_class: str | None, trace, *, record: bool, parsed: ParsedRequest | None = None,
+            **response: Any) -> None:
     """A request one arm answered: its Prometheus series, its A/B sample (``record``: the router
-    assigned it that arm; fallbacks are not compared) and its span's results. A client that left
-    gives no latency sample and no A/B outcome."""
+    assigned it that arm; fallbacks are not compared), its span's results and, given the client's
+    ``parsed`` request, its traffic profile (``profiles``). A client that left gives no latency
+    sample and no A/B outcome, but is profiled: its request still arrived and took work."""
     metrics = app[METRICS]
+    if parsed is not None:
+        state = app[STATE]
+        record_answer(app[PROFILES], arm, result, reason, parsed,
+                      keep_text=app[ROUTER].config.profile_text,
+                      tokenizer=state.engine.tokenizer if state.engine is not None else None,
+                      executor=app.get(EXECUTOR), template=state.config.chat_template)
     if result.cancelled:
         metrics.requests.labels(arm, "cancelled").inc()
     else:

@@ -72,6 +72,7 @@ class SSEStats:
         self.chunks_with_content = 0
         self.usage: dict[str, Any] | None = None
         self.finish_reason: str | None = None
+        self.text_parts: list[str] = []  # choice 0's text, in order
 
     def feed(self, data: bytes) -> None:
         self._buf += data
@@ -104,6 +105,8 @@ class SSEStats:
                 self.chunks_with_content += 1
                 if self.ttft_s is None:
                     self.ttft_s = time.monotonic() - self._arrival
+                if choice.get("index", 0) == 0 and isinstance(text, str):
+                    self.text_parts.append(text)
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
 
@@ -261,6 +264,7 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, arrival
         u = stats.usage or {}
         result.prompt_tokens = u.get("prompt_tokens")
         result.completion_tokens = u.get("completion_tokens", stats.chunks_with_content or None)
+        result.text = "".join(stats.text_parts)
     elif kept and upstream.status < 400:
         _read_json_usage(bytes(kept), result)
     span.end(upstream.status, error_type=None if result.ok else (
@@ -286,6 +290,9 @@ def _read_json_usage(data: bytes, result: ArmResult) -> None:
         u = obj.get("usage") or {}
         result.prompt_tokens = u.get("prompt_tokens")
         result.completion_tokens = u.get("completion_tokens")
-        result.finish_reason = (obj.get("choices") or [{}])[0].get("finish_reason")
+        first = (obj.get("choices") or [{}])[0]
+        result.finish_reason = first.get("finish_reason")
+        text = first.get("text") if "text" in first else (first.get("message") or {}).get("content")
+        result.text = text if isinstance(text, str) else None
     except (ValueError, AttributeError, IndexError, TypeError, RecursionError):
         pass

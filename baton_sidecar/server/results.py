@@ -26,6 +26,7 @@ class ArmResult:
     error: str | None = None
     queue_s: float | None = None  # Baton only: waiting before first scheduled
     preemptions: int = 0  # Baton only
+    text: str | None = None  # the incumbent's first choice's text (for shadow pairs' agreement)
     response: web.StreamResponse | None = None  # the incumbent's relayed answer (the handler's)
 
     @property

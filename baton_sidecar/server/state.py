@@ -20,7 +20,9 @@ from baton_sidecar.server.eligibility import EligibilityCounts
 from baton_sidecar.server.engine_api import Engine
 from baton_sidecar.server.metrics import Metrics
 from baton_sidecar.server.oai_response import now
+from baton_sidecar.server.profiles import ProfileRing
 from baton_sidecar.server.router import Router
+from baton_sidecar.server.shadow import Shadow
 from baton_sidecar.server.tracing import Tracing
 
 
@@ -60,3 +62,5 @@ TRACING = web.AppKey("tracing", Tracing)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 SESSION = web.AppKey("incumbent_session", aiohttp.ClientSession)
 WATCHER = web.AppKey("config_watcher", FileWatcher)
+PROFILES = web.AppKey("profiles", ProfileRing)
+SHADOW = web.AppKey("shadow", Shadow)

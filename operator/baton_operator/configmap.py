@@ -1,11 +1,15 @@
 """The sidecars' ConfigMap, ``<name>-baton-config``: the ``baton.yaml`` they read (``policy:`` and
-``router:``, exactly the shape of docs/config.md), Baton's traffic weight in it, and the merge patch the
-rollout controller writes the weight with.
+``router:``, exactly the shape of docs/config.md), Baton's traffic shares in it (``baton_weight`` and
+``shadow_percent``), and the merge patch the rollout controller writes them with.
 
 All pure. The reconciler builds the whole ConfigMap (``desired_config_map``); while ``spec.rollout`` is
-set it keeps the weight it finds (``desired_weight``), which only the rollout controller changes
-(``config_map_weight_patch``, keeping the last-applied record in step so the reconciler sees nothing
-to undo). Sidecars pick a new file up without a restart.
+set it keeps the shares it finds (``desired_weight``, ``desired_shadow``), which only the rollout
+controller changes (``config_map_traffic_patch``, keeping the last-applied record in step so the
+reconciler sees nothing to undo). Sidecars pick a new file up without a restart.
+
+``shadow_percent`` is written only while above 0; 0 is the key left out (the sidecar's default), so the
+file of a deployment that never shadows is byte for byte what it was, and sidecars that predate shadow
+mode (which refuse unknown keys) read it as before.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ def desired_weight(spec: Mapping[str, Any], incumbent_url: str | None, current: 
     """Percent of traffic for Baton.
 
     No incumbent: 100. With ``spec.rollout`` the rollout controller owns the weight (issue 7): keep
-    what the ConfigMap holds, starting from the first step. Otherwise ``spec.router.weight`` (default 0:
-    the incumbent keeps all traffic until someone raises it).
+    what the ConfigMap holds, starting from the first step (0 with a shadow stage, which comes first).
+    Otherwise ``spec.router.weight`` (default 0: the incumbent keeps all traffic until someone raises it).
     """
     if incumbent_url is None:
         return 100
@@ -33,13 +37,27 @@ def desired_weight(spec: Mapping[str, Any], incumbent_url: str | None, current: 
         if current is not None:
             return current
         steps = rollout.get("steps") or [0]
-        return steps[0]
+        return 0 if rollout.get("shadow") is not None else steps[0]
     return (spec.get("router") or {}).get("weight", 0)
 
 
-def router_config(spec: Mapping[str, Any], incumbent_url: str | None, weight: float) -> dict[str, Any]:
+def desired_shadow(spec: Mapping[str, Any], incumbent_url: str | None, current: float) -> float:
+    """Percent of the incumbent's requests mirrored to Baton: with ``spec.rollout`` the rollout controller's
+    (keep what the ConfigMap holds), else ``spec.router.shadowPercent`` (default 0); none without an
+    incumbent."""
+    if incumbent_url is None:
+        return 0
+    if spec.get("rollout"):
+        return current
+    return (spec.get("router") or {}).get("shadowPercent", 0)
+
+
+def router_config(spec: Mapping[str, Any], incumbent_url: str | None, weight: float,
+                  shadow_percent: float = 0) -> dict[str, Any]:
     router = spec.get("router") or {}
     out: dict[str, Any] = {"incumbent_url": incumbent_url, "baton_weight": weight}
+    if shadow_percent:
+        out["shadow_percent"] = shadow_percent
     for camel, snake in (("stickyHeader", "sticky_header"), ("fallbackToBaton", "fallback_to_baton"),
                          ("incumbentTimeoutSeconds", "incumbent_timeout_s")):
         if router.get(camel) is not None:
@@ -72,6 +90,11 @@ def config_weight(config_map: Mapping[str, Any] | None) -> float | None:
     return (parse_config(config_map).get("router") or {}).get("baton_weight")
 
 
+def config_shadow(config_map: Mapping[str, Any] | None) -> float:
+    """The share of the incumbent's requests mirrored to Baton in an observed ConfigMap (absent: 0)."""
+    return (parse_config(config_map).get("router") or {}).get("shadow_percent") or 0
+
+
 def desired_config_map(bd: Mapping[str, Any], config: Mapping[str, Any], policy_hash: str) -> dict[str, Any]:
     return stamped({
         "apiVersion": "v1",
@@ -81,13 +104,18 @@ def desired_config_map(bd: Mapping[str, Any], config: Mapping[str, Any], policy_
     })
 
 
-def config_map_weight_patch(config_map: Mapping[str, Any], weight: float) -> dict[str, Any]:
-    """Merge patch setting ``router.baton_weight`` in the ConfigMap's ``baton.yaml``, leaving the rest as
-    it is, conditional on the observed resourceVersion (the rollout controller's write). The last-applied
-    record follows, so the reconciler, which keeps the weight it finds while ``spec.rollout`` is set,
-    sees nothing to undo."""
+def config_map_traffic_patch(config_map: Mapping[str, Any], weight: float, shadow_percent: float = 0
+                             ) -> dict[str, Any]:
+    """Merge patch setting ``router.baton_weight`` and ``router.shadow_percent`` (left out at 0) in the
+    ConfigMap's ``baton.yaml``, leaving the rest as it is, conditional on the observed resourceVersion
+    (the rollout controller's write). The last-applied record follows, so the reconciler, which keeps the
+    shares it finds while ``spec.rollout`` is set, sees nothing to undo."""
     config = parse_config(config_map)
-    config["router"] = {**(config.get("router") or {}), "baton_weight": weight}
+    router = {k: v for k, v in (config.get("router") or {}).items() if k != "shadow_percent"}
+    router["baton_weight"] = weight
+    if shadow_percent:
+        router["shadow_percent"] = shadow_percent
+    config["router"] = router
     data = {CONFIG_KEY: render_config(config)}
     record = {**last_applied(config_map), "data": data}
     meta = config_map.get("metadata") or {}

@@ -6,9 +6,10 @@ Triggers that reconcile one BatonDeployment:
 - a Deployment labelled ``baton.dev/deployment=<name>`` changes (its child, or its sidecar target).
 
 The progressive rollout runs beside these, as a daemon per BatonDeployment with ``spec.rollout``
-(``rollout_controller``): it writes the ConfigMap's ``router.baton_weight`` and ``status.rollout``, and has
-phase and conditions recomputed through ``reconcile_and_write_status``. ``reconcile`` keeps whatever weight
-it finds while ``spec.rollout`` is set, so the two never fight.
+(``rollout_controller``): it writes the ConfigMap's ``router.baton_weight`` and ``router.shadow_percent``
+and ``status.rollout``, and has phase and conditions recomputed through ``reconcile_and_write_status``.
+``reconcile`` keeps whatever weight and shadow share it finds while ``spec.rollout`` is set, so the two
+never fight.
 """
 
 from __future__ import annotations

@@ -147,7 +147,8 @@ def _apply_config(kube: Kube, cfg: OperatorConfig, bd: Mapping[str, Any],
         policy = deep_merge(policy, {"padding": tuned})  # the rollout's auto-tune, recorded in status
     digest = policy_hash(policy)
     weight = cm.desired_weight(spec, incumbent_url, current_weight)
-    config = cm.sidecar_config(policy, cm.router_config(spec, incumbent_url, weight))
+    shadow = cm.desired_shadow(spec, incumbent_url, cm.config_shadow(observed))
+    config = cm.sidecar_config(policy, cm.router_config(spec, incumbent_url, weight, shadow))
     desired = cm.desired_config_map(bd, config, digest)
     previous_hash = ((observed or {}).get("metadata", {}).get("annotations") or {}).get(res.ANN_POLICY_HASH)
     _apply(kube, path("v1", "configmaps", ns), desired, bd, outcome, observed=observed, known=True)

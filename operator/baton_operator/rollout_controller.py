@@ -2,7 +2,8 @@
 
 Every ``BATON_ROLLOUT_TICK_SECONDS`` it reads the rollout state from ``status.rollout``, gathers the
 sidecars' ``/baton/ab/report`` when an analysis is due, asks ``rollout.decide.decide`` what to do, and
-applies the decision: the weight into the ConfigMap the sidecars read (first), ``status.rollout`` and
+applies the decision: the weight (and, in the shadow stage, the share of the incumbent's requests mirrored
+to Baton) into the ConfigMap the sidecars read (first), ``status.rollout`` and
 ``status.traffic.weight`` (then), a Kubernetes Event and a ``baton.rollout`` span. Phase and conditions
 are recomputed by the same reconcile that every other trigger runs (``status.build_status`` reads the
 rollout's phase), so the two writers agree. Nothing lives in memory between ticks: an operator restarted
@@ -119,27 +120,30 @@ async def _decide(memo: kopf.Memo, bd: Mapping[str, Any], annotations: Mapping[s
     measurement = None
     if wants_measurement(rspec, state, rev, now):
         urls = await _report_urls(memo, bd, annotations, logger)
-        measurement = await measure(urls, memo.config.report_timeout_s, state.baseline)
+        # The shadow stage reads only the paired block: no raw samples to pool.
+        measurement = await measure(urls, memo.config.report_timeout_s, state.baseline, samples=not state.shadowing)
     # Pure, but pooling and sorting every pod's samples is CPU work: off the loop.
     return await asyncio.to_thread(decide, rspec, state, rev, now, measurement), urls
 
 
 async def _apply(kube: Kube, bd: Mapping[str, Any], config_map: Mapping[str, Any], decision: Decision,
                  tuned: TuneResult | None, previous: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """The weight into the ConfigMap the sidecars read (first), then ``status.rollout`` (the record of it),
-    in a ``baton.rollout`` span; returns whether the weight changed."""
+    """The weight and shadow share into the ConfigMap the sidecars read (first), then ``status.rollout``
+    (the record of it), in a ``baton.rollout`` span; returns whether either changed."""
     meta = bd["metadata"]
     analysis = new["analysis"] or {}
     with tracing.span("rollout", namespace=meta["namespace"], resource_name=meta["name"],
                       generation=meta.get("generation"), action=decision.action, step=decision.state.step,
-                      weight=decision.weight, phase=decision.state.phase,
+                      weight=decision.weight, shadow_percent=decision.shadow_percent or None,
+                      phase=decision.state.phase,
                       result=analysis.get("result") if decision.checks else None,
                       failed_checks=",".join(analysis.get("failedChecks") or []) or None,
                       tuned=tuned.change.knob if tuned and tuned.change else None):
-        weight_changed = cm.config_weight(config_map) != decision.weight
+        weight_changed = (cm.config_weight(config_map), cm.config_shadow(config_map)) != (
+            decision.weight, decision.shadow_percent)
         if weight_changed:
             await asyncio.to_thread(kube.merge_patch, _config_map_path(meta),
-                                    cm.config_map_weight_patch(config_map, decision.weight))
+                                    cm.config_map_traffic_patch(config_map, decision.weight, decision.shadow_percent))
         await _write_rollout_status(kube, meta, previous, new, decision.weight)
     return weight_changed
 

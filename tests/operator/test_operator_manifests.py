@@ -59,8 +59,9 @@ def test_rollout_schema_is_defined_for_the_rollout_controller() -> None:
     rollout = BD.openapi["properties"]["spec"]["properties"]["rollout"]["properties"]
     assert set(rollout) == {"steps", "pauseSeconds", "analysisIntervalSeconds", "minSamplesPerArm", "gates",
                             "failureThreshold", "paused", "abort", "manualGates", "approvedWeight", "attempt",
-                            "autoTune"}
+                            "autoTune", "shadow"}
     assert rollout["steps"]["items"] == {"type": "integer", "minimum": 0, "maximum": 100}
+    assert set(rollout["shadow"]["properties"]) == {"percent", "minPairs", "maxDurationSeconds"}
     assert set(rollout["gates"]["properties"]) == {"p95LatencyMarginPct", "ttftMarginPct", "maxErrorRate",
                                                    "minSlaAttainment"}
 
@@ -138,6 +139,13 @@ BAD_DEPLOYMENTS = [
     ("spec.rollout.steps", [], "spec/rollout/steps"),
     ("spec.rollout.gates.maxErrorRate", 2, "spec/rollout/gates/maxErrorRate"),
     ("spec.rollout.analysisIntervalSeconds", 1, "spec/rollout/analysisIntervalSeconds"),
+    ("spec.rollout.shadow.percent", 0, "spec/rollout/shadow/percent"),  # would mirror nothing
+    ("spec.rollout.shadow.percent", 120, "spec/rollout/shadow/percent"),
+    ("spec.rollout.shadow.minPairs", 0, "spec/rollout/shadow/minPairs"),
+    ("spec.rollout.shadow.minPairs", 2.5, "spec/rollout/shadow/minPairs"),
+    ("spec.rollout.shadow.maxDurationSeconds", 0, "spec/rollout/shadow/maxDurationSeconds"),
+    ("spec.rollout.shadow.mirror", 5, "spec/rollout/shadow"),  # unknown field
+    ("spec.router.shadowPercent", 101, "spec/router/shadowPercent"),
     ("spec.telemetry.samplingRatio", 1.1, "spec/telemetry/samplingRatio"),
     ("spec.model.path", "relative/dir", "spec/model/path"),
     ("spec.adminTokenSecretRef", {"key": "token"}, "spec/adminTokenSecretRef"),

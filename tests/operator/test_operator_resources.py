@@ -124,13 +124,14 @@ def test_quantization_flag_from_the_spec_else_the_operator_default() -> None:
 
 def test_rendered_config_is_what_the_sidecar_parses() -> None:
     router = cm.router_config({"router": {"stickyHeader": "x-s", "fallbackToBaton": True,
-                                          "incumbentTimeoutSeconds": 60}}, "http://127.0.0.1:8000", 5)
+                                          "incumbentTimeoutSeconds": 60}}, "http://127.0.0.1:8000", 5, 25)
     from baton_operator.policy import DEFAULT_POLICY
     doc = yaml.safe_load(cm.render_config(cm.sidecar_config(DEFAULT_POLICY, router)))
     assert set(doc) == {"policy", "router"}
     parsed = sidecar_config.RouterConfig.from_dict(doc["router"])
     assert parsed.incumbent_url == "http://127.0.0.1:8000" and parsed.baton_weight == 5
     assert parsed.sticky_header == "x-s" and parsed.fallback_to_baton is True
+    assert parsed.shadow_percent == 25
     sidecar_config.PolicyConfig.from_dict(doc["policy"])
 
 
@@ -141,6 +142,7 @@ def test_rendered_config_is_what_the_sidecar_parses() -> None:
     ({"router": {"weight": 20}}, "http://i", 55, 20),  # manual weight is enforced
     ({"rollout": {"steps": [1, 5]}}, "http://i", None, 1),  # rollout starts at its first step
     ({"rollout": {"steps": [1, 5]}}, "http://i", 5, 5),  # ... and then owns the weight
+    ({"rollout": {"steps": [1, 5], "shadow": {}}}, "http://i", None, 0),  # the shadow stage comes first
 ])
 def test_desired_weight(spec, incumbent_url, current, expected) -> None:
     assert cm.desired_weight(spec, incumbent_url, current) == expected

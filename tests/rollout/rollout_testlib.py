@@ -80,6 +80,31 @@ def legacy(rep: dict[str, Any]) -> dict[str, Any]:
     return old
 
 
+def paired_block(pairs: int, verdict: str, median_diff_s: float = -0.2) -> dict[str, Any]:
+    """A sidecar's ``paired`` block of ``/baton/ab/report`` (the shadow stage's contract), e2e-judged."""
+    figures = {"n": pairs, "median_diff_s": median_diff_s, "median_ci95": [median_diff_s - 0.05, median_diff_s + 0.05],
+               "p95_diff_s": median_diff_s * 1.5, "p95_ci95": [median_diff_s * 2, median_diff_s],
+               "baton_faster_share": 0.8 if median_diff_s < 0 else 0.2, "p_value": 0.001 if pairs else None}
+    return {"pairs": pairs, "verdict": verdict, "basis": f"e2e median difference {median_diff_s:+.3f} s over {pairs} "
+                                                         f"pairs ({verdict})",
+            "metric": "e2e", "margin_pct": 10.0, "metrics": {"e2e": figures, "ttft": figures},
+            "agreement": {"greedy_pairs": 0, "identical_share": None, "mean_edit_distance": None},
+            "contention": {"mean_incumbent_in_flight": 1.5, "mean_baton_in_flight": 0.5}}
+
+
+def shadow_report(pairs: int | None, verdict: str = "better", weight: float = 0, shadow: float | None = 20,
+                  instance: str = "i0") -> dict[str, Any]:
+    """A sidecar's plain report in the shadow stage: incumbent traffic only, the router block saying
+    ``shadow_percent`` (None: an older report that does not) and a paired block (None: none at all)."""
+    rep = sidecar_report(recorded([], arm_outcomes("incumbent", normal(1.0, 0.1, 100, 11)), instance), weight,
+                         samples=False)
+    if shadow is not None:
+        rep["router"]["shadow_percent"] = shadow
+    if pairs is not None:
+        rep["paired"] = paired_block(pairs, verdict)
+    return rep
+
+
 def zero_baseline(pods: int = 1) -> Baseline:
     """Sidecars ``pod-<i>`` (process ``i<i>``) based at cursor 0 with no requests: all their traffic counts."""
     zeros = {a: 0 for a in ARMS}
@@ -132,7 +157,8 @@ def running_operator(cluster: Cluster, env: dict[str, str] | None = None) -> Ite
 
 class ConfigMirror:
     """Plays kubelet: copies the ConfigMap's ``baton.yaml`` to ``on_change`` whenever it changes, and
-    records the sequence of ``router.baton_weight`` values it saw."""
+    records the sequences of ``router.baton_weight`` and ``router.shadow_percent`` (absent: 0) values it
+    saw."""
 
     def __init__(self, cluster: Cluster, bd_name: str, on_change: Callable[[str], None],
                  interval_s: float = 0.2) -> None:
@@ -142,6 +168,7 @@ class ConfigMirror:
         self._interval = interval_s
         self._stop = threading.Event()
         self.weights: list[float] = []
+        self.shadows: list[float] = []
         self._last: str | None = None
         self._thread = threading.Thread(target=self._run, name="config-mirror", daemon=True)
 
@@ -165,9 +192,11 @@ class ConfigMirror:
             if not text or text == self._last:
                 continue
             self._last = text
-            weight = ((yaml.safe_load(text) or {}).get("router") or {}).get("baton_weight")
-            if not self.weights or self.weights[-1] != weight:
-                self.weights.append(weight)
+            router = (yaml.safe_load(text) or {}).get("router") or {}
+            for seen, value in ((self.weights, router.get("baton_weight")),
+                                (self.shadows, router.get("shadow_percent", 0))):
+                if not seen or seen[-1] != value:
+                    seen.append(value)
             self._on_change(text)
 
 
@@ -231,10 +260,18 @@ def apply_object(cluster: Cluster, obj: dict[str, Any], tmp: Path) -> None:
 class StubSidecar:
     """Serves ``/baton/ab/report`` as a sidecar would under steady traffic of ``rate`` requests/s split by
     ``weight`` (set it as the sidecar would apply its config): Baton's e2e latency ~ N(baton_mean, 10%),
-    the incumbent's ~ N(1 s, 10%), both streamed (TTFT known). Runs on its own event-loop thread."""
+    the incumbent's ~ N(1 s, 10%), both streamed (TTFT known). While ``shadow_percent`` is on, that share
+    of the incumbent's requests become pairs, and the report's ``paired`` block says ``paired_verdict``
+    once there are ``PAIRS_TO_DECIDE`` of them (``insufficient`` before). Runs on its own event-loop
+    thread."""
+
+    PAIRS_TO_DECIDE = 10
 
     def __init__(self, baton_mean: float = 0.6, rate: float = 60.0, weight: float = 0.0) -> None:
         self.baton_mean, self.rate, self.weight = baton_mean, rate, weight
+        self.shadow_percent = 0.0
+        self.paired_verdict = "better"
+        self.pairs = 0
         self.padding_ratio = 0.3  # the instantaneous gauge
         self.kv_padding_ratio: float | None = None  # set: export KV slot counters growing at this ratio
         self._kv_slots = self._kv_padding_slots = 0.0
@@ -264,7 +301,11 @@ class StubSidecar:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
 
     def apply_config(self, text: str) -> None:
-        self.weight = float(((yaml.safe_load(text) or {}).get("router") or {}).get("baton_weight", 0))
+        router = (yaml.safe_load(text) or {}).get("router") or {}
+        with self._lock:
+            self._traffic()  # what arrived so far was split by the old config
+            self.weight = float(router.get("baton_weight", 0))
+            self.shadow_percent = float(router.get("shadow_percent", 0))
 
     def _traffic(self) -> None:
         now = time.monotonic()
@@ -274,6 +315,8 @@ class StubSidecar:
         n_baton = int(self._rng.binomial(n, self.weight / 100.0)) if n else 0
         baton = np.clip(self._rng.normal(self.baton_mean, self.baton_mean * 0.1, n_baton), 0.01, None)
         incumbent = np.clip(self._rng.normal(1.0, 0.1, n - n_baton), 0.01, None)
+        if self.shadow_percent > 0:
+            self.pairs += int(self._rng.binomial(n - n_baton, self.shadow_percent / 100.0))
         for outcome in [*arm_outcomes("baton", baton), *arm_outcomes("incumbent", incumbent)]:
             self._stats.record(outcome)
         self._tokens += 8 * n_baton
@@ -289,8 +332,10 @@ class StubSidecar:
             self.reports += 1
             self.queries.append(dict(request.query))
             body = self._stats.report(SLA, "interactive", since=since, samples=samples)
-        body["router"] = {"incumbent_url": "http://incumbent", "baton_weight": self.weight, "sticky_header": "",
-                          "fallback_to_baton": False}
+            verdict = self.paired_verdict if self.pairs >= self.PAIRS_TO_DECIDE else "insufficient"
+            body["paired"] = paired_block(self.pairs, verdict, -0.4 if verdict in ("better", "not_worse") else 1.0)
+            body["router"] = {"incumbent_url": "http://incumbent", "baton_weight": self.weight, "sticky_header": "",
+                              "fallback_to_baton": False, "shadow_percent": self.shadow_percent}
         return web.json_response(body)
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -1,5 +1,6 @@
 """The rollout controller under kopf against the emulated API, reading scripted sidecars (no model):
-promotion through every step, a restart mid-rollout, rollback, abort and auto-tune."""
+promotion through every step, a restart mid-rollout, rollback, abort and auto-tune, and the shadow
+stage passing (with a restart mid-stage) or rolling back."""
 
 from __future__ import annotations
 
@@ -186,3 +187,58 @@ def test_finds_sidecars_through_endpoint_slices_and_removing_the_rollout_ends_it
         wait_for(lambda: _config(cluster, "sliced")["router"]["baton_weight"] == 100, WAIT, "spec.router.weight")
         bd = cluster.get("bd", "sliced")
         assert bd["status"]["phase"] == "Ready" and _condition(cluster, "sliced", "Progressing")["status"] == "False"
+
+
+SHADOWED = {**ROLLOUT, "steps": [10, 100], "manualGates": [100],
+            "shadow": {"percent": 50, "minPairs": 20, "maxDurationSeconds": 300}}
+
+
+def test_shadow_stage_resumes_after_a_restart_and_passes_to_the_first_step(cluster, stub, tmp_path) -> None:
+    stub.paired_verdict = "insufficient"  # undecided at first: the stage holds, a fixed point to restart at
+    with ConfigMirror(cluster, "mirrored", stub.apply_config) as mirror:
+        with running_operator(cluster):
+            apply_object(cluster, batondeployment("mirrored", "http://127.0.0.1:9", stub.url, SHADOWED), tmp_path)
+            _deployment_available(cluster, "mirrored")
+            held = wait_for(lambda: (r := rollout_status(cluster, "mirrored")).get("phase") == "Shadowing"
+                            and (r.get("shadow") or {}).get("pairs", 0) >= 20 and r, WAIT, "pairs in the status")
+            wait_for(lambda: _condition(cluster, "mirrored", "Progressing").get("reason") == "TrafficShifting",
+                     WAIT, "Progressing=True/TrafficShifting")
+        assert held["weight"] == 0 and held["shadow"]["outcome"] == "running"
+        assert held["shadow"]["verdict"] == "insufficient" and held["analysis"]["checks"][0]["result"] == "inconclusive"
+        assert _config(cluster, "mirrored")["router"]["shadow_percent"] == 50
+        assert stub.shadow_percent == 50 and stub.weight == 0
+        started = held["history"]
+
+        stub.paired_verdict = "better"
+        with running_operator(cluster):  # resumes the stage: no new start, the same clock
+            state = wait_for_phase(cluster, "mirrored", "AwaitingApproval", WAIT)
+            reasons = wait_for_events(cluster, "mirrored", {"ShadowPassed", "RolloutAwaitingApproval"}, WAIT)
+        wait_for(lambda: mirror.weights[-1:] == [10] and mirror.shadows[-1:] == [0], WAIT, "the first step")
+    assert state["history"][0] == started[0] and [h["weight"] for h in state["history"]] == [0, 10]
+    assert state["shadow"]["outcome"] == "passed" and state["shadow"]["verdict"] == "better"
+    assert state["analysis"]["failedChecks"] == []  # the 10% step's own analysis, passed
+    assert reasons.count("RolloutStarted") == 1
+    assert mirror.weights == [0, 10] and mirror.shadows == [0, 50, 0]
+    assert "shadow_percent" not in _config(cluster, "mirrored")["router"]
+
+
+def test_shadow_stage_rolls_back_when_the_paired_verdict_is_worse(cluster, stub, tmp_path) -> None:
+    stub.paired_verdict = "worse"
+    with ConfigMirror(cluster, "shadowed", stub.apply_config) as mirror, running_operator(cluster):
+        apply_object(cluster, batondeployment("shadowed", "http://127.0.0.1:9", stub.url, SHADOWED), tmp_path)
+        _deployment_available(cluster, "shadowed")
+        wait_for_phase(cluster, "shadowed", "RolledBack", WAIT)
+        degraded = wait_for(lambda: (c := _condition(cluster, "shadowed", "Degraded")).get("status") == "True"
+                            and c, WAIT, "Degraded=True")
+        wait_for(lambda: mirror.shadows[-1:] == [0] and len(mirror.shadows) == 3, WAIT, "mirroring off")
+        wait_for_events(cluster, "shadowed", {"AnalysisFailed", "RolledBack"}, WAIT, kind="Warning")
+    assert mirror.weights == [0] and mirror.shadows == [0, 50, 0]  # Baton never served a client
+    bd = cluster.get("bd", "shadowed")
+    state = bd["status"]["rollout"]
+    assert state["failedAnalyses"] == 2 and state["weight"] == 0
+    assert state["analysis"]["failedChecks"] == ["pairedVerdict"]
+    assert state["shadow"]["outcome"] == "failed" and state["shadow"]["verdict"] == "worse"
+    assert [(h["action"], h["weight"], h.get("shadowPercent")) for h in state["history"]] == [
+        ("start", 0, 50), ("rollback", 0, None)]
+    assert degraded["reason"] == "RolledBack" and "shadow stage" in degraded["message"]
+    assert bd["status"]["phase"] == "Degraded" and bd["status"]["traffic"]["weight"] == 0

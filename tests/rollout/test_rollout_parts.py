@@ -21,7 +21,7 @@ from baton_operator.rollout.gather import (ANN_REPORT_URLS, endpoint_report_urls
                                            report_urls_from_annotation, service_name)
 from baton_operator.rollout.spec import AutoTuneSpec, Bounds, RolloutSpec
 from baton_operator.rollout.state import (ABORTED, AWAITING_APPROVAL, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK,
-                                          RolloutState)
+                                          SHADOWING, RolloutState)
 from baton_operator.rollout.times import iso
 from baton_operator.status import (DeploymentProgress, Observation, Problem, build_status, conditions_for, phase_of,
                                    traffic_conditions_stale)
@@ -31,28 +31,51 @@ BD = {"apiVersion": res.API_VERSION, "kind": res.KIND,
       "spec": {"mode": "standalone", "router": {"incumbentUrl": "http://inc:8000"}, "rollout": {"steps": [5, 100]}}}
 
 
-def observed_config_map(weight: float) -> dict:
-    config = cm.sidecar_config(DEFAULT_POLICY, cm.router_config(BD["spec"], "http://inc:8000", weight))
+def observed_config_map(weight: float, shadow: float = 0) -> dict:
+    config = cm.sidecar_config(DEFAULT_POLICY, cm.router_config(BD["spec"], "http://inc:8000", weight, shadow))
     config_map = cm.desired_config_map(BD, config, "hash")
     config_map["metadata"]["resourceVersion"] = "42"
     return config_map
 
 
-def test_weight_patch_changes_only_the_weight_and_the_reconciler_sees_nothing_to_undo() -> None:
-    config_map = observed_config_map(5)
-    patch = cm.config_map_weight_patch(config_map, 25)
-    assert patch["metadata"]["resourceVersion"] == "42"  # conditional on what was read
+def patched(config_map: dict, patch: dict) -> dict:
+    """``config_map`` after the merge patch (data replaced, annotations merged)."""
     annotations = {**config_map["metadata"]["annotations"], **patch["metadata"]["annotations"]}
-    after = {**config_map, "data": patch["data"], "metadata": {**config_map["metadata"], "annotations": annotations}}
-    before, now = cm.parse_config(config_map), cm.parse_config(after)
-    assert now["router"]["baton_weight"] == 25 and cm.config_weight(after) == 25
-    assert now["policy"] == before["policy"] and {k: v for k, v in now["router"].items() if k != "baton_weight"} \
-        == {k: v for k, v in before["router"].items() if k != "baton_weight"}
-    # What reconcile would build now (it keeps the ConfigMap's weight while spec.rollout is set).
-    weight = cm.desired_weight(BD["spec"], "http://inc:8000", cm.config_weight(after))
+    return {**config_map, "data": patch["data"], "metadata": {**config_map["metadata"], "annotations": annotations}}
+
+
+@pytest.mark.parametrize("before, after", [
+    ((5, 0), (25, 0)),  # a weight step
+    ((0, 0), (0, 20)),  # the shadow stage starts: weight 0, 20% mirrored
+    ((0, 20), (10, 0)),  # it passed: mirroring off (the key left out), the first step
+])
+def test_traffic_patch_changes_only_the_shares_and_the_reconciler_sees_nothing_to_undo(before, after) -> None:
+    config_map = observed_config_map(*before)
+    patch = cm.config_map_traffic_patch(config_map, *after)
+    assert patch["metadata"]["resourceVersion"] == "42"  # conditional on what was read
+    done = patched(config_map, patch)
+    old, now = cm.parse_config(config_map), cm.parse_config(done)
+    assert (now["router"]["baton_weight"], cm.config_weight(done), cm.config_shadow(done)) == (after[0], *after)
+    assert ("shadow_percent" in now["router"]) == (after[1] > 0)  # 0: left out, as older sidecars expect
+    traffic = ("baton_weight", "shadow_percent")
+    assert now["policy"] == old["policy"] and {k: v for k, v in now["router"].items() if k not in traffic} \
+        == {k: v for k, v in old["router"].items() if k not in traffic}
+    # What reconcile would build now (it keeps the ConfigMap's shares while spec.rollout is set).
+    weight = cm.desired_weight(BD["spec"], "http://inc:8000", cm.config_weight(done))
+    shadow = cm.desired_shadow(BD["spec"], "http://inc:8000", cm.config_shadow(done))
     desired = cm.desired_config_map(BD, cm.sidecar_config(DEFAULT_POLICY, cm.router_config(
-        BD["spec"], "http://inc:8000", weight)), "hash")
-    assert res.update_body(desired, after) is None
+        BD["spec"], "http://inc:8000", weight, shadow)), "hash")
+    assert res.update_body(desired, done) is None
+
+
+def test_the_shadow_share_without_a_rollout_is_spec_router_shadow_percent() -> None:
+    spec = {"router": {"shadowPercent": 30}}
+    assert cm.desired_shadow(spec, "http://inc:8000", 0) == 30
+    assert cm.desired_shadow(spec, None, 0) == 0  # no incumbent: nothing to mirror
+    assert cm.desired_shadow({**spec, "rollout": {}}, "http://inc:8000", 0) == 30  # an empty rollout is none
+    assert cm.desired_shadow({**spec, "rollout": {"steps": [5]}}, "http://inc:8000", 12) == 12  # the controller's
+    assert cm.router_config(spec, "http://inc:8000", 0, 30)["shadow_percent"] == 30
+    assert "shadow_percent" not in cm.router_config(spec, "http://inc:8000", 0)
 
 
 def test_report_urls_from_endpoint_slices() -> None:
@@ -86,6 +109,7 @@ DONE = DeploymentProgress(True, "DeploymentAvailable", "ok")
                      "Degraded": ("False", "AsExpected")}),
     ("Progressing", "Progressing", {"Progressing": ("True", "TrafficShifting"), "Degraded": ("False", "AsExpected")}),
     ("AwaitingApproval", "Progressing", {"Progressing": ("True", "TrafficShifting")}),
+    ("Shadowing", "Progressing", {"Progressing": ("True", "TrafficShifting"), "Degraded": ("False", "AsExpected")}),
     ("Promoted", "Ready", {"Ready": ("True", "DeploymentAvailable"), "Progressing": ("False", "Promoted")}),
     ("RolledBack", "Degraded", {"Ready": ("True", "DeploymentAvailable"), "Degraded": ("True", "RolledBack")}),
     ("Aborted", "Degraded", {"Degraded": ("True", "Aborted")}),
@@ -287,9 +311,9 @@ def test_operator_settings_for_the_rollout() -> None:
 def test_status_rollout_fields_are_in_the_crd() -> None:
     crd = yaml.safe_load((rollout_testlib.ROOT / "manifests" / "crds" / "baton.dev_batondeployments.yaml").read_text())
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["rollout"]
-    state = decide(RolloutSpec.from_spec({}), RolloutState(), "rev", 1000.0).state.to_status()
+    state = decide(RolloutSpec.from_spec({"shadow": {}}), RolloutState(), "rev", 1000.0).state.to_status()
     written = set(state) | {"analysis", "lastDecision", "autoTune"}
-    assert written <= set(schema["properties"]), written - set(schema["properties"])
-    assert set(schema["properties"]["phase"]["enum"]) == {PROGRESSING, PAUSED, AWAITING_APPROVAL,
+    assert "shadow" in written and written <= set(schema["properties"]), written - set(schema["properties"])
+    assert set(schema["properties"]["phase"]["enum"]) == {SHADOWING, PROGRESSING, PAUSED, AWAITING_APPROVAL,
                                                           PROMOTED, ROLLED_BACK, ABORTED}
     json.dumps(state)  # plain JSON

@@ -3,16 +3,19 @@
 
 One analysis per ``analysisIntervalSeconds`` reads every sidecar's ``GET /baton/ab/report``, merges the
 pods' traffic of the current step and judges it against the gates; ``decide`` turns (spec, state in
-status, measurement, now) into a ``Decision``: advance, promote, hold or roll back. The state lives in
-``status.rollout``, so an operator restarted mid-rollout resumes at the same step.
+status, measurement, now) into a ``Decision``: advance, promote, hold or roll back. An optional shadow
+stage comes first (weight 0, the incumbent's requests mirrored to Baton), judged on the sidecars' paired
+verdicts. The state lives in ``status.rollout``, so an operator restarted mid-rollout resumes at the same
+step (or stage).
 
 One job a module, in the order a tick uses them::
 
     spec         RolloutSpec.from_spec(spec.rollout); revision(spec)
     gather       sidecar URLs (EndpointSlices or annotation), measure() -> Measurement, engine_sample()
+    paired       PairedReport (a report's paired block), PairedView (the sidecars' most cautious verdict)
     measurement  PodReport, Measurement, Baseline, step_view() -> StepView (per-arm figures, pooled p95)
-    gates        evaluate() -> [Check] (samples, errorRate, p95Latency, ttft, slaAttainment)
-    state        RolloutState <-> status.rollout, phases, start_step()
+    gates        evaluate() -> [Check] (samples, errorRate, p95Latency, ttft, slaAttainment); shadow_check()
+    state        RolloutState <-> status.rollout (ShadowState in .shadow), phases, start_step()
     decide       wants_measurement(), decide() -> Decision
     record       rollout_status(): status.rollout after a decision (analysis, lastDecision)
     autotune     TuneState <-> status.rollout.autoTune, auto_tune() -> TuneResult, tuned_padding()

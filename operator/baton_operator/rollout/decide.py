@@ -11,20 +11,31 @@ At one step::
             fail ─► failures += 1 ─► failureThreshold reached: weight 0, RolledBack
             inconclusive ─► hold
 
+With ``spec.rollout.shadow`` a shadow stage comes first::
+
+    weight 0, shadow_percent written ──► sidecars report weight 0 (and the share, if they say)
+        ──► every interval: each sidecar's paired block, the most cautious verdict (PairedView)
+            pairs >= minPairs and better / not_worse ─► the first step (the normal steps follow)
+            worse ─► failures += 1 ─► failureThreshold reached: shadow 0, weight 0, RolledBack
+            maxDurationSeconds since the stage started without a pass ─► RolledBack
+
 ``decide`` reads as that table: the first rule that applies picks one small function per phase
-(``_abort``, ``_start``, ``_pause``, ``_apply_weight``, ``_analyse`` and what follows an analysis:
-``_failed``, ``_passed``). ``wants_measurement`` tells the caller whether reports are worth gathering.
+(``_abort``, ``_start``, ``_pause``, ``_shadow``, ``_apply_weight``, ``_analyse`` and what follows an
+analysis: ``_failed``, ``_passed``; the shadow stage's ``_enter_first_step``, ``_shadow_ran_out``).
+``wants_measurement`` tells the caller whether reports are worth gathering.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from baton_operator.rollout.gates import FAIL, WAIT, Check, evaluate
+from baton_operator.rollout.gates import FAIL, PASS, WAIT, Check, evaluate, shadow_check
 from baton_operator.rollout.measurement import Baseline, Measurement, StepView, step_view
+from baton_operator.rollout.paired import PairedView
 from baton_operator.rollout.spec import RolloutSpec
-from baton_operator.rollout.state import (ABORTED, ACTIVE_PHASES, AWAITING_APPROVAL, FINAL_PHASES, PAUSED,
-                                          PROGRESSING, PROMOTED, ROLLED_BACK, RolloutState, start_step)
+from baton_operator.rollout.state import (ABORTED, ACTIVE_PHASES, AWAITING_APPROVAL, CANCELLED, FAILED, FINAL_PHASES,
+                                          PASSED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, SHADOWING, RolloutState,
+                                          ShadowState, end_shadow, start_step)
 from baton_operator.rollout.times import iso
 
 Event = tuple[str, str, str]  # (type, reason, message)
@@ -39,10 +50,15 @@ class Decision:
     measurement: Measurement | None = None
     event: Event | None = None
     view: StepView | None = None  # the step's figures the checks judged
+    paired: PairedView | None = None  # the shadow stage's: the sidecars' paired verdicts it judged
 
     @property
     def weight(self) -> float:
         return self.state.weight if self.state.weight is not None else 0
+
+    @property
+    def shadow_percent(self) -> float:
+        return self.state.shadow_percent
 
 
 def wants_measurement(spec: RolloutSpec, state: RolloutState, rev: str, now: float) -> bool:
@@ -51,6 +67,8 @@ def wants_measurement(spec: RolloutSpec, state: RolloutState, rev: str, now: flo
         return False
     if state.applied_at is None or state.last_analysis_at is None:
         return True  # waiting for the sidecars to apply the weight: look at every tick
+    if state.shadowing and _shadow_overdue(spec, state, now):
+        return True  # one last look before the stage runs out
     return now - state.last_analysis_at >= spec.interval_s
 
 
@@ -66,7 +84,10 @@ def decide(spec: RolloutSpec, state: RolloutState, rev: str, now: float,
     if spec.paused:
         return _pause(state)
     if state.phase == PAUSED:
-        state = replace(state, phase=PROGRESSING, message=f"resumed at {state.weight}%")
+        resumed = SHADOWING if state.shadowing else PROGRESSING
+        state = replace(state, phase=resumed, message=f"resumed at {_where(state)}")
+    if state.shadowing:
+        return _shadow(spec, state, now, m)
     if m is None:
         return _wait(state)
     if m.problem is not None:
@@ -74,6 +95,10 @@ def decide(spec: RolloutSpec, state: RolloutState, rev: str, now: float,
     if state.applied_at is None or state.baseline is None:
         return _apply_weight(state, m, now)
     return _analyse(spec, state, state.baseline, m, now)
+
+
+def _where(state: RolloutState) -> str:
+    return f"the shadow stage ({state.shadow_percent:g}% mirrored)" if state.shadowing else f"{state.weight}%"
 
 
 def _wait(state: RolloutState) -> Decision:
@@ -88,24 +113,32 @@ def _abort(state: RolloutState, rev: str, now: float) -> Decision:
     if state.phase == ABORTED and state.weight == 0 and state.revision == rev:
         return _wait(state)
     msg = "aborted by spec.rollout.abort: all traffic back to the incumbent"
-    new = replace(start_step(state, state.step, 0, ABORTED, "abort", msg, now), revision=rev)
+    new = replace(end_shadow(start_step(state, state.step, 0, ABORTED, "abort", msg, now), CANCELLED), revision=rev)
     return Decision("abort", new, msg, event=("Warning", "RolloutAborted", msg))
 
 
 def _start(spec: RolloutSpec, state: RolloutState, rev: str, now: float) -> Decision:
-    """A new revision (or the first look, or the first after an abort) starts at the first step."""
+    """A new revision (or the first look, or the first after an abort) starts at the shadow stage if
+    there is one, else at the first step."""
+    again = " again" if state.phase == ABORTED and state.revision == rev else ""
+    if spec.shadow is not None:
+        percent = spec.shadow.percent
+        msg = (f"rollout started{again}: shadow stage, {percent:g}% of the incumbent's requests mirrored to Baton "
+               f"(weight 0) until {spec.shadow.min_pairs} pairs give a verdict")
+        new = start_step(state, 0, 0, SHADOWING, "start", msg, now, shadow_percent=percent)
+        return Decision("start", replace(new, revision=rev, shadow=ShadowState(percent)), msg,
+                        event=("Normal", "RolloutStarted", msg))
     first = spec.steps[0]
     phase = PROMOTED if first == 100 else PROGRESSING
-    again = " again" if state.phase == ABORTED and state.revision == rev else ""
     msg = f"rollout started{again}: step 1 of {len(spec.steps)}, {first}% to Baton"
-    new = replace(start_step(state, 0, first, phase, "start", msg, now), revision=rev)
+    new = replace(start_step(state, 0, first, phase, "start", msg, now), revision=rev, shadow=None)
     return Decision("start", new, msg, event=("Normal", "RolloutStarted", msg))
 
 
 def _pause(state: RolloutState) -> Decision:
     if state.phase == PAUSED:
         return _wait(state)
-    msg = f"paused by spec.rollout.paused at {state.weight}%"
+    msg = f"paused by spec.rollout.paused at {_where(state)}"
     return _hold(replace(state, phase=PAUSED), msg, event=("Normal", "RolloutPaused", msg))
 
 
@@ -125,11 +158,12 @@ class _Analysis:
 
     checks: tuple[Check, ...]
     measurement: Measurement
-    view: StepView
+    view: StepView | None  # the weighted steps' figures
     at: str  # where the rollout stands, for messages: "step 2 of 4 (25%)"
+    paired: PairedView | None = None  # the shadow stage's figures
 
     def decision(self, action: str, state: RolloutState, msg: str, event: Event | None = None) -> Decision:
-        return Decision(action, state, msg, self.checks, self.measurement, event, self.view)
+        return Decision(action, state, msg, self.checks, self.measurement, event, self.view, self.paired)
 
 
 def _analyse(spec: RolloutSpec, state: RolloutState, baseline: Baseline, m: Measurement, now: float) -> Decision:
@@ -158,7 +192,8 @@ def _failed(spec: RolloutSpec, state: RolloutState, a: _Analysis, failed: list[C
     why = "; ".join(f"{c.name}: {c.detail}" for c in failed)
     if failures >= spec.failure_threshold:
         msg = f"rolled back after {failures} failed analyses at {a.at}: {why}"
-        new = replace(start_step(state, state.step, 0, ROLLED_BACK, "rollback", msg, now), failures=failures)
+        new = replace(end_shadow(start_step(state, state.step, 0, ROLLED_BACK, "rollback", msg, now), FAILED),
+                      failures=failures)
         return a.decision("rollback", new, msg, ("Warning", "RolledBack", msg))
     msg = f"analysis failed ({failures} of {spec.failure_threshold}) at {a.at}: {why}"
     return a.decision("hold", replace(state, failures=failures, message=msg), msg, ("Warning", "AnalysisFailed", msg))
@@ -183,3 +218,74 @@ def _passed(spec: RolloutSpec, state: RolloutState, a: _Analysis, now: float) ->
     msg = f"analysis passed at {a.at}; advanced to step {state.step + 2} of {len(spec.steps)} ({nxt}%)"
     new = start_step(state, state.step + 1, nxt, PROGRESSING, "advance", msg, now)
     return a.decision("advance", new, msg, ("Normal", "RolloutAdvanced", msg))
+
+
+# --- the shadow stage ------------------------------------------------------------------------------
+
+def _shadow_overdue(spec: RolloutSpec, state: RolloutState, now: float) -> bool:
+    """``maxDurationSeconds`` since the stage started (paused time counts)."""
+    limit = spec.shadow.max_duration_s if spec.shadow is not None else 0
+    return now - (state.step_started_at if state.step_started_at is not None else now) >= limit
+
+
+def _shadow(spec: RolloutSpec, state: RolloutState, now: float, m: Measurement | None) -> Decision:
+    """Weight 0, mirroring on: wait for the sidecars to apply it, then judge their paired verdicts every
+    interval until they pass (the first step), fail (``_failed``) or the stage runs out of time."""
+    assert state.shadow is not None  # state.shadowing
+    if spec.shadow is None:  # removed mid-stage: the user skips the gate
+        return _enter_first_step(spec, end_shadow(state, CANCELLED), now, "spec.rollout.shadow removed", None)
+    if state.shadow.percent != spec.shadow.percent:  # changed mid-stage: the sidecars apply the new share
+        state = replace(state, shadow=replace(state.shadow, percent=spec.shadow.percent), applied_at=None)
+    percent = state.shadow.percent
+    overdue = _shadow_overdue(spec, state, now)
+    if m is None or m.problem is not None:
+        if overdue:
+            sh = state.shadow
+            last = f"last verdict {sh.verdict} on {sh.pairs} pairs" if sh.verdict else "no verdict yet"
+            return _shadow_ran_out(spec, state, now, f"{m.problem if m else 'no reports read'}; {last}", m)
+        return _wait(state) if m is None else _hold(state, f"holding the shadow stage: {m.problem}", m)
+    if state.applied_at is None:
+        stale = [r for r in m.reports if r.weight != 0 or r.shadow_percent not in (None, percent)]
+        waiting = f"{len(stale)} of {m.pods} sidecars to apply weight 0 and shadow {percent:g}%"
+        if overdue:
+            return _shadow_ran_out(spec, state, now, f"no pairs judged; waited for {waiting}", m)
+        if stale:
+            return _hold(state, f"waiting for {waiting}", m)
+        msg = f"shadow {percent:g}% applied by {m.pods} sidecar(s); collecting pairs"
+        return _hold(replace(state, applied_at=now, last_analysis_at=now), msg, m)
+    view = PairedView.of({r.url: r.paired for r in m.reports})
+    check = shadow_check(view, spec.shadow.min_pairs)
+    state = replace(state, last_analysis_at=now,
+                    shadow=replace(state.shadow, pairs=view.pairs, verdict=view.verdict, basis=view.basis))
+    a = _Analysis((check,), m, None, _where(state), view)
+    if check.result == PASS:
+        msg = f"shadow stage passed: {check.detail}"
+        return _enter_first_step(spec, replace(end_shadow(state, PASSED), failures=0), now, msg, a)
+    if overdue:
+        return _shadow_ran_out(spec, state, now, check.detail, m, a)
+    if check.result == FAIL:
+        return _failed(spec, state, a, [check], now)
+    msg = f"holding at {a.at}: {check.name} inconclusive: {check.detail}"
+    return a.decision("hold", replace(state, message=msg), msg)
+
+
+def _enter_first_step(spec: RolloutSpec, state: RolloutState, now: float, why: str, a: _Analysis | None) -> Decision:
+    """From the shadow stage to the first weighted step (at once Promoted when it is 100)."""
+    first = spec.steps[0]
+    action, phase = ("promote", PROMOTED) if first == 100 else ("advance", PROGRESSING)
+    msg = f"{why}; step 1 of {len(spec.steps)}, {first}% to Baton"
+    new = start_step(state, 0, first, phase, action, msg, now)
+    event = ("Normal", "ShadowPassed" if a is not None else "RolloutAdvanced", msg)
+    return a.decision(action, new, msg, event) if a is not None else Decision(action, new, msg, event=event)
+
+
+def _shadow_ran_out(spec: RolloutSpec, state: RolloutState, now: float, detail: str, m: Measurement | None,
+                    a: _Analysis | None = None) -> Decision:
+    """No passing verdict within ``maxDurationSeconds``: mirroring off, weight 0, RolledBack."""
+    limit = spec.shadow.max_duration_s if spec.shadow is not None else 0
+    msg = (f"rolled back: no passing paired verdict within maxDurationSeconds ({limit:g} s) of the shadow "
+           f"stage: {detail}")
+    new = end_shadow(start_step(state, state.step, 0, ROLLED_BACK, "rollback", msg, now), FAILED)
+    event = ("Warning", "RolledBack", msg)
+    return a.decision("rollback", new, msg, event) if a is not None else Decision("rollback", new, msg,
+                                                                                      measurement=m, event=event)

@@ -1,5 +1,6 @@
 """The gates one analysis applies to a step's figures: samples, error rate, p95 latency, TTFT and
-(optionally) SLA attainment, each a ``Check`` that passes, fails, is inconclusive or is skipped.
+(optionally) SLA attainment, each a ``Check`` that passes, fails, is inconclusive or is skipped; and the
+shadow stage's one gate on the sidecars' paired verdicts (``shadow_check``).
 
 Pure. Latency gates compare p95 with confidence intervals: Baton passes when the upper bound of the 95%
 CI of ``p95(baton) - p95(incumbent)`` is within the margin (``margin% x p95(incumbent)``), fails when
@@ -17,6 +18,7 @@ from baton_sidecar import stats
 from baton_sidecar.stats import Estimate
 
 from baton_operator.rollout.measurement import ARMS, Arm
+from baton_operator.rollout.paired import PASSING, WORSE, PairedView
 from baton_operator.rollout.spec import RolloutSpec
 
 PASS, FAIL, WAIT, SKIP = "pass", "fail", "inconclusive", "skipped"
@@ -104,3 +106,13 @@ def sla_check(baton: Arm, incumbent: Arm, minimum: float, min_samples: int) -> C
     detail = f"SLA attainment baton {att_b:.1%}{vs}; required {minimum:.1%} or at least the incumbent's"
     ok = att_b >= minimum or (incumbent.sla_evaluated >= min_samples and att_i is not None and att_b >= att_i)
     return Check("slaAttainment", PASS if ok else FAIL, detail)
+
+
+def shadow_check(view: PairedView, min_pairs: int) -> Check:
+    """Pass with ``min_pairs`` pairs and a passing verdict (better, not_worse); fail on ``worse`` once there
+    are ``min_pairs``; else inconclusive (too few pairs, or the sidecars have not decided)."""
+    detail = f"{view.pairs} pairs (need {min_pairs}), verdict {view.verdict}: {view.basis}"
+    if view.pairs < min_pairs:
+        return Check("pairedVerdict", WAIT, detail)
+    return Check("pairedVerdict", PASS if view.verdict in PASSING else FAIL if view.verdict == WORSE else WAIT,
+                 detail)

@@ -119,18 +119,23 @@ async def fetch_all(urls: Sequence[str], path: str | Sequence[str], timeout_s: f
     return answers, errors
 
 
-def report_path(since: int | None) -> str:
-    """The raw samples since the step's cursor (no bootstrap on the sidecar: the operator pools them)."""
+def report_path(since: int | None, samples: bool = True) -> str:
+    """The raw samples since the step's cursor (no bootstrap on the sidecar: the operator pools them); or,
+    without ``samples``, the plain report (the shadow stage reads only its ``paired`` block)."""
+    if not samples:
+        return res.AB_REPORT_PATH
     return f"{res.AB_REPORT_PATH}?samples=true" + (f"&since={since}" if since is not None else "")
 
 
-async def measure(urls: Sequence[str], timeout_s: float, baseline: Baseline | None = None) -> Measurement:
-    """Every sidecar's /baton/ab/report since its cursor in ``baseline``; any unreadable sidecar makes the
-    measurement a problem."""
+async def measure(urls: Sequence[str], timeout_s: float, baseline: Baseline | None = None,
+                  samples: bool = True) -> Measurement:
+    """Every sidecar's /baton/ab/report since its cursor in ``baseline`` (with ``samples``, else the plain
+    report); any unreadable sidecar makes the measurement a problem."""
     if not urls:
         return Measurement.failed("no ready sidecar pod to read /baton/ab/report from")
     base = baseline or Baseline()
-    reports, errors = await fetch_all(urls, [report_path(base.since(u)) for u in urls], timeout_s)
+    paths = [report_path(base.since(u), samples) for u in urls]
+    reports, errors = await fetch_all(urls, paths, timeout_s)
     if errors:
         return Measurement.failed(f"{len(errors)} of {len(urls)} sidecars unreadable ({errors[0]})", len(urls))
     return Measurement.of(reports, urls)

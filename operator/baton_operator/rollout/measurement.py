@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from baton_sidecar import stats
 from baton_sidecar.stats import Estimate
 
+from baton_operator.rollout.paired import PairedReport
+
 ARMS = ("baton", "incumbent")
 LATENCIES = ("e2e_s", "ttft_s")  # the latency metrics of a report
 
@@ -49,6 +51,7 @@ class PodReport:
 
     url: str
     weight: float  # router.baton_weight as the sidecar applies it
+    shadow_percent: float | None  # router.shadow_percent as it applies it (None: the report does not say)
     instance: str | None  # which sidecar process (None: an older sidecar without cursors)
     cursor: int | None  # its latest sequence number
     since: int | None  # the cursor the selection starts after (None: the whole windows)
@@ -60,13 +63,17 @@ class PodReport:
     sla: Mapping[str, tuple[int, int]]  # arm -> (evaluated, met) over the selection
     eligible: int = 0  # requests the A/B split took, since the sidecar started
     ineligible: int = 0  # requests passed to the incumbent because Baton cannot serve them
+    paired: PairedReport = PairedReport()  # the shadow stage's paired statistics (none: no pairs, undecided)
 
     @classmethod
     def parse(cls, url: str, report: Mapping[str, Any]) -> "PodReport":
         arms = {a: (report.get("arms") or {}).get(a) or {} for a in ARMS}
         has_samples = "cursor" in report and all(isinstance(arms[a].get("samples"), Mapping) for a in ARMS)
+        router = report.get("router") or {}
+        shadow = router.get("shadow_percent")
         return cls(
-            url=url, weight=float((report.get("router") or {}).get("baton_weight", -1)),
+            url=url, weight=float(router.get("baton_weight", -1)),
+            shadow_percent=float(shadow) if isinstance(shadow, (int, float)) else None,
             instance=report.get("instance"), cursor=report.get("cursor"), since=report.get("since"),
             truncated=bool(report.get("truncated")),
             requests={a: int(arms[a].get("count") or 0) for a in ARMS},
@@ -77,7 +84,8 @@ class PodReport:
             sla={a: (int((arms[a].get("sla") or {}).get("evaluated") or 0),
                      int((arms[a].get("sla") or {}).get("met") or 0)) for a in ARMS},
             eligible=int((report.get("eligible") or {}).get("count") or 0),
-            ineligible=int((report.get("ineligible") or {}).get("count") or 0))
+            ineligible=int((report.get("ineligible") or {}).get("count") or 0),
+            paired=PairedReport.parse(report.get("paired")))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ Pure. Shapes (docs/operator.md, "Status of a rollout")::
 
     analysis:     {time, pods, arms: {baton: {...}, incumbent: {...}}, checks: [...], failedChecks: [...],
                    result, counted, rebased, truncated, latencyBasis, traffic: {...}}
+                  in the shadow stage: {time, pods, arms: {}, checks: [pairedVerdict], failedChecks, result,
+                   paired: {pairs, verdict, basis, sidecars: {url: the sidecar's paired block}}, traffic}
     lastDecision: {action, reason, time}   # time of the first of a run of identical decisions
 """
 
@@ -51,6 +53,8 @@ def analysis_status(decision: Decision, previous: Mapping[str, Any] | None) -> d
     if view is not None:
         out.update(counted=len(view.counted), rebased=list(view.rebased), truncated=view.truncated,
                    latencyBasis="pooled samples" if view.exact else "mean of the pods' p95s (older sidecars)")
+    if decision.paired is not None:
+        out["paired"] = decision.paired.to_status()
     if m is not None and m.reports:
         out["traffic"] = traffic_status(m.reports)
     return out

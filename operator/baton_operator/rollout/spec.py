@@ -1,5 +1,5 @@
-"""``spec.rollout`` parsed: ``RolloutSpec`` (steps, timing, gates, switches, auto-tune bounds), and the
-revision of what is being rolled out.
+"""``spec.rollout`` parsed: ``RolloutSpec`` (steps, timing, gates, the shadow stage, switches, auto-tune
+bounds), and the revision of what is being rolled out.
 
 Pure. ``RolloutSpec.from_spec`` fills the defaults of docs/operator.md and raises ``ValueError`` naming
 the bad field (``spec.rollout.<field>``); the CRD schema refuses most of these first, this is the check
@@ -22,6 +22,17 @@ class Gates:
     ttft_margin_pct: float = 10.0
     max_error_rate: float = 0.01  # Baton's errors / requests during the step
     min_sla_attainment: float | None = None  # None: not checked
+
+
+@dataclass(frozen=True)
+class ShadowSpec:
+    """The optional shadow stage before the first step: the sidecars mirror ``percent`` of the requests the
+    incumbent serves to Baton (answers discarded) and report paired statistics, judged before any client
+    gets a Baton answer."""
+
+    percent: float = 100.0  # of the incumbent's requests, copied to Baton
+    min_pairs: int = 100  # complete pairs over all sidecars before the verdict counts
+    max_duration_s: float = 3600.0  # no passing verdict by then: rolled back
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class RolloutSpec:
     interval_s: float = 60.0
     min_samples: int = 50
     gates: Gates = Gates()
+    shadow: ShadowSpec | None = None  # None: no shadow stage, the rollout starts at the first step
     failure_threshold: int = 3
     paused: bool = False
     abort: bool = False
@@ -71,6 +83,7 @@ class RolloutSpec:
             interval_s=_number("analysisIntervalSeconds", r.get("analysisIntervalSeconds", 60), 0.001, None),
             min_samples=int(_number("minSamplesPerArm", r.get("minSamplesPerArm", 50), 1, None)),
             gates=gates,
+            shadow=_shadow(r.get("shadow")),
             failure_threshold=int(_number("failureThreshold", r.get("failureThreshold", 3), 1, None)),
             paused=bool(r.get("paused", False)),
             abort=bool(r.get("abort", False)),
@@ -89,6 +102,13 @@ def _number(name: str, value: Any, low: float | None, high: float | None) -> flo
     return value
 
 
+def _integer(name: str, value: Any, low: int) -> int:
+    number = _number(name, value, low, None)
+    if number != int(number):
+        raise ValueError(f"spec.rollout.{name}: must be a whole number, not {value!r}")
+    return int(number)
+
+
 def _steps(given: Any) -> tuple[int, ...]:
     """Ascending percentages, duplicates dropped, 100 appended if missing."""
     steps = [_number("steps", s, 0, 100) for s in given]
@@ -105,6 +125,22 @@ def _gates(g: Mapping[str, Any]) -> Gates:
         max_error_rate=_number("gates.maxErrorRate", g.get("maxErrorRate", 0.01), 0, 1),
         min_sla_attainment=(None if g.get("minSlaAttainment") is None else
                             _number("gates.minSlaAttainment", g["minSlaAttainment"], 0, 1)))
+
+
+def _shadow(s: Any) -> ShadowSpec | None:
+    if s is None:
+        return None
+    if not isinstance(s, Mapping):
+        raise ValueError(f"spec.rollout.shadow: must be an object with percent, minPairs and maxDurationSeconds, "
+                         f"not {s!r}")
+    d = ShadowSpec()
+    percent = _number("shadow.percent", s.get("percent", d.percent), 0, 100)
+    if percent <= 0:  # 0 would mirror nothing, so the stage could never pass
+        raise ValueError("spec.rollout.shadow.percent: must be above 0 (remove spec.rollout.shadow to skip the "
+                         "shadow stage)")
+    return ShadowSpec(percent=percent, min_pairs=_integer("shadow.minPairs", s.get("minPairs", d.min_pairs), 1),
+                      max_duration_s=_integer("shadow.maxDurationSeconds",
+                                              s.get("maxDurationSeconds", d.max_duration_s), 1))
 
 
 def _auto_tune(t: Mapping[str, Any]) -> AutoTuneSpec:
@@ -127,10 +163,12 @@ def _auto_tune(t: Mapping[str, Any]) -> AutoTuneSpec:
 
 
 def revision(spec: Mapping[str, Any]) -> str:
-    """What is being rolled out: the BatonDeployment's spec without the rollout's own switches, plus the
-    steps and ``attempt``. A new revision starts the rollout again from the first step."""
+    """What is being rolled out: the BatonDeployment's spec without the rollout's own switches (and the
+    router's traffic shares), plus the steps and ``attempt``. A new revision starts the rollout again from
+    the first stage. The shadow stage's settings are switches too: changing them mid-rollout restarts
+    nothing."""
     candidate = {k: v for k, v in spec.items() if k != "rollout"}
-    router = {k: v for k, v in (candidate.get("router") or {}).items() if k != "weight"}
+    router = {k: v for k, v in (candidate.get("router") or {}).items() if k not in ("weight", "shadowPercent")}
     candidate["router"] = router
     rollout = spec.get("rollout") or {}
     candidate["rollout"] = {"steps": list(rollout.get("steps") or DEFAULT_STEPS), "attempt": rollout.get("attempt", 0)}
