@@ -39,13 +39,16 @@ def test_int8_model_runs_per_row_attention(int8_model):
 async def test_staggered_int8_requests_match_generate_exactly(int8_model, workload, references, gap_s):
     """gap 0: newcomers are prefilled together (left-padded); 0.15 s: they join a running batch."""
     engine = AsyncEngine(int8_model, EngineConfig(quantization="int8"), PolicyConfig())
+    steps = []  # the plans' prompt work, for a failure's message (plans follow measured step times)
+    engine.observe_steps(lambda r: steps.append((r.chunk_sizes, r.chunk_reasons, r.prefill_tokens,
+                                                 r.decode_rows, r.fused)) if r.chunk_sizes or r.prefill_tokens else None)
     await engine.start()
     try:
         outputs = await run_staggered(engine, [(p, n, 0) for p, n in workload], gap_s=gap_s)
     finally:
         await engine.shutdown(drain_timeout_s=5)
-    for out, want in zip(outputs, references):
-        assert list(out.token_ids) == want
+    for (prompt, _), out, want in zip(workload, outputs, references):
+        assert list(out.token_ids) == want, f"prompt of {len(prompt)} tokens; prompt steps: {steps}"
     assert engine.stats().steps > 20
 
 
