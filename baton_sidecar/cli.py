@@ -1,4 +1,4 @@
-"""``baton-sidecar serve | bench``: the command line."""
+"""``baton-sidecar serve | bench | simulate``: the command line."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import add_bench_arguments
     from .server.serve import add_serve_arguments
+    from .simulate.cli import add_simulate_arguments
 
     parser = argparse.ArgumentParser(prog="baton-sidecar", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -18,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve the engine over an OpenAI-compatible HTTP API (with the A/B router)"))
     add_bench_arguments(commands.add_parser(
         "bench", help="compare this engine with run-to-completion and transformers baselines"))
+    add_simulate_arguments(commands.add_parser(
+        "simulate", help="what-if: the engine's scheduler on simulated time, over replicas (capacity planning)"))
     return parser
 
 
@@ -28,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         from .server.serve import run_serve
 
         return run_serve(args)
+    if args.command == "simulate":
+        from .simulate.cli import run_simulate
+
+        return run_simulate(args)
     from .bench.cli import run_bench
 
     return run_bench(args)
