@@ -7,7 +7,7 @@ HOST      ?= 127.0.0.1
 PORT      ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fast bench clean
+.PHONY: install serve test test-fast bench pilot-plots clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -48,6 +48,10 @@ bench: $(STAMP)
 	$(BENCH) trace --load 0.8 --systems baton,$(BENCH_INT8)rtc,hf_cb,hf_serve,baton_serve$(BENCH_LLAMA) $(BENCH_ARGS) --out $(BENCH_OUT)/trace
 	$(PY) -m baton_sidecar.bench.readme $(BENCH_OUT)/offline/result.json $(BENCH_OUT)/trace/result.json \
 		--readme README.md
+
+# The before-the-pilot guide's pictures, from its recorded results (docs/before-the-pilot.md).
+pilot-plots: $(STAMP)
+	$(PY) -m baton_sidecar.simulate.plots docs/data/pilot-validation.json docs/data/pilot-planning.json --out docs/img
 
 clean:
 	rm -rf $(VENV) build *.egg-info
