@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from . import architectures, quantization, row_attention
 from .config import EngineConfig
-from .model_dir import ModelLoadError, check_model_dir
+from .model_dir import ModelLoadError, check_model_dir, first_line
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +100,13 @@ def load_model(config: EngineConfig, progress: bool = True) -> LoadedModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as error:  # transformers raises many kinds; the cause is its message
-        raise ModelLoadError(f"model: no usable tokenizer in {model_dir}: {_first_line(error)}") from error
+        raise ModelLoadError(f"model: no usable tokenizer in {model_dir}: {first_line(error)}") from error
     try:
         model_class = AutoModelForCausalLM._model_mapping[AutoConfig.from_pretrained(model_dir).__class__]
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=architectures.attention_implementation(model_class))
     except Exception as error:
-        raise ModelLoadError(f"model: {model_dir} failed to load: {_first_line(error)}") from error
+        raise ModelLoadError(f"model: {model_dir} failed to load: {first_line(error)}") from error
     model.to(device).eval()
     model.requires_grad_(False)
     try:
@@ -131,11 +131,6 @@ def load_model(config: EngineConfig, progress: bool = True) -> LoadedModel:
     if config.max_model_len is not None:
         max_len = min(max_len, config.max_model_len)
     return LoadedModel(model, tokenizer, name, device, int(max_len), frozenset(eos_ids))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # --- the GGUF conversion cache -------------------------------------------------------------

@@ -61,5 +61,10 @@ def check_weights(directory: Path) -> None:
                 for name in handle.keys():
                     handle.get_slice(name)
         except Exception as error:  # safetensors raises its own error type, and OSError
-            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ModelLoadError(f"{path} is not a readable safetensors file: {first_line}") from None
+            raise ModelLoadError(f"{path} is not a readable safetensors file: {first_line(error)}") from None
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message, first line only (loaders' messages run on); its type if empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

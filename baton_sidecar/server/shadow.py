@@ -52,12 +52,16 @@ class Shadow:
         the incumbent's ``ArmResult`` must be set on, or None when nothing was started."""
         if percent <= 0 or self._closed or self._rand() * 100 >= percent:
             return None
-        reason = _no_room(engine, policy)
+        if engine is None or not engine.is_ready:
+            self.paired.skipped["not_ready"] += 1
+            return None
+        load = engine.stats()
+        reason = _no_room(load, policy)
         if reason is not None:
             self.paired.skipped[reason] += 1
             return None
         incumbent_done = asyncio.get_running_loop().create_future()
-        contention = (self.incumbent_in_flight, _engine_load(engine))
+        contention = (self.incumbent_in_flight, load.running + load.waiting)  # (nothing swapped: room)
         task = asyncio.ensure_future(self._run(engine, parsed, arrival, executor, chat_template,
                                                incumbent_done, contention))
         self._tasks.add(task)
@@ -99,20 +103,13 @@ class Shadow:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _no_room(engine: Any, policy: Any) -> str | None:
-    if engine is None or not engine.is_ready:
-        return "not_ready"
-    s = engine.stats()
+def _no_room(s: Any, policy: Any) -> str | None:
+    """Why the engine (its ``EngineStats`` ``s``) has no room for a copy; None if it has."""
     if s.swapped:  # preempted rows are waiting to come back
         return "queue"
     if s.running + s.waiting >= policy.limits.max_batch_size:  # no slot left once the queue is in
         return "batch_full"
     return None
-
-
-def _engine_load(engine: Any) -> int:
-    s = engine.stats()
-    return s.running + s.waiting + s.swapped
 
 
 async def _run_on_engine(engine: Any, parsed: ParsedRequest, arrival: float, executor: Any,
