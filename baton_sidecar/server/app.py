@@ -57,7 +57,7 @@ def init_app(engine: Engine | None, server_config: ServerConfig, router_config: 
     and then watched for changes."""
     app = web.Application(middlewares=[error_middleware])
     state = ServerState(config=server_config, engine=engine)
-    metrics = Metrics(lambda: state.engine)
+    metrics = Metrics(lambda: state.engine, model_name=server_config.served_model_name)
     router = Router(router_config)
 
     def apply_policy(p: PolicyConfig) -> None:

@@ -7,6 +7,7 @@ state of its own and a scrape always sees one consistent snapshot.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -14,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from baton_sidecar.server.abstats import Outcome
+from baton_sidecar.server.protocol_metrics import protocol_families
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -24,10 +26,12 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 
 
 
 class EngineCollector(Collector):
-    """Engine gauges/counters from ``engine.stats()``; nothing while no engine is attached."""
+    """Engine gauges/counters from ``engine.stats()``, and the endpoint picker's model-server
+    protocol series from the same snapshot (``protocol_metrics``); nothing while no engine is attached."""
 
-    def __init__(self, get_engine: Callable[[], object | None]) -> None:
+    def __init__(self, get_engine: Callable[[], object | None], model_name: str | None = None) -> None:
         self._get_engine = get_engine
+        self._model_name = model_name
 
     def collect(self) -> Iterator[Metric]:
         engine = self._get_engine()
@@ -68,10 +72,11 @@ class EngineCollector(Collector):
         for reason, n in sorted(s.finished_by_reason.items()):
             finished.add_metric([reason], n)
         yield finished
+        yield from protocol_families(s, self._model_name, time.time())
 
 
 class Metrics:
-    def __init__(self, get_engine: Callable[[], object | None]) -> None:
+    def __init__(self, get_engine: Callable[[], object | None], model_name: str | None = None) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         arm = ["arm"]
 
@@ -119,7 +124,7 @@ class Metrics:
                                             registry=r)
         for a in ("baton", "incumbent"):  # expose zeros before the first request
             self.in_flight.labels(a)
-        r.register(EngineCollector(get_engine))
+        r.register(EngineCollector(get_engine, model_name))  # model_name: the protocol series' label
 
     def observe(self, outcome: Outcome, finish_reason: str, queue_s: float | None = None,
                 prompt_tokens: int | None = None, preemptions: int = 0) -> None:

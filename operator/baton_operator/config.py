@@ -24,6 +24,7 @@ class OperatorConfig:
     report_timeout_s: float = 10.0  # for one sidecar's /baton/ab/report or /baton/metrics
     allow_report_urls: bool = False  # honour the baton.dev/report-urls annotation (else: pod IPs only)
     default_quantization: str | None = None  # engine.quantization for BatonDeployments that set none
+    prometheus_address: str | None = None  # KEDA triggers' Prometheus, unless spec.autoscaling names one
 
     def __post_init__(self) -> None:
         if not self.sidecar_image:
@@ -60,4 +61,5 @@ class OperatorConfig:
             report_timeout_s=float(env.get("BATON_ROLLOUT_REPORT_TIMEOUT_SECONDS", "10")),
             allow_report_urls=env.get("BATON_ROLLOUT_ALLOW_REPORT_URLS", "").lower() in ("1", "true", "yes"),
             default_quantization=env.get("BATON_DEFAULT_QUANTIZATION") or None,
+            prometheus_address=env.get("BATON_PROMETHEUS_ADDRESS") or None,
         )

@@ -14,8 +14,10 @@ never fight.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
+import os
 from typing import Any
 
 import kopf
@@ -24,8 +26,10 @@ from baton_operator import reconcile as rec
 from baton_operator import resources as res
 from baton_operator import tracing
 from baton_operator.config import OperatorConfig
+from baton_operator.health import serve_health
 from baton_operator.kube import (ApiError, Kube, classify, load_api_client, path,
                                  refresh_kubeconfig_location)
+from baton_operator.leadership import ElectionSettings, LeaderElection
 from baton_operator.resources import SpecError
 from baton_operator.status import Observation, Problem, build_status, status_changed
 
@@ -34,14 +38,14 @@ BP = (res.GROUP, res.VERSION, "batonpolicies")
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     settings.persistence.finalizer = f"{res.GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=res.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=res.GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # user-visible Events are posted explicitly, not from logs
     settings.scanning.disabled = True  # CRDs are installed before the operator; no namespace listing
-    settings.peering.standalone = True  # one replica (Recreate strategy); no peering objects needed
+    settings.peering.standalone = True  # replicas elect a leader with a Lease instead (leadership.py)
     settings.execution.max_workers = 8
     # Only Deployments the operator created or injected into; filtered by the API server, not here.
     settings.watching.label_selectors["apps", "deployments"] = res.LABEL_INSTANCE
@@ -49,6 +53,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     memo.kube = Kube(load_api_client())
     if tracing.setup():
         logger.info("exporting traces over OTLP/HTTP")
+    memo.health = await serve_health(address) if (address := os.environ.get("BATON_HEALTH_ADDRESS")) else None
+    # kopf starts no watch, daemon or timer before the startup handlers return: a standby waits here.
+    memo.election = None
+    if (election := ElectionSettings.from_env()) is not None:
+        memo.election = LeaderElection(memo.kube, election, logging.getLogger("baton_operator.leadership"))
+        await memo.election.acquire()
+        memo.keeping_lead = asyncio.create_task(memo.election.keep(), name="leader election")
 
 
 @kopf.on.login()
@@ -56,6 +67,16 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """In-cluster credentials, else the kubeconfig named by ``KUBECONFIG`` now (exec plugins included)."""
     refresh_kubeconfig_location()
     return kopf.login_via_client(**kwargs)
+
+
+@kopf.on.cleanup()
+async def step_aside(memo: kopf.Memo, **_: Any) -> None:
+    """A clean stop hands the Lease back at once, so a standby need not wait for it to expire."""
+    if getattr(memo, "election", None) is not None:
+        memo.keeping_lead.cancel()
+        await asyncio.to_thread(memo.election.release)
+    if getattr(memo, "health", None) is not None:
+        await memo.health.cleanup()
 
 
 @kopf.on.cleanup()

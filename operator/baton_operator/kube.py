@@ -114,6 +114,14 @@ class Kube:
     def json_patch(self, resource_path: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
         return self.request("PATCH", resource_path, list(ops), JSON_PATCH)
 
+    def delete(self, resource_path: str) -> None:
+        """Delete the object; one that is already gone is not an error."""
+        try:
+            self.request("DELETE", resource_path, {"propagationPolicy": "Background"})
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
 
 def classify(exc: ApiError, what: str) -> kopf.TemporaryError | kopf.PermanentError:
     """Map an API failure to kopf's retry semantics.

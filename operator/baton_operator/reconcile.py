@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from baton_operator import configmap as cm
 from baton_operator import injection as inj
 from baton_operator import resources as res
+from baton_operator import scaling
 from baton_operator.config import OperatorConfig
 from baton_operator.kube import ApiError, Kube, path
 from baton_operator.policy import deep_merge, effective_policy, policy_hash, select_policy
@@ -43,6 +44,7 @@ class Outcome:
 
 def reconcile(kube: Kube, cfg: OperatorConfig, bd: Mapping[str, Any],
               policies: Mapping[str, Mapping[str, Any]]) -> Outcome:
+    res.check_accelerator(bd.get("spec") or {})
     if (bd.get("spec") or {}).get("mode") == "sidecar":
         return _reconcile_sidecar(kube, cfg, bd, policies)
     return _reconcile_standalone(kube, cfg, bd, policies)
@@ -55,10 +57,43 @@ def _reconcile_standalone(kube: Kube, cfg: OperatorConfig, bd: Mapping[str, Any]
     incumbent_url = (spec.get("router") or {}).get("incumbentUrl")
     outcome = Outcome(Observation(meta.get("generation")))
     config_obs = _apply_config(kube, cfg, bd, policies, incumbent_url, outcome)
-    deployment = _apply(kube, path("apps/v1", "deployments", ns), res.desired_deployment(bd, cfg), bd, outcome)
+    autoscaler = scaling.desired_autoscaler(bd, cfg.prometheus_address)
+    # The autoscaler first: one being removed must be gone before the Deployment's replicas are restored.
+    _apply_optional(kube, bd, outcome, autoscaler, [scaling.HPA_API, scaling.KEDA_API])
+    deployment = _apply(kube, path("apps/v1", "deployments", ns), res.desired_deployment(bd, cfg), bd, outcome,
+                        handed_over=("replicas",) if autoscaler else ())
     _apply(kube, path("v1", "services", ns), res.desired_service(bd), bd, outcome)
-    outcome.observation = Observation(meta.get("generation"), progress=deployment_progress(deployment), **config_obs)
+    _apply_optional(kube, bd, outcome, scaling.desired_disruption_budget(bd), [scaling.PDB_API])
+    outcome.observation = Observation(meta.get("generation"), progress=deployment_progress(deployment),
+                                      scale=scaling.scale_status(bd, deployment), **config_obs)
     return outcome
+
+
+def _apply_optional(kube: Kube, bd: Mapping[str, Any], outcome: Outcome, desired: Mapping[str, Any] | None,
+                    kinds: list[tuple[str, str]]) -> None:
+    """Create or update ``desired`` (one of ``kinds``), and delete this BatonDeployment's object of every
+    other kind (or all of them when ``desired`` is None), so switching the autoscaler's engine or turning
+    it off leaves nothing behind. An API the cluster does not serve (KEDA not installed) holds nothing to
+    delete; wanting one is reported as ``AutoscalerUnavailable`` and retried slowly."""
+    ns, name = bd["metadata"]["namespace"], bd["metadata"]["name"]
+    for api_version, plural in kinds:
+        collection = path(api_version, plural, ns)
+        if desired is not None and desired["apiVersion"] == api_version:
+            try:
+                _apply(kube, collection, desired, bd, outcome)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                raise Waiting("AutoscalerUnavailable", f"{desired['kind']} ({api_version}) is not served by "
+                                                       f"this cluster; install it or choose another engine",
+                              delay=60) from exc
+            continue
+        observed = kube.get(f"{collection}/{name}")  # None also when the API is not served
+        if observed is not None and res.is_owned_by(observed, bd["metadata"]["uid"]):
+            kube.delete(f"{collection}/{name}")
+            outcome.events.append(("Normal", "Deleted", f"Deleted {observed['kind']}/{name}"))
+            outcome.changes.append(f"deleted {observed['kind']}/{name}")
+
 
 
 def _reconcile_sidecar(kube: Kube, cfg: OperatorConfig, bd: Mapping[str, Any],
@@ -160,7 +195,8 @@ def _apply_config(kube: Kube, cfg: OperatorConfig, bd: Mapping[str, Any],
 
 
 def _apply(kube: Kube, collection: str, desired: Mapping[str, Any], bd: Mapping[str, Any], outcome: Outcome,
-           observed: Mapping[str, Any] | None = None, known: bool = False) -> dict[str, Any]:
+           observed: Mapping[str, Any] | None = None, known: bool = False,
+           handed_over: tuple[str, ...] = ()) -> dict[str, Any]:
     """Create ``desired`` or merge-patch it into an existing object this BatonDeployment owns."""
     name = desired["metadata"]["name"]
     what = f"{desired['kind']}/{name}"
@@ -182,7 +218,7 @@ def _apply(kube: Kube, collection: str, desired: Mapping[str, Any], bd: Mapping[
     if not res.is_owned_by(observed, bd["metadata"]["uid"]):
         raise Waiting("ObjectConflict", f"{what} exists and is not owned by this BatonDeployment; "
                                         f"rename or delete it", delay=60)
-    body = res.update_body(desired, observed)
+    body = res.update_body(desired, observed, handed_over)
     if body is None:
         return dict(observed)
     try:

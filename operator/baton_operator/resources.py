@@ -110,17 +110,21 @@ def with_removals(desired: Any, last: Any) -> Any:
     return out
 
 
-def update_body(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> dict[str, Any] | None:
+def update_body(desired: Mapping[str, Any], observed: Mapping[str, Any],
+                handed_over: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """A merge patch taking ``observed`` to ``desired`` (top-level sections), or None if nothing differs.
 
     Sections are patched when they drifted or when ``desired`` changed since the last-applied record
     (then keys the operator set before and dropped since are nulled). Labels, annotations and owner
     references are merged in, not replaced, so others' keys survive; ``metadata.resourceVersion`` makes
-    the patch conditional on what was observed.
+    the patch conditional on what was observed. ``handed_over``: ``spec`` keys another controller owns
+    now (an autoscaler's ``replicas``); dropping them from ``desired`` never nulls them.
     """
     patch: dict[str, Any] = {}
     observed_meta = observed.get("metadata") or {}
     last = last_applied(observed)
+    if handed_over and isinstance(last.get("spec"), dict):
+        last["spec"] = {k: v for k, v in last["spec"].items() if k not in handed_over}
     for section in ("spec", "data"):
         if section not in desired:
             continue
@@ -224,6 +228,24 @@ def container_env(bd_name: str, namespace: str, spec: Mapping[str, Any]) -> list
     return env
 
 
+def requests_accelerator(resources: Mapping[str, Any] | None) -> bool:
+    """Whether requests/limits name an accelerator device (``nvidia.com/gpu``, ``amd.com/gpu``, a MIG
+    slice such as ``nvidia.com/mig-1g.10gb``)."""
+    names = [key for section in ("requests", "limits") for key in ((resources or {}).get(section) or {})]
+    return any(key.endswith("/gpu") or "/mig-" in key for key in names)
+
+
+def check_accelerator(spec: Mapping[str, Any]) -> None:
+    """Refuse ``engine.device: cuda`` without a GPU request: the container would see no device (in
+    sidecar mode the incumbent's GPU is the incumbent's; it is never shared implicitly)."""
+    device = str((spec.get("engine") or {}).get("device") or "")
+    if device.startswith("cuda") and not requests_accelerator(spec.get("resources")):
+        raise SpecError("spec.engine.device",
+                        f"{device!r} needs a GPU for the Baton container: set spec.resources.limits, e.g. "
+                        f"nvidia.com/gpu: 1 (a second GPU, a MIG slice or a time-sliced share), or use "
+                        f"device cpu (see docs/operator.md, \"Accelerators in sidecar mode\")")
+
+
 def baton_container(bd: Mapping[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
     meta, spec = bd["metadata"], bd.get("spec") or {}
     port = baton_port(spec)
@@ -296,7 +318,7 @@ def desired_deployment(bd: Mapping[str, Any], cfg: OperatorConfig) -> dict[str, 
         "kind": "Deployment",
         "metadata": child_metadata(bd, name),
         "spec": {
-            "replicas": spec.get("replicas", 1),
+            **({} if spec.get("autoscaling") else {"replicas": spec.get("replicas", 1)}),
             "selector": {"matchLabels": selector_labels(name)},
             "template": {
                 "metadata": {"labels": pod_labels, "annotations": {

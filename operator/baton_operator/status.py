@@ -54,6 +54,7 @@ class Observation:
     policy_hash: str | None = None
     policy_source: str | None = None
     weight: float | None = None
+    scale: dict[str, Any] | None = None  # status.scale (standalone mode): replicas and who sets them
 
 
 def now_iso() -> str:
@@ -191,6 +192,8 @@ def build_status(obs: Observation, previous: Mapping[str, Any] | None, now: str 
         status["policySource"] = obs.policy_source
     if obs.weight is not None:
         status["traffic"] = {"weight": obs.weight}
+    if obs.scale is not None:
+        status["scale"] = obs.scale
     return status
 
 
@@ -201,6 +204,9 @@ def status_changed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -
         if key == "conditions":
             strip = lambda conds: [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conds or []]
             if strip(previous.get("conditions")) != strip(value):
+                return True
+        elif isinstance(value, dict) and isinstance(previous.get(key), dict):
+            if previous[key] != {k: v for k, v in value.items() if v is not None}:  # None: a key removed
                 return True
         elif previous.get(key) != value:
             return True

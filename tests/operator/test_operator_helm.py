@@ -56,7 +56,8 @@ def test_rendered_builtin_kinds_pass_kubernetes_validate_strict(helm, values) ->
 
 def test_defaults_render_a_cluster_wide_non_root_operator(helm) -> None:
     objects = {o["kind"]: o for o in render(helm)}
-    assert set(objects) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
+    assert set(objects) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Role",
+                            "RoleBinding", "PodDisruptionBudget"}
     pod = objects["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -70,6 +71,27 @@ def test_defaults_render_a_cluster_wide_non_root_operator(helm) -> None:
     binding = objects["ClusterRoleBinding"]
     assert binding["subjects"][0] == {"kind": "ServiceAccount", "name": pod["serviceAccountName"],
                                       "namespace": "baton-system"}
+    # Two replicas, one leading: a Lease (and only Lease rights) in the release namespace, a disruption
+    # budget, and a liveness endpoint that a standby answers too.
+    assert objects["Deployment"]["spec"]["replicas"] == 2 and env["BATON_LEADER_ELECTION"] == "true"
+    assert objects["Deployment"]["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert env["BATON_HEALTH_ADDRESS"] == "0.0.0.0:8081" and not any("--liveness" in a for a in container["args"])
+    assert {e["name"] for e in container["env"]} >= {"POD_NAME", "POD_NAMESPACE"}
+    assert objects["Role"]["metadata"]["namespace"] == "baton-system"
+    assert objects["Role"]["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                         "verbs": ["get", "create", "patch"]}]
+    assert objects["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    assert objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() \
+        <= objects["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_one_operator_without_leader_election_never_overlaps(helm) -> None:
+    objects = render(helm, "--set", "replicaCount=1", "--set", "leaderElection.enabled=false")
+    assert {o["kind"] for o in objects} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    env = {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "BATON_LEADER_ELECTION" not in env
 
 
 def test_chart_rbac_matches_the_plain_manifests(helm) -> None:
@@ -82,9 +104,11 @@ def test_chart_rbac_matches_the_plain_manifests(helm) -> None:
 def test_options_render_what_they_promise(helm) -> None:
     objects = render(helm, *ALL_ON, *NAMESPACED)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ConfigMap", "Deployment", "PodMonitor", "Role", "Role", "RoleBinding", "RoleBinding",
-                     "ServiceAccount", "ServiceMonitor"]
-    assert {o["metadata"]["namespace"] for o in objects if o["kind"] == "Role"} == {"team-a", "team-b"}
+    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "PodMonitor", "Role", "Role", "Role",
+                     "RoleBinding", "RoleBinding", "RoleBinding", "ServiceAccount", "ServiceMonitor"]
+    # A Role in each watched namespace, and the Lease's in the release namespace.
+    assert {o["metadata"]["namespace"] for o in objects if o["kind"] == "Role"} == {"team-a", "team-b",
+                                                                                   "baton-system"}
     deployment = next(o for o in objects if o["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert "--namespace=team-a" in container["args"] and "--all-namespaces" not in container["args"]
@@ -119,6 +143,11 @@ def test_sidecar_quantization_reaches_the_operator(helm) -> None:
     (["--set", "watchNamespaces={Bad_Name}"], "watchNamespaces"),
     (["--set", "metrics.serviceMonitor.interval=often"], "interval"),
     (["--set", "sidecar.quantization=int4"], "quantization"),
+    (["--set", "leaderElection.enabled=false"], "leaderElection"),  # two replicas would both reconcile
+    (["--set", "replicaCount=0"], "replicaCount"),
+    (["--set", "podDisruptionBudget.maxUnavailable=half"], "maxUnavailable"),
+    (["--set", "autoscaling.prometheusAddress=prometheus:9090"], "prometheusAddress"),
+    (["--set", "batonDeployments.Bad_Name.mode=standalone"], "Bad_Name"),
 ])
 def test_values_schema_rejects_bad_values(helm, values, complaint) -> None:
     proc = helm_run(helm, "template", "baton", str(CHART), *values, check=False)

@@ -191,7 +191,7 @@ def test_builtin_manifests_pass_kubernetes_validate_strict() -> None:
     proc = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--kubernetes-version", "1.28.0",
                            *map(str, files)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("passed") == 7
+    assert proc.stdout.count("passed") == 10
 
 
 def _rules() -> list[dict]:
@@ -203,15 +203,38 @@ def test_rbac_is_least_privilege() -> None:
     granted = {(group, resource, verb) for rule in _rules() for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
     assert not any("*" in entry for entry in granted)
-    assert not any(verb in ("delete", "deletecollection", "update", "escalate", "bind", "impersonate")
+    assert not any(verb in ("deletecollection", "update", "escalate", "bind", "impersonate")
                    and resource != "batondeployments/finalizers" for _, resource, verb in granted)
+    # It deletes only what a BatonDeployment stops asking for: its autoscaler and disruption budget.
+    assert {resource for _, resource, verb in granted if verb == "delete"} == {
+        "horizontalpodautoscalers", "scaledobjects", "poddisruptionbudgets"}
     assert not any(resource in ("secrets", "pods", "namespaces", "customresourcedefinitions")
                    for _, resource, _ in granted)
     assert ("apps", "deployments", "patch") in granted and ("", "events", "create") in granted
 
 
+def test_leader_election_rights_are_leases_in_the_operator_namespace_only() -> None:
+    roles = [d for d in docs(ROOT / "manifests" / "rbac.yaml") if d["kind"] == "Role"]
+    assert [(r["metadata"]["namespace"], r["rules"]) for r in roles] == [
+        ("baton-system", [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                           "verbs": ["get", "create", "patch"]}])]
+    assert not any("leases" in rule["resources"] for rule in _rules())  # not cluster-wide
+
+
+def test_operator_runs_two_replicas_with_leader_election() -> None:
+    deployment, budget = docs(ROOT / "manifests" / "operator.yaml")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert deployment["spec"]["replicas"] == 2 and env["BATON_LEADER_ELECTION"] == "true"
+    assert env["BATON_HEALTH_ADDRESS"].endswith(":8081")
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert budget["kind"] == "PodDisruptionBudget" and budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() \
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
 def test_operator_runs_non_root_with_a_read_only_root() -> None:
-    (deployment,) = docs(ROOT / "manifests" / "operator.yaml")
+    deployment, _ = docs(ROOT / "manifests" / "operator.yaml")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0

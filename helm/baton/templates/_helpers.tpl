@@ -69,4 +69,14 @@ app.kubernetes.io/part-of: baton
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
   verbs: [list]
+# Standalone autoscalers and disruption budgets: deleted when spec.autoscaling or the budget goes away.
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, create, patch, delete]
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
+  verbs: [get, create, patch, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, create, patch, delete]
 {{- end }}
