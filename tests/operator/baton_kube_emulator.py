@@ -43,12 +43,13 @@ CREATE, UPDATE, DELETE, LIST = kmock.action.CREATE, kmock.action.UPDATE, kmock.a
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: mappings merge key by key, ``None`` deletes a key, anything else
-    replaces. The emulator computes the result only to tell whether ``spec`` changed (``generation``);
-    kmock applies the patch to the stored object itself, with the same semantics for mappings."""
+    """RFC 7386 JSON merge patch, into a copy: mappings merge key by key, ``None`` deletes a key, anything
+    else replaces. The emulator computes the result only to tell whether ``spec`` changed (``generation``);
+    kmock applies the patch to the stored object itself, with the same semantics for mappings. The CEL
+    tests build their objects with it too."""
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}  # a copy: callers keep their input
     for key, value in patch.items():
         if value is None:
             result.pop(key, None)

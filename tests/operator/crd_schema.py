@@ -3,8 +3,8 @@
 Kubernetes' structural schemas are OpenAPI 3.0 (boolean ``exclusiveMinimum``, ``nullable``, the
 ``x-kubernetes-*`` extensions), closest to JSON Schema draft 4. The conversion adds what the API server
 does on its side: unknown fields are errors here (``kubectl --validate=strict`` reports them; the API
-server would otherwise prune them silently). Not covered: CEL rules (x-kubernetes-validations),
-defaulting, and list-type semantics; the tests check those separately where they can.
+server would otherwise prune them silently). Not covered: CEL rules (x-kubernetes-validations; evaluated
+by ``cel_rules``), defaulting, and list-type semantics.
 """
 
 from __future__ import annotations

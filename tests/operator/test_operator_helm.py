@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -9,8 +10,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from baton_operator import resources as res
+from baton_operator import scaling
 from baton_operator.config import OperatorConfig
 from baton_sidecar import config as sidecar_config
+from crd_schema import CRDValidator, load_crds
 from operator_testlib import ROOT
 
 CHART = ROOT / "helm" / "baton"
@@ -39,9 +43,10 @@ def test_helm_is_version_4(helm) -> None:
     assert helm_run(helm, "version", "--short").stdout.startswith("v4.")
 
 
-@pytest.mark.parametrize("values", [[], ALL_ON, ALL_ON + NAMESPACED], ids=["defaults", "all-on", "namespaced"])
+@pytest.mark.parametrize("values", [[], ALL_ON, ALL_ON + NAMESPACED, "scaled"],
+                         ids=["defaults", "all-on", "namespaced", "scaled"])
 def test_lint_strict(helm, values) -> None:
-    helm_run(helm, "lint", "--strict", str(CHART), *values)
+    helm_run(helm, "lint", "--strict", str(CHART), *(SCALED if values == "scaled" else values))
 
 
 @pytest.mark.parametrize("values", [[], ALL_ON + NAMESPACED], ids=["defaults", "all-on-namespaced"])
@@ -171,3 +176,72 @@ def test_crds_are_installed_from_the_crds_directory(helm) -> None:
     out = helm_run(helm, "template", "baton", str(CHART), "--include-crds").stdout
     kinds = [d["spec"]["names"]["kind"] for d in yaml.safe_load_all(out) if d and d["kind"] == "CustomResourceDefinition"]
     assert sorted(kinds) == ["BatonDeployment", "BatonPolicy"]
+
+
+# --- scaling out: BatonDeployments from the values, the adapter's rules, an InferencePool ------------
+
+SHARED_CRDS = ROOT.parent / "shared" / "crds"
+SCALED = ["--set", "autoscaling.prometheusAddress=http://prometheus.monitoring:9090",
+          "--set", "prometheusAdapter.configMap.enabled=true",
+          "--set", "inferencePool.enabled=true", "--set", "inferencePool.batonDeployment=by-queue",
+          "--set-json", 'batonDeployments={"by-queue": {"mode": "standalone", "autoscaling": {"engine": "hpa", '
+                        '"minReplicas": 2, "maxReplicas": 8, "metric": "queueDepth", "target": 4}}, '
+                        '"by-kv": {"mode": "standalone", "autoscaling": {"engine": "keda", "maxReplicas": 4, '
+                        '"metric": "kvUsage", "target": 0.75}}}']
+
+
+def shared_crd(name: str) -> CRDValidator:
+    path = SHARED_CRDS / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (reference CRDs live beside the repository; see its README)")
+    return CRDValidator(yaml.safe_load(path.read_text()))
+
+
+def test_autoscaling_on_renders_objects_that_validate(helm) -> None:
+    """What `helm install` with autoscaling on puts in a cluster, and what the operator then makes of it:
+    each object checked against the schema that would admit it."""
+    objects = render(helm, *SCALED)
+    crds = load_crds(ROOT / "manifests" / "crds")
+    operator_env = {e["name"]: e.get("value") for e in next(o for o in objects if o["kind"] == "Deployment")
+                    ["spec"]["template"]["spec"]["containers"][0]["env"]}
+    cfg = OperatorConfig.from_env(operator_env)
+    made = []
+    for bd in (o for o in objects if o["kind"] == "BatonDeployment"):
+        assert crds["BatonDeployment"].errors(bd) == [], bd["metadata"]["name"]
+        bd = {**bd, "metadata": {**bd["metadata"], "uid": "uid-1"}}
+        made += [scaling.desired_autoscaler(bd, cfg.prometheus_address), scaling.desired_disruption_budget(bd),
+                 res.desired_deployment(bd, cfg)]
+    kinds = sorted(o["kind"] for o in made)
+    assert kinds == ["Deployment", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                     "PodDisruptionBudget", "ScaledObject"]
+    for obj in made:
+        if obj["kind"] == "ScaledObject":
+            assert shared_crd("keda.sh_scaledobjects.yaml").errors(obj) == []
+            assert obj["spec"]["triggers"][0]["metadata"]["serverAddress"] == "http://prometheus.monitoring:9090"
+        else:
+            if obj["kind"] == "Deployment":
+                assert "replicas" not in obj["spec"]  # the autoscalers own them
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(obj, version, strict=True)
+    (pool,) = [o for o in objects if o["kind"] == "InferencePool"]
+    assert shared_crd("inference.networking.k8s.io_inferencepools.yaml").errors(pool) == []
+    pod_labels = next(o for o in made if o["kind"] == "Deployment" and o["metadata"]["name"] == "by-queue")[
+        "spec"]["template"]["metadata"]["labels"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_adapter_rules_serve_every_autoscaling_metric_under_its_own_name(helm) -> None:
+    (config_map,) = [o for o in render(helm, *SCALED) if o["kind"] == "ConfigMap"
+                     and o["metadata"]["name"].endswith("prometheus-adapter")]
+    (rule,) = yaml.safe_load(config_map["data"]["config.yaml"])["rules"]
+    selector = re.search(r'__name__=~"([^"]+)"', rule["seriesQuery"]).group(1)
+    for series in scaling.METRIC_SERIES.values():  # what the operator's HPAs ask for
+        assert re.fullmatch(selector, series), series
+    assert rule["name"] == {"matches": "^(.*)$", "as": "${1}"}  # served under the series' own name
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert "<<.Series>>" in rule["metricsQuery"] and "<<.LabelMatchers>>" in rule["metricsQuery"]
+
+
+def test_an_inference_pool_needs_its_baton_deployment(helm) -> None:
+    proc = helm_run(helm, "template", "baton", str(CHART), "--set", "inferencePool.enabled=true", check=False)
+    assert proc.returncode != 0 and "inferencePool.batonDeployment" in proc.stderr

@@ -11,6 +11,7 @@ import sys
 import pytest
 import yaml
 
+from cel_rules import rule_sites
 from crd_schema import cel_rules, load_crds
 from operator_testlib import CRD_DIR, EXAMPLES, ROOT
 
@@ -277,3 +278,19 @@ def test_operator_image_carries_the_sidecar_modules_the_operator_imports() -> No
         modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert modules <= set(sys.stdlib_module_names) | {"__future__"}, (name, modules)
+
+
+SCHEMA_KEYWORDS = {
+    "type", "format", "description", "enum", "default", "minimum", "maximum", "exclusiveMinimum",
+    "exclusiveMaximum", "pattern", "minLength", "maxLength", "minItems", "maxItems", "minProperties",
+    "maxProperties", "required", "properties", "items", "additionalProperties", "nullable", "anyOf", "allOf",
+    "oneOf", "not", "uniqueItems", "multipleOf", "title", "x-kubernetes-int-or-string",
+    "x-kubernetes-preserve-unknown-fields", "x-kubernetes-validations", "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys", "x-kubernetes-map-type", "x-kubernetes-embedded-resource"}
+
+
+def test_schema_nodes_use_only_openapi_keywords() -> None:
+    """A comma in a flow mapping's plain scalar (``{description: a, b}``) silently starts a new key."""
+    for kind, crd in CRDS.items():
+        for where, node in rule_sites(crd.openapi):
+            assert set(node) <= SCHEMA_KEYWORDS, (kind, where, set(node) - SCHEMA_KEYWORDS)
