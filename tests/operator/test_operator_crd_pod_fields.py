@@ -24,7 +24,8 @@ import yaml
 from baton_operator import injection as inj
 from baton_operator import resources as res
 from baton_operator.config import OperatorConfig
-from cel_rules import CELValidator, merge_patch
+from baton_kube_emulator import merge_patch
+from cel_rules import CELValidator
 from crd_schema import load_crds
 from operator_testlib import CRD_DIR, EXAMPLES
 

@@ -24,6 +24,8 @@ pytestmark = [pytest.mark.operator_e2e, pytest.mark.timeout(180)]
 WAIT = 30  # seconds; generous for a 2-core machine, reached only on failure
 KEDA_CRD = ROOT.parent / "shared" / "crds" / "keda.sh_scaledobjects.yaml"
 PROMETHEUS = "http://prometheus.monitoring:9090"
+# Fully qualified: the emulator keeps each API version's objects apart, and kubectl would pick one.
+HPA, PDB = "horizontalpodautoscalers.v2.autoscaling", "poddisruptionbudgets.v1.policy"
 
 
 @pytest.fixture
@@ -57,15 +59,15 @@ def test_hpa_then_keda_then_fixed_replicas(cluster: Cluster, operator, tmp_path:
     hpa_spec = {"engine": "hpa", "minReplicas": 2, "maxReplicas": 6, "metric": "queueDepth", "target": 4}
     _apply(cluster, tmp_path, {**base, "autoscaling": hpa_spec})
 
-    hpa = wait_for(lambda: cluster.get("horizontalpodautoscalers.autoscaling", "scaled"), WAIT, "the HPA")
+    hpa = wait_for(lambda: cluster.get(HPA, "scaled"), WAIT, "the HPA")
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "baton_engine_waiting_requests"
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
     deployment = wait_for(lambda: cluster.get("deployments", "scaled"), WAIT, "the Deployment")
     assert "replicas" not in deployment["spec"], "the operator wrote replicas although the HPA owns them"
-    pdb = wait_for(lambda: cluster.get("poddisruptionbudgets", "scaled"), WAIT, "the PodDisruptionBudget")
+    pdb = wait_for(lambda: cluster.get(PDB, "scaled"), WAIT, "the PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
 
-    # The HPA scales to 5 (through the scale subresource, as it would); the Deployment controller follows.
+    # The HPA scales to 5 (it writes replicas through the scale subresource); the controller follows.
     cluster.kubectl("patch", "deployment", "scaled", "--type=merge", "-p", json.dumps({"spec": {"replicas": 5}}))
     cluster.play_deployment_controller("scaled")
     scale = wait_for(lambda: (s := _scale(cluster)).get("replicas") == 5 and s, WAIT, "status.scale at 5 replicas")
@@ -73,7 +75,7 @@ def test_hpa_then_keda_then_fixed_replicas(cluster: Cluster, operator, tmp_path:
 
     # A change to the BatonDeployment is reconciled without touching the autoscaler's replicas.
     _apply(cluster, tmp_path, {**base, "autoscaling": {**hpa_spec, "target": 3}})
-    wait_for(lambda: cluster.get("horizontalpodautoscalers.autoscaling", "scaled")["spec"]["metrics"][0]["pods"]
+    wait_for(lambda: cluster.get(HPA, "scaled")["spec"]["metrics"][0]["pods"]
              ["target"]["averageValue"] == "3", WAIT, "the HPA's new target")
     assert cluster.get("deployments", "scaled")["spec"]["replicas"] == 5
 
@@ -84,7 +86,7 @@ def test_hpa_then_keda_then_fixed_replicas(cluster: Cluster, operator, tmp_path:
     trigger = scaled_object["spec"]["triggers"][0]
     assert trigger["metadata"]["serverAddress"] == PROMETHEUS and trigger["metadata"]["threshold"] == "800m"
     assert "baton_engine_kv_usage_ratio" in trigger["metadata"]["query"]
-    wait_for(lambda: cluster.get("horizontalpodautoscalers.autoscaling", "scaled") is None, WAIT, "the HPA deleted")
+    wait_for(lambda: cluster.get(HPA, "scaled") is None, WAIT, "the HPA deleted")
     assert cluster.get("deployments", "scaled")["spec"]["replicas"] == 5
     wait_for(lambda: _scale(cluster).get("autoscaler") == "ScaledObject/scaled", WAIT, "status.scale's autoscaler")
 
@@ -95,7 +97,7 @@ def test_hpa_then_keda_then_fixed_replicas(cluster: Cluster, operator, tmp_path:
     cluster.play_deployment_controller("scaled")
     scale = wait_for(lambda: (s := _scale(cluster)).get("desiredReplicas") == 2 and s, WAIT, "status.scale at 2")
     assert "autoscaler" not in scale and "maxReplicas" not in scale
-    assert cluster.get("poddisruptionbudgets", "scaled") is not None  # still 2 pods: still protected
+    assert cluster.get(PDB, "scaled") is not None  # still 2 pods: still protected
     reasons = [e["reason"] for e in cluster.list("events") if e["involvedObject"].get("name") == "scaled"]
     assert reasons.count("Deleted") >= 2  # the HPA, then the ScaledObject
 

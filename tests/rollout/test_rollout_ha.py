@@ -77,7 +77,7 @@ def live(url: str) -> bool:
 
 
 def lease_holder(cluster: Any) -> dict[str, Any]:
-    lease = cluster.get("leases.coordination.k8s.io", "baton-operator") or {}
+    lease = cluster.get("leases.v1.coordination.k8s.io", "baton-operator") or {}
     return lease.get("spec") or {}
 
 
