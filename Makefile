@@ -7,7 +7,7 @@ HOST      ?= 127.0.0.1
 PORT      ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fast bench pilot-plots clean
+.PHONY: install serve test test-fast bench pilot-plots docs-plots clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -26,6 +26,7 @@ serve: $(STAMP)
 	$(VENV)/bin/baton-sidecar serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
+	bash scripts/install-browser.sh
 	$(PY) -m pytest -q -rfEs $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -52,6 +53,11 @@ bench: $(STAMP)
 # The before-the-pilot guide's pictures, from its recorded results (docs/before-the-pilot.md).
 pilot-plots: $(STAMP)
 	$(PY) -m baton_sidecar.simulate.plots docs/data/pilot-validation.json docs/data/pilot-planning.json --out docs/img
+
+# Every picture in docs/ drawn from recorded results: the pilot guide's and the operator guide's rollouts
+# (record those with BATON_RECORD_ROLLOUTS=docs/data pytest tests/rollout/test_rollout_e2e.py).
+docs-plots: pilot-plots
+	$(PY) scripts/rollout_plots.py docs/data/rollout-promote.json docs/data/rollout-rollback.json --out docs/img
 
 clean:
 	rm -rf $(VENV) build *.egg-info

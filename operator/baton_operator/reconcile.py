@@ -95,7 +95,6 @@ def _apply_optional(kube: Kube, bd: Mapping[str, Any], outcome: Outcome, desired
             outcome.changes.append(f"deleted {observed['kind']}/{name}")
 
 
-
 def _reconcile_sidecar(kube: Kube, cfg: OperatorConfig, bd: Mapping[str, Any],
                        policies: Mapping[str, Mapping[str, Any]]) -> Outcome:
     meta, spec = bd["metadata"], bd.get("spec") or {}

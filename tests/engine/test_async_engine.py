@@ -156,11 +156,19 @@ async def test_run_to_completion_holds_results_until_the_batch_is_done(tiny_mode
 
 async def test_policy_applies_at_run_time(engine):
     engine.apply_policy(PolicyConfig(limits=Limits(max_batch_size=1)))
-    a = engine.submit([5, 6], SamplingParams(max_tokens=20, **GREEDY))
+    a = engine.submit([5, 6], SamplingParams(max_tokens=200, **GREEDY))  # long: a wide window to look in
     b = engine.submit([7, 8], SamplingParams(max_tokens=20, **GREEDY))
-    await wait_until(lambda: engine.stats().batch_size == 1)
-    assert engine.stats().waiting == 1
-    await asyncio.gather(*[asyncio.ensure_future(_drain(s)) for s in (a, b)])
+    batch_sizes = []
+
+    async def drain_watching(stream):
+        async for _ in stream:
+            batch_sizes.append(engine.stats().batch_size)
+
+    # One row runs while the other waits (one snapshot: the first may finish between two reads), and no
+    # step ever holds both.
+    await wait_until(lambda: (s := engine.stats()).batch_size == 1 and s.waiting == 1)
+    await asyncio.gather(drain_watching(a), drain_watching(b))
+    assert batch_sizes and max(batch_sizes) == 1
 
 
 async def _drain(stream):

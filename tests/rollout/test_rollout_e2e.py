@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import os
 import re
 import sys
 import threading
@@ -119,6 +121,15 @@ def report(proc: SidecarProcess) -> dict:
     return requests.get(proc.url + "/baton/ab/report", timeout=60).json()
 
 
+def record(scenario: str, bd: dict) -> None:
+    """With ``BATON_RECORD_ROLLOUTS=DIR``, keep the finished rollout's status for the docs' pictures
+    (``make docs-plots`` draws ``DIR/rollout-<scenario>.json``)."""
+    folder = os.environ.get("BATON_RECORD_ROLLOUTS")
+    if folder:
+        path = Path(folder) / f"rollout-{scenario}.json"
+        path.write_text(json.dumps({"scenario": scenario, "rollout": bd["status"]["rollout"]}, indent=1) + "\n")
+
+
 def run_baton(tmp_path: Path, incumbent: TransformersServe, *args: str) -> tuple[SidecarProcess, Path]:
     config = tmp_path / "baton.yaml"  # what kubelet would mount; replaced by the operator's ConfigMap
     config.write_text(yaml.safe_dump({"router": {"incumbent_url": incumbent.url, "baton_weight": 0}}))
@@ -157,6 +168,7 @@ def test_promotes_to_100_and_resumes_after_an_operator_restart(cluster, incumben
         final = cluster.get("bd", "canary")
     finally:
         baton.stop()
+    record("promote", final)
 
     assert mirror.weights == [25, 50, 100]
     state = final["status"]["rollout"]
@@ -173,6 +185,7 @@ def test_promotes_to_100_and_resumes_after_an_operator_restart(cluster, incumben
         p95 = analysis["arms"][arm]["p95LatencySeconds"]
         assert p95["ci95"][0] <= p95["value"] <= p95["ci95"][1]
     assert reasons.count("RolloutStarted") == 1  # the restarted operator did not start it over
+    assert {r["weight"] for r in state["analyses"]} == {25, 50}  # each round on the step it judged
     assert not load.failures, load.failures[:5]  # nothing failed on the way, through both arms
     assert {"baton", "incumbent"} <= set(load.arms)
     assert {arm for t, arm in load.served if t > applied} == {"baton"}  # at 100% nothing reaches the incumbent
@@ -198,6 +211,7 @@ def test_rolls_back_when_baton_is_worse(cluster, incumbent, tmp_path) -> None:
         assert yaml.safe_load(config.read_text())["policy"]["limits"]["max_batch_size"] == 1
     finally:
         baton.stop()
+    record("rollback", final)
 
     assert mirror.weights == [50, 0]
     state = final["status"]["rollout"]
@@ -207,6 +221,7 @@ def test_rolls_back_when_baton_is_worse(cluster, incumbent, tmp_path) -> None:
     baton_p95 = state["analysis"]["arms"]["baton"]["p95LatencySeconds"]["value"]
     incumbent_p95 = state["analysis"]["arms"]["incumbent"]["p95LatencySeconds"]["value"]
     assert baton_p95 > incumbent_p95
+    assert [(r["weight"], r["result"]) for r in state["analyses"]][-2:] == [(50, "fail"), (50, "fail")]
     degraded = next(c for c in final["status"]["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "RolledBack")
     assert final["status"]["traffic"]["weight"] == 0

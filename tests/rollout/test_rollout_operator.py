@@ -90,6 +90,12 @@ def test_promotes_through_every_step_and_resumes_after_a_restart(cluster, stub, 
     assert mirror.weights == [10, 50, 100]
     bd = cluster.get("bd", "canary")
     assert [h["weight"] for h in bd["status"]["rollout"]["history"]] == [10, 50, 100]
+    # Every analysis round is kept, on the step it judged: the rollout's picture.
+    rounds = bd["status"]["rollout"]["analyses"]
+    assert rounds and [r["time"] for r in rounds] == sorted(r["time"] for r in rounds)
+    assert {r["weight"] for r in rounds} == {10, 50} and {r["result"] for r in rounds} == {"pass"}
+    for arm in ("baton", "incumbent"):
+        assert all(r["arms"][arm]["ci95"][0] <= r["arms"][arm]["p95"] <= r["arms"][arm]["ci95"][1] for r in rounds)
     assert bd["status"]["traffic"]["weight"] == 100
     assert bd["status"]["rollout"]["lastDecision"]["action"] == "promote"
     assert reasons.count("RolloutStarted") == 1  # the restart did not start it over
@@ -109,6 +115,8 @@ def test_rolls_back_when_baton_is_slower(cluster, tmp_path, spans) -> None:
         bd = cluster.get("bd", "slow")
         state = bd["status"]["rollout"]
         assert state["failedAnalyses"] == 2 and state["weight"] == 0
+        assert [(r["weight"], r["result"]) for r in state["analyses"]] == [(10, "fail"), (10, "fail")]
+        assert all(r["arms"]["baton"]["p95"] > r["arms"]["incumbent"]["p95"] for r in state["analyses"])
         assert {"p95Latency", "ttft"} <= set(state["analysis"]["failedChecks"])
         assert bd["status"]["phase"] == "Degraded" and bd["status"]["traffic"]["weight"] == 0
         assert _condition(cluster, "slow", "Degraded")["reason"] == "RolledBack"

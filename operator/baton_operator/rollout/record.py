@@ -8,6 +8,9 @@ Pure. Shapes (docs/operator.md, "Status of a rollout")::
                   in the shadow stage: {time, pods, arms: {}, checks: [pairedVerdict], failedChecks, result,
                    paired: {pairs, verdict, basis, sidecars: {url: the sidecar's paired block}}, traffic}
     lastDecision: {action, reason, time}   # time of the first of a run of identical decisions
+    analyses:     [{time, step, weight, result, arms: {baton: {p95, ci95, ttftP95, requests}, incumbent: ...}}]
+                  one entry per analysis round of the revision, the last ANALYSES_LIMIT (the rollout's
+                  picture: weight and p95 with CIs over time)
 """
 
 from __future__ import annotations
@@ -20,12 +23,44 @@ from baton_operator.rollout.measurement import ARMS, Arm, PodReport
 from baton_operator.rollout.times import iso
 
 
+ANALYSES_LIMIT = 60  # analysis rounds kept in status.rollout.analyses (a few KB)
+
+
 def rollout_status(decision: Decision, previous: Mapping[str, Any], now: float) -> dict[str, Any]:
     """``status.rollout`` after ``decision``, but for ``autoTune``; ``previous`` is the one it replaces."""
     new = decision.state.to_status()
     new["analysis"] = analysis_status(decision, previous.get("analysis"))
     new["lastDecision"] = last_decision(decision, previous.get("lastDecision"), now)
+    same_revision = previous.get("revision") == new["revision"]
+    new["analyses"] = analyses_status(decision, previous if same_revision else {})
     return new
+
+
+def analyses_status(decision: Decision, previous: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``status.rollout.analyses``: ``previous``'s plus this tick's round, if one ran (bounded). The round
+    judged the step ``previous`` stood at; the decision may already have moved on from it."""
+    kept = [dict(entry) for entry in previous.get("analyses") or [] if isinstance(entry, Mapping)]
+    if not decision.checks:
+        return kept[-ANALYSES_LIMIT:]
+    view = decision.view
+    entry: dict[str, Any] = {"time": iso(decision.state.last_analysis_at), "step": previous.get("step"),
+                             "weight": previous.get("weight"), "result": overall(decision.checks)}
+    if view is not None:
+        entry["arms"] = {name: _arm_point(view.arms[name]) for name in ARMS}
+    if decision.paired is not None:
+        entry["pairs"] = decision.paired.to_status().get("pairs")
+    return [*kept, entry][-ANALYSES_LIMIT:]
+
+
+def _arm_point(a: Arm) -> dict[str, Any]:
+    """One arm of a round, compactly: e2e p95 with its CI, TTFT p95, requests."""
+    point: dict[str, Any] = {"requests": a.requests}
+    if a.e2e_p95 is not None:
+        e2e = a.e2e_p95.to_status()
+        point.update(p95=e2e["value"], ci95=e2e["ci95"])
+    if a.ttft_p95 is not None:
+        point["ttftP95"] = a.ttft_p95.to_status()["value"]
+    return point
 
 
 def last_decision(decision: Decision, previous: Mapping[str, Any] | None, now: float) -> Mapping[str, Any] | None:
