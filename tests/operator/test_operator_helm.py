@@ -129,6 +129,12 @@ def test_options_render_what_they_promise(helm) -> None:
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/baton/metrics"
     service_monitor = next(o for o in objects if o["kind"] == "ServiceMonitor")
     assert service_monitor["spec"]["endpoints"][0]["path"] == "/baton/metrics"
+    # Both on: standalone pods are the ServiceMonitor's alone (scraped twice, every rate would double).
+    standalone = res.desired_deployment({"apiVersion": res.API_VERSION, "kind": res.KIND, "spec": {},
+                                         "metadata": {"name": "b", "namespace": "ns", "uid": "u"}},
+                                        OperatorConfig())["spec"]["template"]["metadata"]["labels"]
+    (excluded,) = pod_monitor["spec"]["selector"]["matchExpressions"]
+    assert excluded["operator"] == "NotIn" and standalone[excluded["key"]] in excluded["values"]
 
 
 def test_sidecar_quantization_reaches_the_operator(helm) -> None:
