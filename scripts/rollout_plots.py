@@ -56,15 +56,16 @@ def plot(recording: dict[str, Any], out: Path) -> Path:
         top.annotate(action, (t, w), textcoords="offset points", xytext=(2, 4), fontsize=8)
     top.set_ylabel("Baton weight (%)")
     top.set_ylim(-5, 110)
-    for arm, points in data["arms"].items():
+    for offset, (arm, points) in zip((-0.15, 0.15), data["arms"].items()):  # side by side, not on top
         if not points:
             continue
         t, p95, low, high, results = zip(*points)
+        t = [x + offset for x in t]
         errors = [[v - lo for v, lo in zip(p95, low)], [hi - v for v, hi in zip(p95, high)]]
         bottom.errorbar(t, p95, yerr=errors, fmt="o", color=COLOURS[arm], capsize=3, label=f"{arm} e2e p95 (95% CI)")
         failed = [(x, y) for x, y, r in zip(t, p95, results) if r == "fail"]
-        if failed:
-            bottom.plot(*zip(*failed), "x", color="tab:red", markersize=9, label=None if arm != "baton" else "failed round")
+        if failed and arm == "baton":  # a round fails as a whole; marked once, on Baton's point
+            bottom.plot(*zip(*failed), "x", color="tab:red", markersize=10, label="failed round")
     bottom.set_xlabel("seconds since the rollout started")
     bottom.set_ylabel("e2e latency p95 (s)")
     bottom.legend(fontsize=8)

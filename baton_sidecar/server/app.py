@@ -26,6 +26,7 @@ from aiohttp import web
 
 from baton_sidecar.config import PolicyConfig, RouterConfig, ServerConfig
 from baton_sidecar.server.errors import APIError
+from baton_sidecar.server.ab_page import ab_page
 from baton_sidecar.server.abstats import ABStats, SLATargets, parse_flag, parse_since
 from baton_sidecar.server.body import read_whole_body
 from baton_sidecar.server.configwatch import (ConfigManager, FileWatcher, LiveConfig, check_bearer,
@@ -266,7 +267,8 @@ async def ab_report(request: web.Request) -> web.Response:
                         "sticky_header": live.router.sticky_header,
                         "fallback_to_baton": live.router.fallback_to_baton}
     report.update(app[ELIGIBILITY].report())
-    report["paired"] = await asyncio.to_thread(app[SHADOW].paired.block)  # CIs over up to 5000 pairs
+    # CIs over up to 5000 pairs; the page's histograms with the samples
+    report["paired"] = await asyncio.to_thread(app[SHADOW].paired.block, samples)
     if samples:  # up to 4 x window floats: encode them off the loop too
         body = await asyncio.to_thread(json.dumps, report)
         return web.Response(text=body, content_type="application/json")
@@ -331,6 +333,7 @@ OWN_ROUTES = {
     OWN_PREFIX + "health": {"GET": health},
     OWN_PREFIX + "ready": {"GET": ready},
     OWN_PREFIX + "metrics": {"GET": metrics_handler},
+    OWN_PREFIX + "ab": {"GET": ab_page},
     OWN_PREFIX + "ab/report": {"GET": ab_report},
     OWN_PREFIX + "ab/profile": {"GET": ab_profile},
     OWN_PREFIX + "admin/config": {"GET": admin_get_config, "PUT": admin_put_config},

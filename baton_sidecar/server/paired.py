@@ -7,9 +7,9 @@ leaves what the arms do differently. A verdict therefore needs far fewer request
 two independent samples (the unpaired A/B in ``abstats``).
 
 Per metric (TTFT, e2e, per-output-token latency): the median and p95 of the differences with their
-exact bootstrap CIs (``stats.percentile_ci``), the share of pairs where Baton was faster, and an
-exact two-sided sign test. Greedy pairs also give output agreement: identical text, else a
-normalised word-level edit distance.
+exact bootstrap CIs (``stats.percentile_ci``), the share of pairs where Baton was faster, an exact
+two-sided sign test, and (``?samples=true`` reports only) a histogram of the differences. Greedy
+pairs also give output agreement: identical text, else a normalised word-level edit distance.
 
 The verdict is on e2e: ``better`` when the median difference's CI lies below zero, ``not_worse``
 when it lies below ``MARGIN_PCT`` of the incumbent's median e2e, ``worse`` when it lies above that
@@ -32,6 +32,7 @@ from baton_sidecar import stats
 MIN_PAIRS = 20  # fewer: the verdict is "insufficient" whatever the CIs say
 MARGIN_PCT = 10.0  # Baton's median e2e may exceed the incumbent's by this share and be "not worse"
 EDIT_WORDS = 256  # edit distance over at most this many words of each text (quadratic cost)
+HISTOGRAM_BINS = 20  # of each metric's differences (the A/B page draws them)
 BETTER, NOT_WORSE, WORSE, INSUFFICIENT = "better", "not_worse", "worse", "insufficient"
 
 
@@ -98,6 +99,22 @@ def sign_test(differences: Sequence[float]) -> float | None:
     return min(1.0, 2.0 * tail)
 
 
+def histogram(ordered: Sequence[float], bins: int = HISTOGRAM_BINS) -> dict[str, list]:
+    """Equal-width bins from the smallest to the largest of ``ordered`` (ascending): ``edges_s`` has
+    bins + 1 ascending edges, ``counts`` the values in each [edge, next edge), the last bin closed.
+    One bin when all values are equal; none for no values."""
+    if not ordered:
+        return {"edges_s": [], "counts": []}
+    low, high = ordered[0], ordered[-1]
+    if low == high:
+        return {"edges_s": [low, high], "counts": [len(ordered)]}
+    width = (high - low) / bins
+    counts = [0] * bins
+    for d in ordered:
+        counts[min(int((d - low) / width), bins - 1)] += 1
+    return {"edges_s": [low + i * width for i in range(bins)] + [high], "counts": counts}
+
+
 def summarize_differences(differences: Sequence[float]) -> dict[str, Any]:
     ordered = sorted(differences)
     n = len(ordered)
@@ -129,11 +146,16 @@ def paired_verdict(e2e: dict[str, Any], incumbent_median_s: float | None,
     return INSUFFICIENT, f"the CI straddles the {margin_pct:g}% margin (+{allowed * 1000:.0f} ms): {span}"
 
 
-def paired_block(pairs: Sequence[Pair], margin_pct: float = MARGIN_PCT, min_pairs: int = MIN_PAIRS) -> dict[str, Any]:
-    """The report's ``paired`` block for ``pairs``."""
+def paired_block(pairs: Sequence[Pair], margin_pct: float = MARGIN_PCT, min_pairs: int = MIN_PAIRS,
+                 histograms: bool = False) -> dict[str, Any]:
+    """The report's ``paired`` block for ``pairs``; ``histograms`` adds each metric's ``histogram``
+    (only to ``?samples=true`` reports: the operator keeps plain reports' blocks in its status)."""
     metrics = {}
     for metric in ("ttft", "e2e", "tpot"):
-        metrics[metric] = summarize_differences([d for p in pairs if (d := p.difference(metric)) is not None])
+        differences = [d for p in pairs if (d := p.difference(metric)) is not None]
+        metrics[metric] = summarize_differences(differences)
+        if histograms:
+            metrics[metric]["histogram"] = histogram(sorted(differences))
     incumbent_e2e = [p.incumbent.e2e_s for p in pairs]
     verdict, basis = paired_verdict(metrics["e2e"], statistics.median(incumbent_e2e) if incumbent_e2e else None,
                                     margin_pct, min_pairs)
@@ -169,8 +191,8 @@ class PairedStats:
             self.shadowed = 0
             self.skipped.clear()
 
-    def block(self) -> dict[str, Any]:
+    def block(self, histograms: bool = False) -> dict[str, Any]:
         with self._lock:
             pairs = list(self._pairs)
             shadowed, skipped = self.shadowed, dict(self.skipped)
-        return paired_block(pairs) | {"shadowed": shadowed, "skipped": skipped}
+        return paired_block(pairs, histograms=histograms) | {"shadowed": shadowed, "skipped": skipped}
