@@ -7,7 +7,7 @@ HOST      ?= 127.0.0.1
 PORT      ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fast bench pilot-plots docs-plots clean
+.PHONY: install serve test test-fast checkov bench pilot-plots docs-plots clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,12 +25,17 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/baton-sidecar serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) checkov
 	bash scripts/install-browser.sh
 	$(PY) -m pytest -q -rfEs $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) checkov
 	$(PY) -m pytest -q -rfEs -m "not model and not operator_e2e and not rollout_e2e" $(PYTEST_ARGS)
+
+# checkov in a venv of its own (its pins would downgrade the project's packages): .tools/checkov-*.
+# A failed install is reported here; test_operator_checkov.py then fails and says why.
+checkov:
+	bash scripts/fetch-checkov.sh >/dev/null || echo "make checkov: install failed (see above)" >&2
 
 # Offline and trace runs, then the README's Performance section from both results.
 # On a GPU: make bench BENCH_INT8= BENCH_ARGS="--device cuda --dtype bfloat16 -n 256"

@@ -17,7 +17,7 @@ import copy
 import json
 from typing import Any, Mapping
 
-from baton_operator.config import OperatorConfig
+from baton_operator.config import OperatorConfig, default_pull_policy
 
 GROUP = "baton.dev"
 VERSION = "v1alpha1"
@@ -29,7 +29,9 @@ PORT_NAME = "baton-http"  # container port name; the repointed Service targets i
 DEFAULT_PORT = 8080
 CONFIG_KEY = "baton.yaml"
 CONFIG_DIR = "/etc/baton"
+ADMIN_TOKEN_PATH = "admin-token"  # spec.adminTokenSecretRef's key, beside baton.yaml (config_volume)
 CACHE_DIR = "/var/cache/baton"  # converted-model cache and TMPDIR; the root filesystem is read-only
+RUN_AS = 10001  # the images' USER; set explicitly, so an injected container runs as it in any pod
 MODEL_DIR = "/models"
 CONFIG_VOLUME = "baton-config"
 CACHE_VOLUME = "baton-cache"
@@ -212,9 +214,6 @@ def container_env(bd_name: str, namespace: str, spec: Mapping[str, Any]) -> list
         {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
         {"name": "TMPDIR", "value": CACHE_DIR},
     ]
-    if ref := spec.get("adminTokenSecretRef"):
-        env.append({"name": "BATON_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": ref["name"], "key": ref.get("key", "token")}}})
     telemetry = spec.get("telemetry") or {}
     if telemetry.get("otlpEndpoint"):
         env.append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": telemetry["otlpEndpoint"]})
@@ -258,14 +257,17 @@ def baton_container(bd: Mapping[str, Any], cfg: OperatorConfig) -> dict[str, Any
     if (spec.get("model") or {}).get("persistentVolumeClaim"):
         mounts.append({"name": MODEL_VOLUME, "mountPath": spec["model"].get("mountPath", MODEL_DIR),
                        "readOnly": True})
+    args = ["serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--host", "0.0.0.0", "--port", str(port)]
+    if spec.get("adminTokenSecretRef"):
+        args += ["--admin-token-file", f"{CONFIG_DIR}/{ADMIN_TOKEN_PATH}"]  # see config_volume
     http = {"port": PORT_NAME, "scheme": "HTTP"}
+    image = spec.get("image") or cfg.sidecar_image
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
-        "image": spec.get("image") or cfg.sidecar_image,
-        "imagePullPolicy": spec.get("imagePullPolicy") or cfg.image_pull_policy,
+        "image": image,
+        "imagePullPolicy": spec.get("imagePullPolicy") or cfg.image_pull_policy or default_pull_policy(image),
         "command": ["baton-sidecar"],
-        "args": ["serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--host", "0.0.0.0", "--port", str(port),
-                 *engine_args(spec, cfg.default_quantization)],
+        "args": [*args, *engine_args(spec, cfg.default_quantization)],
         "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
         "env": container_env(meta["name"], meta["namespace"], spec),
         "volumeMounts": mounts,
@@ -273,24 +275,40 @@ def baton_container(bd: Mapping[str, Any], cfg: OperatorConfig) -> dict[str, Any
         "startupProbe": {"httpGet": {"path": HEALTH_PATH, **http}, "periodSeconds": 10, "failureThreshold": 60},
         "livenessProbe": {"httpGet": {"path": HEALTH_PATH, **http}, "periodSeconds": 10, "failureThreshold": 3},
         "readinessProbe": {"httpGet": {"path": READY_PATH, **http}, "periodSeconds": 5, "failureThreshold": 2},
+        # Container-level, so that it holds in a user's pod (sidecar mode) whatever the pod sets.
         "securityContext": {
             "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    if spec.get("resources"):
-        container["resources"] = copy.deepcopy(spec["resources"])
+    # The spec's resources replace the operator's defaults whole: a partial merge could pair the default
+    # memory request with a smaller limit of the spec's, which the API server refuses.
+    resources = spec.get("resources") or cfg.sidecar_resources
+    if resources:
+        container["resources"] = copy.deepcopy(dict(resources))
     return container
+
+
+def config_volume(bd: Mapping[str, Any]) -> dict[str, Any]:
+    """The ConfigMap's ``baton.yaml``, and with ``spec.adminTokenSecretRef`` the admin token beside it (one
+    projected volume, refreshed like the ConfigMap's own). A file, never an environment variable: the
+    token stays out of the process environment, which child processes and crash reports inherit."""
+    config_map = {"name": config_map_name(bd["metadata"]["name"])}
+    ref = (bd.get("spec") or {}).get("adminTokenSecretRef")
+    if not ref:
+        return {"name": CONFIG_VOLUME, "configMap": config_map}
+    secret = {"name": ref["name"], "items": [{"key": ref.get("key", "token"), "path": ADMIN_TOKEN_PATH}]}
+    return {"name": CONFIG_VOLUME, "projected": {"sources": [{"configMap": config_map}, {"secret": secret}]}}
 
 
 def baton_volumes(bd: Mapping[str, Any]) -> list[dict[str, Any]]:
     spec = bd.get("spec") or {}
-    volumes: list[dict[str, Any]] = [
-        {"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(bd["metadata"]["name"])}},
-        {"name": CACHE_VOLUME, "emptyDir": {}},
-    ]
+    volumes: list[dict[str, Any]] = [config_volume(bd), {"name": CACHE_VOLUME, "emptyDir": {}}]
     if claim := (spec.get("model") or {}).get("persistentVolumeClaim"):
         volumes.append({"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
     return volumes
@@ -304,7 +322,7 @@ def desired_deployment(bd: Mapping[str, Any], cfg: OperatorConfig) -> dict[str, 
     pod_labels = {**labels(name), LABEL_SIDECAR: "true"}
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,  # the sidecar never talks to the Kubernetes API
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "terminationGracePeriodSeconds": 45,  # the sidecar drains for up to 30 s
         "containers": [baton_container(bd, cfg)],

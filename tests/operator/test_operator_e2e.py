@@ -123,7 +123,8 @@ def test_sidecar_injects_routes_and_restores_on_delete(cluster: Cluster, operato
     names = [c["name"] for c in target["spec"]["template"]["spec"]["containers"]]
     assert names == ["vllm", "baton"]
     assert target["metadata"]["annotations"]["baton.dev/injected-by"] == "baton-canary"
-    assert {v["name"] for v in target["spec"]["template"]["spec"]["volumes"]} == {"baton-config", "baton-cache"}
+    own = {v["name"] for v in original_deployment["spec"]["template"]["spec"].get("volumes") or []}
+    assert {v["name"] for v in target["spec"]["template"]["spec"]["volumes"]} == own | {"baton-config", "baton-cache"}
     assert target["metadata"]["generation"] == original_deployment["metadata"]["generation"] + 1
     assert cluster.get("services", "llm-server")["spec"]["ports"][0]["targetPort"] == "http"
     bd = cluster.get("bd", "baton-canary")

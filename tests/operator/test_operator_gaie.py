@@ -148,7 +148,8 @@ def test_every_document_is_one_of_the_expected_kinds() -> None:
     assert {(d["apiVersion"], d["kind"]) for d in DOCS} == {
         (f"{POOL_GROUP}/v1", "InferencePool"), ("gateway.networking.k8s.io/v1", "HTTPRoute"),
         ("v1", "ConfigMap"), ("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ServiceAccount"),
-        ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding")}
+        ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+        ("networking.k8s.io/v1", "NetworkPolicy")}
 
 
 # --- the pool selects what the operator runs -----------------------------------------------------
@@ -187,6 +188,20 @@ def test_picker_rbac_reads_its_pool_and_pods() -> None:
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"][0]["name"] == EPP["spec"]["template"]["spec"]["serviceAccountName"] \
         == one("ServiceAccount")["metadata"]["name"]
+
+
+def test_picker_network_policy_admits_the_gateway_and_reaches_the_pool() -> None:
+    policy = one("NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= EPP["spec"]["template"]["metadata"]["labels"].items()
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    ref = POOL["spec"]["endpointPickerRef"]
+    (grpc,) = [p for p in one("Service")["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    assert {"port": grpc["targetPort"], "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
+    (to_pool,) = [rule for rule in policy["spec"]["egress"] if rule.get("to")]
+    assert to_pool["ports"] == [{"port": res.PORT_NAME, "protocol": "TCP"}]  # Baton's port, any spec.port
+    (peer,) = to_pool["to"]
+    assert peer["podSelector"]["matchLabels"] == POOL["spec"]["selector"]["matchLabels"]
+    assert any({"port": 443, "protocol": "TCP"} in rule["ports"] for rule in policy["spec"]["egress"])  # the API
 
 
 def test_picker_names_only_series_the_sidecar_serves_on_a_path_it_serves() -> None:

@@ -12,7 +12,7 @@ import yaml
 
 from baton_operator import resources as res
 from baton_operator import scaling
-from baton_operator.config import OperatorConfig
+from baton_operator.config import DEFAULT_SIDECAR_RESOURCES, OperatorConfig
 from baton_sidecar import config as sidecar_config
 from crd_schema import CRDValidator, load_crds
 from operator_testlib import ROOT
@@ -23,6 +23,9 @@ ALL_ON = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podM
           "--set", "defaultPolicy.padding.bucketing=true", "--set", "defaultPolicy.limits.max_queue=64",
           "--set", "telemetry.otlpEndpoint=http://otel-collector:4318", "--set", "verbose=true"]
 NAMESPACED = ["--set", "watchNamespaces={team-a,team-b}"]
+NETWORK = ["--set", "networkPolicy.sidecars.enabled=true", "--set", "networkPolicy.apiServer.cidrs={10.0.0.1/32}",
+           "--set-json", 'networkPolicy.sidecars.ingressFrom=[{"namespaceSelector": {"matchLabels": {"gw": "yes"}}}]']
+DIGEST = "sha256:" + "ab" * 32
 
 
 def helm_run(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -49,7 +52,8 @@ def test_lint_strict(helm, values) -> None:
     helm_run(helm, "lint", "--strict", str(CHART), *(SCALED if values == "scaled" else values))
 
 
-@pytest.mark.parametrize("values", [[], ALL_ON + NAMESPACED], ids=["defaults", "all-on-namespaced"])
+@pytest.mark.parametrize("values", [[], ALL_ON + NAMESPACED, ALL_ON + NAMESPACED + NETWORK],
+                         ids=["defaults", "all-on-namespaced", "network-policies"])
 def test_rendered_builtin_kinds_pass_kubernetes_validate_strict(helm, values) -> None:
     objects = render(helm, *values)
     builtin = [o for o in objects if "monitoring.coreos.com" not in o["apiVersion"]]
@@ -62,12 +66,14 @@ def test_rendered_builtin_kinds_pass_kubernetes_validate_strict(helm, values) ->
 def test_defaults_render_a_cluster_wide_non_root_operator(helm) -> None:
     objects = {o["kind"]: o for o in render(helm)}
     assert set(objects) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Role",
-                            "RoleBinding", "PodDisruptionBudget"}
+                            "RoleBinding", "PodDisruptionBudget", "NetworkPolicy"}
     pod = objects["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["image"] == "ghcr.io/baton-project/baton-operator:0.1.0"
+    assert container["imagePullPolicy"] == "Always"  # a tag may move
+    assert container["resources"]["limits"].keys() == {"cpu", "memory"}
     assert "--all-namespaces" in container["args"] and container["args"][-2:] == ["-m", "baton_operator"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["BATON_SIDECAR_IMAGE"] == "ghcr.io/baton-project/baton-sidecar:0.1.0"
@@ -81,6 +87,7 @@ def test_defaults_render_a_cluster_wide_non_root_operator(helm) -> None:
     assert objects["Deployment"]["spec"]["replicas"] == 2 and env["BATON_LEADER_ELECTION"] == "true"
     assert objects["Deployment"]["spec"]["strategy"]["type"] == "RollingUpdate"
     assert env["BATON_HEALTH_ADDRESS"] == "0.0.0.0:8081" and not any("--liveness" in a for a in container["args"])
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert {e["name"] for e in container["env"]} >= {"POD_NAME", "POD_NAMESPACE"}
     assert objects["Role"]["metadata"]["namespace"] == "baton-system"
     assert objects["Role"]["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
@@ -92,7 +99,8 @@ def test_defaults_render_a_cluster_wide_non_root_operator(helm) -> None:
 
 def test_one_operator_without_leader_election_never_overlaps(helm) -> None:
     objects = render(helm, "--set", "replicaCount=1", "--set", "leaderElection.enabled=false")
-    assert {o["kind"] for o in objects} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
+    assert {o["kind"] for o in objects} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
+                                            "NetworkPolicy"}
     deployment = next(o for o in objects if o["kind"] == "Deployment")
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
     env = {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -106,11 +114,22 @@ def test_chart_rbac_matches_the_plain_manifests(helm) -> None:
     assert role["rules"] == plain["rules"]
 
 
+def test_chart_operator_network_policy_matches_the_plain_manifests(helm) -> None:
+    (chart,) = [o for o in render(helm) if o["kind"] == "NetworkPolicy"]
+    deployment, _, plain = [d for d in yaml.safe_load_all((ROOT / "manifests" / "operator.yaml").read_text()) if d]
+    assert plain["kind"] == "NetworkPolicy" and plain["metadata"]["namespace"] == "baton-system"
+    assert plain["spec"]["podSelector"]["matchLabels"].items() \
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert {k: v for k, v in plain["spec"].items() if k != "podSelector"} == \
+        {k: v for k, v in chart["spec"].items() if k != "podSelector"}
+
+
 def test_options_render_what_they_promise(helm) -> None:
     objects = render(helm, *ALL_ON, *NAMESPACED)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "PodMonitor", "Role", "Role", "Role",
-                     "RoleBinding", "RoleBinding", "RoleBinding", "ServiceAccount", "ServiceMonitor"]
+    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "PodMonitor", "Role",
+                     "Role", "Role", "RoleBinding", "RoleBinding", "RoleBinding", "ServiceAccount",
+                     "ServiceMonitor"]
     # A Role in each watched namespace, and the Lease's in the release namespace.
     assert {o["metadata"]["namespace"] for o in objects if o["kind"] == "Role"} == {"team-a", "team-b",
                                                                                    "baton-system"}
@@ -159,6 +178,11 @@ def test_sidecar_quantization_reaches_the_operator(helm) -> None:
     (["--set", "podDisruptionBudget.maxUnavailable=half"], "maxUnavailable"),
     (["--set", "autoscaling.prometheusAddress=prometheus:9090"], "prometheusAddress"),
     (["--set", "batonDeployments.Bad_Name.mode=standalone"], "Bad_Name"),
+    (["--set", "image.digest=latest"], "digest"),
+    (["--set", "sidecar.image.digest=sha256:abc"], "digest"),
+    (["--set", "sidecar.resources.limits.cpu=2", "--set", "sidecar.resources.claims=x"], "claims"),
+    (["--set", "namespaceOverride=default"], "namespaceOverride"),
+    (["--set", "networkPolicy.apiServer.ports={}"], "ports"),
 ])
 def test_values_schema_rejects_bad_values(helm, values, complaint) -> None:
     proc = helm_run(helm, "template", "baton", str(CHART), *values, check=False)
@@ -179,7 +203,7 @@ def test_default_policy_reaches_the_operator_and_parses_in_the_sidecar(helm, tmp
 
 
 def test_crds_are_installed_from_the_crds_directory(helm) -> None:
-    out = helm_run(helm, "template", "baton", str(CHART), "--include-crds").stdout
+    out = helm_run(helm, "template", "baton", str(CHART), "--namespace", "baton-system", "--include-crds").stdout
     kinds = [d["spec"]["names"]["kind"] for d in yaml.safe_load_all(out) if d and d["kind"] == "CustomResourceDefinition"]
     assert sorted(kinds) == ["BatonDeployment", "BatonPolicy"]
 
@@ -249,5 +273,103 @@ def test_adapter_rules_serve_every_autoscaling_metric_under_its_own_name(helm) -
 
 
 def test_an_inference_pool_needs_its_baton_deployment(helm) -> None:
-    proc = helm_run(helm, "template", "baton", str(CHART), "--set", "inferencePool.enabled=true", check=False)
+    proc = helm_run(helm, "template", "baton", str(CHART), "--namespace", "baton-system",
+                    "--set", "inferencePool.enabled=true", check=False)
     assert proc.returncode != 0 and "inferencePool.batonDeployment" in proc.stderr
+
+
+# --- security posture (docs/security.md): namespace, images, resources, network paths -----------------
+
+def test_the_default_namespace_is_refused(helm) -> None:
+    proc = helm_run(helm, "template", "baton", str(CHART), "--namespace", "default", check=False)
+    assert proc.returncode != 0 and "namespace of its own" in proc.stderr
+    objects = [o for o in render(helm, "--set", "namespaceOverride=baton-ops") if "namespace" in o["metadata"]]
+    assert {o["metadata"]["namespace"] for o in objects} == {"baton-ops"}
+    overridden = helm_run(helm, "template", "baton", str(CHART), "--namespace", "default",
+                          "--set", "namespaceOverride=baton-ops").stdout
+    assert "namespace: default" not in overridden
+
+
+def test_digests_pin_both_images_and_make_pulls_if_not_present(helm) -> None:
+    objects = render(helm, "--set", f"image.digest={DIGEST}", "--set", f"sidecar.image.digest={DIGEST}",
+                     "--set", "image.tag=ignored")
+    container = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"ghcr.io/baton-project/baton-operator@{DIGEST}"  # the digest wins
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["BATON_SIDECAR_IMAGE"] == f"ghcr.io/baton-project/baton-sidecar@{DIGEST}"
+    sidecar = res.baton_container({"metadata": {"name": "b", "namespace": "ns"}, "spec": {}},
+                                  OperatorConfig.from_env(env))
+    assert (sidecar["image"], sidecar["imagePullPolicy"]) == (env["BATON_SIDECAR_IMAGE"], "IfNotPresent")
+    # Tags, by default: pulled Always, for the operator and for the sidecars it makes.
+    env = {e["name"]: e.get("value") for e in next(o for o in render(helm) if o["kind"] == "Deployment")
+           ["spec"]["template"]["spec"]["containers"][0]["env"]}
+    sidecar = res.baton_container({"metadata": {"name": "b", "namespace": "ns"}, "spec": {}},
+                                  OperatorConfig.from_env(env))
+    assert sidecar["imagePullPolicy"] == "Always"
+
+
+def test_sidecar_resources_are_the_defaults_of_baton_deployments_without_their_own(helm) -> None:
+    def built(*values: str, spec: dict | None = None) -> dict:
+        deployment = next(o for o in render(helm, *values) if o["kind"] == "Deployment")
+        env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        body = {"metadata": {"name": "b", "namespace": "ns"}, "spec": spec or {}}
+        return res.baton_container(body, OperatorConfig.from_env(env))
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert built()["resources"] == values["sidecar"]["resources"] == DEFAULT_SIDECAR_RESOURCES  # as unset
+    assert "cpu" not in values["sidecar"]["resources"]["limits"]  # docs/security.md, "Reasoned skips"
+    assert built("--set", "sidecar.resources.limits.memory=8Gi")["resources"]["limits"] == {"memory": "8Gi"}
+    assert "resources" not in built("--set", "sidecar.resources=null")  # none at all
+    own = {"limits": {"nvidia.com/gpu": 1, "memory": "16Gi"}}
+    assert built(spec={"resources": own})["resources"] == own  # a spec's replace the defaults whole
+
+
+def _policy(objects: list[dict], namespace: str = "baton-system") -> dict:
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == namespace]
+    return policy
+
+
+def test_operator_network_policy_opens_only_its_paths(helm) -> None:
+    objects = render(helm)
+    policy, deployment = _policy(objects), next(o for o in objects if o["kind"] == "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and policy["spec"]["ingress"] == []
+    ports = [{p["port"] for p in rule["ports"]} for rule in policy["spec"]["egress"]]
+    assert ports == [{53}, {443, 6443}, {res.PORT_NAME}]  # DNS, the API server, the sidecars
+    (sidecars,) = policy["spec"]["egress"][2]["to"]
+    standalone = res.desired_deployment({"apiVersion": res.API_VERSION, "kind": res.KIND, "spec": {},
+                                         "metadata": {"name": "b", "namespace": "ns", "uid": "u"}},
+                                        OperatorConfig())["spec"]["template"]["metadata"]["labels"]
+    assert sidecars["podSelector"]["matchLabels"].items() <= standalone.items()
+    assert sidecars["namespaceSelector"] == {}  # cluster-wide: any namespace
+    # Watching namespaces narrows the sidecar peers to them; traces open the collector's port.
+    policy = _policy(render(helm, *NAMESPACED, "--set", "telemetry.otlpEndpoint=https://otel.example",
+                            "--set", "networkPolicy.apiServer.cidrs={10.0.0.1/32}"))
+    (expression,) = policy["spec"]["egress"][2]["to"][0]["namespaceSelector"]["matchExpressions"]
+    assert expression["operator"] == "In" and expression["values"] == ["team-a", "team-b"]
+    assert policy["spec"]["egress"][1]["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    assert policy["spec"]["egress"][3]["ports"] == [{"port": 443, "protocol": "TCP"}]
+    assert "NetworkPolicy" not in {o["kind"] for o in render(helm, "--set", "networkPolicy.enabled=false")}
+
+
+def test_sidecar_network_policies_cover_standalone_pods_in_each_namespace(helm) -> None:
+    proc = helm_run(helm, "template", "baton", str(CHART), "--namespace", "baton-system",
+                    "--set", "networkPolicy.sidecars.enabled=true", check=False)
+    assert proc.returncode != 0 and "networkPolicy.sidecars.namespaces" in proc.stderr
+    objects = render(helm, *NAMESPACED, *NETWORK)
+    operator_pod = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["metadata"]["labels"]
+    for namespace in ("team-a", "team-b"):
+        policy = _policy(objects, namespace)
+        body = {"apiVersion": res.API_VERSION, "kind": res.KIND, "spec": {},
+                "metadata": {"name": "b", "namespace": namespace, "uid": "u"}}
+        standalone = res.desired_deployment(body, OperatorConfig())["spec"]["template"]["metadata"]["labels"]
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= standalone.items()
+        (ingress,) = policy["spec"]["ingress"]
+        assert ingress["ports"] == [{"port": res.PORT_NAME, "protocol": "TCP"}]
+        gateway, operator = ingress["from"]
+        assert gateway == {"namespaceSelector": {"matchLabels": {"gw": "yes"}}}
+        assert operator["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "baton-system"}
+        assert operator["podSelector"]["matchLabels"].items() <= operator_pod.items()
+        assert [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]] == [53, 53, 4318]

@@ -192,7 +192,7 @@ def test_builtin_manifests_pass_kubernetes_validate_strict() -> None:
     proc = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--kubernetes-version", "1.28.0",
                            *map(str, files)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("passed") == 10
+    assert proc.stdout.count("passed") == 12
 
 
 def _rules() -> list[dict]:
@@ -223,19 +223,21 @@ def test_leader_election_rights_are_leases_in_the_operator_namespace_only() -> N
 
 
 def test_operator_runs_two_replicas_with_leader_election() -> None:
-    deployment, budget = docs(ROOT / "manifests" / "operator.yaml")
+    deployment, budget, _ = docs(ROOT / "manifests" / "operator.yaml")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert deployment["spec"]["replicas"] == 2 and env["BATON_LEADER_ELECTION"] == "true"
     assert env["BATON_HEALTH_ADDRESS"].endswith(":8081")
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    # Ready as a standby too: a leader-only readiness would stall the rollout (maxUnavailable: 0).
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert budget["kind"] == "PodDisruptionBudget" and budget["spec"]["maxUnavailable"] == 1
     assert budget["spec"]["selector"]["matchLabels"].items() \
         <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_operator_runs_non_root_with_a_read_only_root() -> None:
-    deployment, _ = docs(ROOT / "manifests" / "operator.yaml")
+    deployment, _, _ = docs(ROOT / "manifests" / "operator.yaml")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0

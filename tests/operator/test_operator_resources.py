@@ -95,13 +95,43 @@ def test_standalone_children_are_valid_owned_and_labelled() -> None:
 def test_container_env_wires_admin_token_and_telemetry() -> None:
     body = bd(adminTokenSecretRef={"name": "admin"},
               telemetry={"otlpEndpoint": "http://otel:4318", "samplingRatio": 0.25})
-    env = {e["name"]: e for e in res.baton_container(body, CFG)["env"]}
-    assert env["BATON_ADMIN_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "admin", "key": "token"}}
+    container = res.baton_container(body, CFG)
+    env = {e["name"]: e for e in container["env"]}
+    # The admin token is a file beside baton.yaml (one projected volume), never an environment variable.
+    assert "BATON_ADMIN_TOKEN" not in env
+    flag = container["args"].index("--admin-token-file")
+    assert container["args"][flag + 1] == "/etc/baton/admin-token"
+    (config,) = [v for v in res.baton_volumes(body) if v["name"] == res.CONFIG_VOLUME]
+    assert config["projected"]["sources"] == [
+        {"configMap": {"name": "b1-baton-config"}},
+        {"secret": {"name": "admin", "items": [{"key": "token", "path": "admin-token"}]}}]
+    assert res.baton_volumes(bd())[0] == {"name": res.CONFIG_VOLUME, "configMap": {"name": "b1-baton-config"}}
+    from baton_sidecar.cli import build_parser  # the sidecar's own command line takes the flag
+    assert build_parser().parse_args(container["args"]).admin_token_file == "/etc/baton/admin-token"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://otel:4318"
     assert env["OTEL_TRACES_SAMPLER_ARG"]["value"] == "0.25"
     assert env["OTEL_SERVICE_NAME"]["value"] == "baton-b1"
     plain = {e["name"] for e in res.baton_container(bd(), CFG)["env"]}
     assert not any(name.startswith(("OTEL_", "BATON_")) for name in plain)
+
+
+def test_container_defaults_pull_policy_and_security_context() -> None:
+    container = res.baton_container(bd(), CFG)
+    assert container["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+    assert container["imagePullPolicy"] == "Always"  # a tag may move
+    pinned = OperatorConfig(sidecar_image="registry.example/baton-sidecar@sha256:" + "0" * 64)
+    assert res.baton_container(bd(), pinned)["imagePullPolicy"] == "IfNotPresent"
+    assert res.baton_container(bd(imagePullPolicy="Never"), pinned)["imagePullPolicy"] == "Never"
+    # Set on the container, so they hold in a user's pod too (sidecar mode).
+    assert container["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    none = OperatorConfig.from_env({"BATON_SIDECAR_RESOURCES": "{}"})
+    assert "resources" not in res.baton_container(bd(), none)
+    with pytest.raises(ValueError, match="BATON_SIDECAR_RESOURCES"):
+        OperatorConfig.from_env({"BATON_SIDECAR_RESOURCES": "cpu: 1"})
+    with pytest.raises(ValueError, match="BATON_SIDECAR_RESOURCES"):
+        OperatorConfig.from_env({"BATON_SIDECAR_RESOURCES": '{"claims": []}'})
 
 
 def test_engine_flags_only_when_set() -> None:
@@ -280,7 +310,7 @@ def test_fields_dropped_from_the_spec_leave_the_injected_container_and_volumes()
     plain = bd("sidecar")
     updated = apply(injected, inj.injection_patch(injected, plain, CFG))
     pod = updated["spec"]["template"]["spec"]
-    assert "resources" not in pod["containers"][1]
+    assert pod["containers"][1]["resources"] == CFG.sidecar_resources  # the operator's defaults again
     assert [v["name"] for v in pod["volumes"]] == ["shm", "baton-config", "baton-cache"]
     assert pod["containers"][0] == original["spec"]["template"]["spec"]["containers"][0]
     assert inj.injection_patch(updated, plain, CFG) == []
@@ -295,7 +325,8 @@ def test_fields_dropped_from_the_spec_leave_owned_children() -> None:
     patch = res.update_body(after, observed)
     pod = patch["spec"]["template"]["spec"]
     assert pod["nodeSelector"] is None and "dnsPolicy" not in pod
-    assert "resources" not in pod["containers"][0]  # lists are replaced whole by a merge patch
+    # Lists are replaced whole by a merge patch: the container comes back with the operator's defaults.
+    assert pod["containers"][0]["resources"] == CFG.sidecar_resources
     assert json.loads(patch["metadata"]["annotations"][res.ANN_LAST_APPLIED])["spec"] == after["spec"]
     observed_after = copy.deepcopy(after)
     observed_after["spec"]["template"]["spec"]["dnsPolicy"] = "ClusterFirst"

@@ -33,12 +33,36 @@ app.kubernetes.io/part-of: baton
 {{- end }}
 {{- end }}
 
+{{/* The release's namespace (or namespaceOverride), never `default`: the operator and its Lease get a
+namespace of their own, which `helm install --namespace baton-system --create-namespace` makes. */}}
+{{- define "baton.namespace" -}}
+{{- $namespace := .Values.namespaceOverride | default .Release.Namespace }}
+{{- if eq $namespace "default" }}
+{{- fail "install the Baton operator into a namespace of its own, not `default`: helm install baton helm/baton --namespace baton-system --create-namespace (or set namespaceOverride)" }}
+{{- end }}
+{{- $namespace }}
+{{- end }}
+
+{{/* An image reference from {repository, tag, digest}: a digest wins over the tag (default: appVersion). */}}
+{{- define "baton.image" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (default .appVersion .image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The pull policy: as set, else IfNotPresent for a digest (it never changes) and Always for a tag. */}}
+{{- define "baton.pullPolicy" -}}
+{{- .pullPolicy | default (ternary "IfNotPresent" "Always" (not (empty .digest))) }}
+{{- end }}
+
 {{- define "baton.operatorImage" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "baton.image" (dict "image" .Values.image "appVersion" .Chart.AppVersion) }}
 {{- end }}
 
 {{- define "baton.sidecarImage" -}}
-{{- printf "%s:%s" .Values.sidecar.image.repository (default .Chart.AppVersion .Values.sidecar.image.tag) }}
+{{- include "baton.image" (dict "image" .Values.sidecar.image "appVersion" .Chart.AppVersion) }}
 {{- end }}
 
 {{/* What the operator may do; the same rules cluster-wide or per watched namespace. */}}
