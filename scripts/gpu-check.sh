@@ -122,10 +122,14 @@ else
 fi
 
 # --- the offline and trace benchmarks ------------------------------------------------------------
-EXTRA=""
+EXTRA=""  # hf_serve joins when the bench knows it and `transformers serve` can start (transformers[serving])
 if [ "$DRY" = 0 ] && "$PY" -c "from baton_sidecar.bench.plans.compare import KNOWN_SYSTEMS as K; assert 'hf_serve' in K" \
         2>/dev/null; then
-    EXTRA=",hf_serve"
+    if "$PY" -c "import fastapi, uvicorn, openai, pydantic" 2>/dev/null; then
+        EXTRA=",hf_serve"
+    else
+        say "hf_serve: left out (transformers[serving] is not installed: fastapi, uvicorn, openai, pydantic)"
+    fi
 fi
 bench() {  # bench KIND SYSTEMS [ARGS...]
     local kind=$1 systems=$2

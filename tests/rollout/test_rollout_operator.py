@@ -226,7 +226,9 @@ def test_shadow_stage_resumes_after_a_restart_and_passes_to_the_first_step(clust
     assert state["shadow"]["outcome"] == "passed" and state["shadow"]["verdict"] == "better"
     assert state["analysis"]["failedChecks"] == []  # the 10% step's own analysis, passed
     assert reasons.count("RolloutStarted") == 1
-    assert mirror.weights == [0, 10] and mirror.shadows == [0, 50, 0]
+    # The first ConfigMap (mirroring off) can be replaced before a 0.2 s poll sees it, as between two of
+    # kubelet's syncs: only what follows it is certain.
+    assert mirror.weights == [0, 10] and mirror.shadows[-2:] == [50, 0] and mirror.shadows[:-2] in ([], [0])
     assert "shadow_percent" not in _config(cluster, "mirrored")["router"]
 
 
@@ -238,9 +240,10 @@ def test_shadow_stage_rolls_back_when_the_paired_verdict_is_worse(cluster, stub,
         wait_for_phase(cluster, "shadowed", "RolledBack", WAIT)
         degraded = wait_for(lambda: (c := _condition(cluster, "shadowed", "Degraded")).get("status") == "True"
                             and c, WAIT, "Degraded=True")
-        wait_for(lambda: mirror.shadows[-1:] == [0] and len(mirror.shadows) == 3, WAIT, "mirroring off")
+        wait_for(lambda: mirror.shadows[-2:] == [50, 0], WAIT, "mirroring off")
         wait_for_events(cluster, "shadowed", {"AnalysisFailed", "RolledBack"}, WAIT, kind="Warning")
-    assert mirror.weights == [0] and mirror.shadows == [0, 50, 0]  # Baton never served a client
+    assert mirror.weights == [0] and mirror.shadows[-2:] == [50, 0]  # Baton never served a client
+    assert mirror.shadows[:-2] in ([], [0])  # the first ConfigMap may be replaced before a poll sees it
     bd = cluster.get("bd", "shadowed")
     state = bd["status"]["rollout"]
     assert state["failedAnalyses"] == 2 and state["weight"] == 0
