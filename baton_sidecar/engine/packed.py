@@ -19,12 +19,14 @@ decode rows' into the batch cache, each segment's into its prompt's own ``Prompt
   ``<= start + i``).
 
 Exactness: with rows attending alone (int8), a segment's prompt queries attend over keys
-padded to the prompt's full length, masked past the causal edge. The CPU kernel then reduces
-each query as ``generate``'s one-pass causal prefill does (its key blocks follow the key
-length), so chunk boundaries do not change a bit (``tests/engine/test_packed.py``). Query
-blocks of one or two tokens are reduced another way; the scheduler plans no chunk under 16
-tokens but a prompt's whole rest. Replayed outputs (a recompute preemption's re-prefill) are
-computed one query at a time over their prefix, as their decode steps did.
+padded to the prompt's full length, masked past the causal edge, so the CPU kernel's key
+blocks are ``generate``'s (they follow the key length). Its query blocks follow each call:
+it cuts a call's queries into blocks of 32 (64 from 192 queries, 256 from 768), and a block
+of 1-3 rows is reduced another way than one of >= 4. So each query is computed in a block of
+the size class it had in ``generate``'s one call (``query_pieces``): then chunk boundaries do
+not change a bit (``tests/engine/test_packed.py``). Replayed outputs (a recompute
+preemption's re-prefill) are computed one query at a time over their prefix, as their decode
+steps did.
 """
 
 from __future__ import annotations
@@ -81,6 +83,63 @@ def causal_mask(start: int, queries: int, keys: int, device: torch.device,
     """``[1, 1, queries, keys]`` bool: query ``i`` (position ``start + i``) sees keys ``<= start + i``
     (and, in a sliding-window layer, only the last ``window`` of them)."""
     return positional_band(window, start, queries, keys, device)
+
+
+SMALL_BLOCK = 4  # the CPU kernel reduces query blocks of 1-3 rows another way than blocks of >= 4
+LEAD = 32  # rows that fill a call's first query block (calls of < 192 queries)
+
+
+def kernel_block(queries: int) -> int:
+    """Rows per query block of torch's CPU flash attention in a call of ``queries`` queries."""
+    return 256 if queries >= 768 else 64 if queries >= 192 else 32
+
+
+@dataclass(frozen=True)
+class QueryPiece:
+    """One attention call over prompt queries ``[first, first + count)``, after ``lead`` copies of
+    the first and before ``pad`` copies of the last (whose outputs are dropped)."""
+
+    first: int
+    count: int
+    lead: int = 0
+    pad: int = 0
+
+
+def query_pieces(start: int, stop: int, prompt_len: int) -> list[QueryPiece]:
+    """The calls that give prompt queries ``[start, stop)`` the bits of ``generate``'s one call.
+
+    That call cuts its ``prompt_len`` queries into ``kernel_block(prompt_len)``-row blocks; the
+    last holds the rest, ``short`` rows if that is 1-3 (prompts of 33-35, 65-67, 193, ...).
+    Measured (torch 2.13, MKL, AVX-512): a row's bits follow its block's size class, not the
+    block's size or the row's place in it. Every block of >= 4 rows gives the same bits; blocks
+    of 1 and of 2-3 rows give others, which also move with the alignment of the kernel's scratch
+    buffers (sized by the call's first block: a full 32-row first block lays them out as
+    ``generate``'s call does; a call of 1-3 queries alone may not). So:
+
+    - rows in >= 4-row blocks there: one call, its own last block padded to >= 4 rows (a chunk
+      of 33-35 queries would otherwise end in a 1-3-row block);
+    - the short block's rows: padded to ``short`` rows, as the second block of a call after
+      ``LEAD`` copies (alone only for a whole prompt of 1-3 tokens, alone in ``generate`` too).
+    """
+    block = kernel_block(prompt_len)
+    short = prompt_len % block if prompt_len % block < SMALL_BLOCK else 0
+    body_end = prompt_len - short  # queries [0, body_end) sit in >= 4-row blocks there
+    pieces = []
+    if start < min(stop, body_end):
+        count = min(stop, body_end) - start
+        rest = count % kernel_block(count)  # padding by <= 3 crosses no block-size threshold
+        pieces.append(QueryPiece(start, count, pad=SMALL_BLOCK - rest if 0 < rest < SMALL_BLOCK else 0))
+    first = max(start, body_end)
+    if first < stop:
+        pieces.append(QueryPiece(first, stop - first, lead=LEAD if body_end else 0, pad=short - (stop - first)))
+    return pieces
+
+
+def with_copies(t: torch.Tensor, lead: int, pad: int) -> torch.Tensor:
+    """``t [1, X, C, Y]`` with ``lead`` copies of row 0 (dim 2) before it and ``pad`` of row C-1 after."""
+    if not lead and not pad:
+        return t
+    return torch.cat([t[:, :, :1].expand(-1, -1, lead, -1), t, t[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
 
 
 def grouped_attention(module: nn.Module, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -159,26 +218,33 @@ class PackedCache:
                         **kwargs) -> torch.Tensor:
         q = query[:, :, seg.offset: seg.offset + seg.length]  # [1, H, C, D]
         keys, values = seg.kv.keys[layer], seg.kv.values[layer]
-
-        def over(count: int, width: int) -> torch.Tensor:  # the first ``count`` queries: [1, count, H, D]
-            queries, mask = q[:, :, :count], causal_mask(seg.start, count, width, q.device)
-            if count == 1 and self.rows_alone is not None:
-                # The kernel reduces a lone query its own way; twice over, as a block, it is
-                # reduced as the one-pass prefill reduced it.
-                queries, mask = queries.expand(-1, -1, 2, -1), mask.expand(-1, -1, 2, -1)
-            return sdpa_attention_forward(module, queries, keys[:, :, :width], values[:, :, :width],
-                                          mask, **kwargs)[0][:, :count]
-
         window = kwargs.get("sliding_window")
         if self.rows_alone is None or window:  # batched rows: plain causal attention over the keys so far
             return grouped_attention(module, q, keys[:, :, :seg.stop], values[:, :, :seg.stop],
                                      causal_mask(seg.start, seg.length, seg.stop, q.device, window))
         prompt_queries = max(0, min(seg.stop, seg.prompt_len) - seg.start)
         out = []
-        if prompt_queries:  # keys padded to the prompt's length: the one-pass prefill's reduction
-            out.append(over(prompt_queries, seg.prompt_len))
+        if prompt_queries:
+            out.append(prompt_attention(module, q[:, :, :prompt_queries], seg, keys, values, **kwargs))
         for i in range(prompt_queries, seg.length):  # replayed outputs: each alone over its prefix
             position = seg.start + i
             out.append(sdpa_attention_forward(module, q[:, :, i: i + 1], keys[:, :, : position + 1],
                                               values[:, :, : position + 1], None, **kwargs)[0])
         return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+
+def prompt_attention(module: nn.Module, q: torch.Tensor, seg: Segment, keys: torch.Tensor,
+                     values: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``q [1, H, C, D]``, prompt queries from ``seg.start``, -> ``[1, C, H, D]`` with the bits of
+    ``generate``'s one-pass prefill: over keys padded to the prompt's length (its key blocks),
+    in calls whose query blocks match its own (``query_pieces``)."""
+    width = seg.prompt_len
+    keys, values = keys[:, :, :width], values[:, :, :width]
+    out = []
+    for piece in query_pieces(seg.start, seg.start + q.shape[2], width):
+        rows = slice(piece.first - seg.start, piece.first - seg.start + piece.count)
+        queries = with_copies(q[:, :, rows], piece.lead, piece.pad)
+        mask = with_copies(causal_mask(piece.first, piece.count, width, q.device), piece.lead, piece.pad)
+        part = sdpa_attention_forward(module, queries, keys, values, mask, **kwargs)[0]
+        out.append(part[:, piece.lead: piece.lead + piece.count])
+    return torch.cat(out, dim=1) if len(out) > 1 else out[0]

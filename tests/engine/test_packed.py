@@ -9,12 +9,15 @@ number of packed tokens).
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from transformers import DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from baton_sidecar import row_attention
-from baton_sidecar.engine.packed import causal_mask
+from baton_sidecar.engine.packed import PackedCache, PromptKV, QueryPiece, Segment, causal_mask, query_pieces
 from baton_sidecar.engine.runner import ModelRunner, PromptPart
 from tiny import random_prompts, tiny_loaded_model
 
@@ -64,6 +67,76 @@ def test_chunk_boundaries_never_change_a_bit(tiny_int8_model, sizes):
         assert torch.equal(prefilled.keys[layer], reference.keys)
         assert torch.equal(prefilled.values[layer], reference.values)
     assert not runner.prompts and runner.prefilled_tokens("p") is None
+
+
+# Chunks of 33-35 tokens, and prompts of 33-35 or 65-67 tokens cut before their last 1-3
+# (a 1-3-row query block in generate's one call, 32-row blocks): the kernel reduces 1-3-row
+# blocks another way, so each query must land in a block of its size class there.
+SHORT_BLOCKS = [(40, [33, 7]), (40, [34, 6]), (40, [35, 5]), (80, [35, 35, 10]), (33, [16, 17]), (34, [16, 18]),
+                (35, [19, 16]), (35, [16, 16, 3]), (35, [34, 1]), (65, [16, 16, 16, 17]), (66, [40, 26]),
+                (67, [64, 3]), (67, [33, 34]), (67, [66, 1])]
+
+
+def test_query_pieces_follow_generates_query_blocks():
+    assert query_pieces(0, 35, 35) == [QueryPiece(0, 32), QueryPiece(32, 3, lead=32)]
+    assert query_pieces(19, 35, 35) == [QueryPiece(19, 13), QueryPiece(32, 3, lead=32)]
+    assert query_pieces(33, 35, 35) == [QueryPiece(33, 2, lead=32, pad=1)]  # the short block, whole
+    assert query_pieces(0, 33, 40) == [QueryPiece(0, 33, pad=3)]  # no 1-row block of its own
+    assert query_pieces(38, 40, 40) == [QueryPiece(38, 2, pad=2)]
+    assert query_pieces(0, 2, 2) == [QueryPiece(0, 2)]  # a 2-token prompt: generate's call is alone too
+    assert query_pieces(0, 193, 193) == [QueryPiece(0, 192), QueryPiece(192, 1, lead=32)]  # 64-row blocks
+    assert query_pieces(0, 225, 225) == [QueryPiece(0, 225)]  # 225 = 3 * 64 + 33: no short block
+
+
+def segment_attention(length: int, sizes: list[int], heads: int = 9, kv_heads: int = 3, dim: int = 64):
+    """Random prompt attention (SmolLM2's shapes): ``generate``'s one call, and the packed
+    path's over chunks of ``sizes`` (rows attending alone); both ``[1, length, H, D]``."""
+    torch.manual_seed(length)
+    module = types.SimpleNamespace(layer_idx=0, scaling=dim ** -0.5, num_key_value_groups=heads // kv_heads,
+                                   is_causal=True)
+    query = torch.randn(1, length, heads, dim).transpose(1, 2)  # as the model's: [1, H, T, D], a view
+    kv = PromptKV(1, kv_heads, dim, length, torch.float32, torch.device("cpu"), zeroed=True)
+    kv.keys[0].normal_(), kv.values[0].normal_()
+    want = sdpa_attention_forward(module, query, kv.keys[0], kv.values[0], None, scaling=module.scaling)[0]
+    start, got = 0, []
+    for size in sizes:
+        stop = min(start + size, length)
+        cache = PackedCache(None, 0, None, [Segment(kv, 0, start, stop - start, length)], rows_alone=[])
+        got.append(cache.attend(module, query[:, :, start:stop], scaling=module.scaling))
+        start = stop
+    assert start == length
+    return want, torch.cat(got, dim=1)
+
+
+@pytest.mark.parametrize("length, sizes", SHORT_BLOCKS + [(35, [35]), (200, [100, 97, 3]), (260, [258, 2]),
+                                                          (800, [400, 399, 1]), (1027, [512, 512, 3])])
+def test_prompt_attention_in_chunks_is_generates_bit_for_bit(length, sizes):
+    want, got = segment_attention(length, sizes)
+    differ = (want != got).any(-1).any(-1)[0].nonzero().flatten().tolist()
+    assert not differ, f"queries {differ} differ"
+
+
+def layer_attention(model, run) -> list[torch.Tensor]:
+    """Each layer's attention output (its ``o_proj`` input) over ``run()``'s forwards: ``[T, H * D]``."""
+    seen = [[] for _ in model.model.layers]
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda _, args, i=i: seen[i].append(args[0][0]))
+             for i, layer in enumerate(model.model.layers)]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(parts) for parts in seen]
+
+
+@pytest.mark.parametrize("length, sizes", SHORT_BLOCKS)
+def test_short_query_blocks_attend_as_in_one_pass(tiny_int8_model, length, sizes):
+    prompt = random_prompts(1, length, length, seed=length)[0]
+    model, runner = tiny_int8_model.model, ModelRunner(tiny_int8_model)
+    want = layer_attention(model, lambda: one_pass(model, prompt))
+    got = layer_attention(model, lambda: in_parts(runner, "p", prompt, sizes))
+    for layer, (w, g) in enumerate(zip(want, got)):
+        assert torch.equal(w, g), f"layer {layer}: queries {(w != g).any(-1).nonzero().flatten().tolist()} differ"
 
 
 def decode_steps(runner: ModelRunner, steps: int, packed_prompts: dict[int, list[PromptPart]] | None = None):

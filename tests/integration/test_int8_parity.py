@@ -13,7 +13,7 @@ import random
 import pytest
 
 from baton_sidecar import row_attention
-from baton_sidecar.config import EngineConfig, Limits, PolicyConfig, PreemptionPolicy
+from baton_sidecar.config import EngineConfig, Limits, PolicyConfig, PreemptionPolicy, PrefillPolicy
 from baton_sidecar.engine import AsyncEngine, SamplingParams
 from parity import INSTRUCTIONS, chat_ids, collect, run_staggered, solo_generate, wait_for
 
@@ -50,6 +50,24 @@ async def test_staggered_int8_requests_match_generate_exactly(int8_model, worklo
     for (prompt, _), out, want in zip(workload, outputs, references):
         assert list(out.token_ids) == want, f"prompt of {len(prompt)} tokens; prompt steps: {steps}"
     assert engine.stats().steps > 20
+
+
+async def test_prompt_chunked_before_its_short_last_block_matches_generate(int8_model, workload):
+    """The staggered case made deterministic: 35 prompt tokens, chunks of 19 and 16. Queries
+    32-34 are a 3-row query block in ``generate``'s one call but sat inside a 16-row one here,
+    and greedy output diverged at token 31 (``packed.query_pieces``)."""
+    prompt, max_tokens = workload[15]
+    policy = PolicyConfig(limits=Limits(max_prefill_tokens=24), prefill=PrefillPolicy(budget="tokens"))
+    engine = AsyncEngine(int8_model, EngineConfig(quantization="int8"), policy)
+    chunks = []
+    engine.observe_steps(lambda r: chunks.append(r.chunk_sizes) if r.chunk_sizes else None)
+    await engine.start()
+    try:
+        out = await engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0))
+    finally:
+        await engine.shutdown(drain_timeout_s=5)
+    assert len(prompt) == 35 and chunks == [(19,), (16,)], f"not the planned case: chunks {chunks}"
+    assert list(out.token_ids) == solo_generate(int8_model, prompt, max_tokens)
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
