@@ -14,7 +14,6 @@ never fight.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import os
@@ -53,13 +52,19 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     memo.kube = Kube(load_api_client())
     if tracing.setup():
         logger.info("exporting traces over OTLP/HTTP")
-    memo.health = await serve_health(address) if (address := os.environ.get("BATON_HEALTH_ADDRESS")) else None
+    if getattr(memo, "health", None) is None:  # kopf retries a failed startup handler: serve once
+        address = os.environ.get("BATON_HEALTH_ADDRESS")
+        memo.health = await serve_health(address) if address else None
+    try:
+        election = ElectionSettings.from_env()
+    except ValueError as exc:  # bad timings: no retry helps, so stop with the reason
+        raise kopf.PermanentError(str(exc)) from exc
     # kopf starts no watch, daemon or timer before the startup handlers return: a standby waits here.
     memo.election = None
-    if (election := ElectionSettings.from_env()) is not None:
+    if election is not None:
         memo.election = LeaderElection(memo.kube, election, logging.getLogger("baton_operator.leadership"))
         await memo.election.acquire()
-        memo.keeping_lead = asyncio.create_task(memo.election.keep(), name="leader election")
+        memo.keeping_lead = memo.election.start_keeping()
 
 
 @kopf.on.login()
@@ -74,7 +79,7 @@ async def step_aside(memo: kopf.Memo, **_: Any) -> None:
     """A clean stop hands the Lease back at once, so a standby need not wait for it to expire."""
     if getattr(memo, "election", None) is not None:
         memo.keeping_lead.cancel()
-        await asyncio.to_thread(memo.election.release)
+        await memo.election.release_soon()
     if getattr(memo, "health", None) is not None:
         await memo.health.cleanup()
 
@@ -126,6 +131,21 @@ def restore_target(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         except ApiError as exc:
             raise classify(exc, "restoring the sidecar target") from exc
     _post(bd, events)
+
+
+def _autoscaler_unavailable(status: kopf.Status, **_: Any) -> bool:
+    return any(c.get("type") == "Degraded" and c.get("reason") == rec.AUTOSCALER_UNAVAILABLE
+               for c in status.get("conditions") or [])
+
+
+@kopf.timer(*BD, id="autoscaler-recheck", interval=60, initial_delay=60, when=_autoscaler_unavailable)
+def recheck_autoscaler(body: kopf.Body, memo: kopf.Memo, baton_policies: kopf.Index, logger: logging.Logger,
+                       **_: Any) -> None:
+    """KEDA may be installed after the BatonDeployment that wants it: look again every minute. A retry of
+    the main handler would do it too, but would hold back every spec change until it ran."""
+    bd = rec.snapshot(body)
+    policies = rec.policies_in(baton_policies.get(bd["metadata"]["namespace"], []))
+    reconcile_and_write_status(memo, bd, policies, "autoscaler-recheck", logger)
 
 
 # --- BatonPolicy: re-reconcile every BatonDeployment of the namespace ---------------------------

@@ -28,6 +28,9 @@ from baton_operator.status import Observation, Problem, deployment_progress
 Event = tuple[str, str, str]  # (type, reason, message)
 
 
+AUTOSCALER_UNAVAILABLE = "AutoscalerUnavailable"  # the condition's reason; handlers look again every minute
+
+
 class Waiting(Exception):
     def __init__(self, reason: str, message: str, delay: float) -> None:
         super().__init__(message)
@@ -59,40 +62,62 @@ def _reconcile_standalone(kube: Kube, cfg: OperatorConfig, bd: Mapping[str, Any]
     config_obs = _apply_config(kube, cfg, bd, policies, incumbent_url, outcome)
     autoscaler = scaling.desired_autoscaler(bd, cfg.prometheus_address)
     # The autoscaler first: one being removed must be gone before the Deployment's replicas are restored.
-    _apply_optional(kube, bd, outcome, autoscaler, [scaling.HPA_API, scaling.KEDA_API])
+    unavailable = _apply_optional(kube, bd, outcome, autoscaler, [scaling.HPA_API, scaling.KEDA_API])
+    # Replicas are written only from spec.replicas, and never nulled: while an autoscaler is wanted they
+    # are its own, and without spec.replicas they stay as whoever set them last left them (a removed
+    # autoscaler, kubectl scale) rather than snapping back to 1.
     deployment = _apply(kube, path("apps/v1", "deployments", ns), res.desired_deployment(bd, cfg), bd, outcome,
-                        handed_over=("replicas",) if autoscaler else ())
+                        handed_over=("replicas",))
     _apply(kube, path("v1", "services", ns), res.desired_service(bd), bd, outcome)
     _apply_optional(kube, bd, outcome, scaling.desired_disruption_budget(bd), [scaling.PDB_API])
+    if unavailable is not None:  # everything else is applied; handlers.recheck_autoscaler looks again
+        config_obs["warning"] = unavailable
     outcome.observation = Observation(meta.get("generation"), progress=deployment_progress(deployment),
                                       scale=scaling.scale_status(bd, deployment), **config_obs)
     return outcome
 
 
 def _apply_optional(kube: Kube, bd: Mapping[str, Any], outcome: Outcome, desired: Mapping[str, Any] | None,
-                    kinds: list[tuple[str, str]]) -> None:
-    """Create or update ``desired`` (one of ``kinds``), and delete this BatonDeployment's object of every
-    other kind (or all of them when ``desired`` is None), so switching the autoscaler's engine or turning
-    it off leaves nothing behind. An API the cluster does not serve (KEDA not installed) holds nothing to
-    delete; wanting one is reported as ``AutoscalerUnavailable`` and retried slowly."""
+                    kinds: list[tuple[str, str]]) -> Problem | None:
+    """Make ``desired`` (of one of ``kinds``; None: none) this BatonDeployment's only object of those kinds.
+    The others are deleted first, so switching the autoscaler's engine never leaves two autoscalers on one
+    Deployment. When the cluster does not serve the wanted kind (KEDA not installed), nothing is deleted
+    (an autoscaler already there keeps working) and the problem is returned, for the caller to report
+    once the Deployment and Service are applied."""
     ns, name = bd["metadata"]["namespace"], bd["metadata"]["name"]
+    wanted = next((kind for kind in kinds if desired is not None and desired["apiVersion"] == kind[0]), None)
+    if wanted is not None and not _served(kube, *wanted):
+        return _unavailable(desired)
     for api_version, plural in kinds:
-        collection = path(api_version, plural, ns)
-        if desired is not None and desired["apiVersion"] == api_version:
-            try:
-                _apply(kube, collection, desired, bd, outcome)
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise
-                raise Waiting("AutoscalerUnavailable", f"{desired['kind']} ({api_version}) is not served by "
-                                                       f"this cluster; install it or choose another engine",
-                              delay=60) from exc
+        if (api_version, plural) == wanted:
             continue
+        collection = path(api_version, plural, ns)
         observed = kube.get(f"{collection}/{name}")  # None also when the API is not served
         if observed is not None and res.is_owned_by(observed, bd["metadata"]["uid"]):
             kube.delete(f"{collection}/{name}")
             outcome.events.append(("Normal", "Deleted", f"Deleted {observed['kind']}/{name}"))
             outcome.changes.append(f"deleted {observed['kind']}/{name}")
+    if wanted is not None:
+        try:
+            _apply(kube, path(*wanted, ns), desired, bd, outcome)
+        except ApiError as exc:
+            if exc.status != 404:  # 404: the API went away since _served looked
+                raise
+            return _unavailable(desired)
+    return None
+
+
+def _served(kube: Kube, api_version: str, plural: str) -> bool:
+    """Whether the cluster serves ``plural`` (a CRD's kind is not served until the CRD is installed), from
+    the API discovery document, which every authenticated client may read: no extra RBAC."""
+    root = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    discovery = kube.get(root)
+    return discovery is not None and any(r.get("name") == plural for r in discovery.get("resources") or [])
+
+
+def _unavailable(desired: Mapping[str, Any]) -> Problem:
+    return Problem(AUTOSCALER_UNAVAILABLE, f"{desired['kind']} ({desired['apiVersion']}) is not served by this "
+                                            f"cluster; install it or choose another engine")
 
 
 def _reconcile_sidecar(kube: Kube, cfg: OperatorConfig, bd: Mapping[str, Any],

@@ -125,8 +125,9 @@ def update_body(desired: Mapping[str, Any], observed: Mapping[str, Any],
     patch: dict[str, Any] = {}
     observed_meta = observed.get("metadata") or {}
     last = last_applied(observed)
-    if handed_over and isinstance(last.get("spec"), dict):
-        last["spec"] = {k: v for k, v in last["spec"].items() if k not in handed_over}
+    if handed_over and isinstance(last.get("spec"), dict):  # forget them unless desired still sets them
+        kept = desired.get("spec") or {}
+        last["spec"] = {k: v for k, v in last["spec"].items() if k not in handed_over or k in kept}
     for section in ("spec", "data"):
         if section not in desired:
             continue
@@ -336,7 +337,9 @@ def desired_deployment(bd: Mapping[str, Any], cfg: OperatorConfig) -> dict[str, 
         "kind": "Deployment",
         "metadata": child_metadata(bd, name),
         "spec": {
-            **({} if spec.get("autoscaling") else {"replicas": spec.get("replicas", 1)}),
+            # Unset (the API server's default, 1, on create) while an autoscaler owns them or the spec
+            # names none; the reconcile never nulls them either (update_body's handed_over).
+            **({"replicas": spec["replicas"]} if "replicas" in spec and not spec.get("autoscaling") else {}),
             "selector": {"matchLabels": selector_labels(name)},
             "template": {
                 "metadata": {"labels": pod_labels, "annotations": {

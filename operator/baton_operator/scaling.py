@@ -76,9 +76,16 @@ def _bounds(autoscaling: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def _target(autoscaling: Mapping[str, Any]) -> str:
-    """The per-pod target as a Kubernetes quantity string (``0.7`` -> ``700m``; HPA targets are quantities)."""
-    milli = round(float(autoscaling["target"]) * 1000)
+    """The per-pod target as a Kubernetes quantity string (``0.7`` -> ``700m``; HPA targets are quantities).
+    The CRD's minimum is 0.001, so it never rounds to an invalid ``0``."""
+    milli = max(1, round(float(autoscaling["target"]) * 1000))
     return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
+
+
+def _threshold(autoscaling: Mapping[str, Any]) -> str:
+    """The target as KEDA's prometheus scaler reads it: a plain decimal (Go's ParseFloat), never a
+    quantity such as ``700m``, which it refuses."""
+    return format(float(autoscaling["target"]), "g")
 
 
 def _series(autoscaling: Mapping[str, Any]) -> str:
@@ -134,7 +141,7 @@ def _scaled_object(bd: Mapping[str, Any], autoscaling: Mapping[str, Any], addres
             "triggers": [{"type": "prometheus", "metricType": "AverageValue", "metadata": {
                 "serverAddress": address,
                 "query": prometheus_query(bd, series),
-                "threshold": _target(autoscaling),
+                "threshold": _threshold(autoscaling),
             }}],
         },
     })

@@ -1,10 +1,10 @@
 """Scaling builders (autoscalers, disruption budget, replicas handed over), the accelerator check, and
-the Lease rules of leader election: pure functions, plus validation of what they build against the
-Kubernetes schemas (kubernetes-validate) and KEDA's CRD (../shared/crds)."""
+leader election's settings: pure functions, plus validation of what they build against the Kubernetes
+schemas (kubernetes-validate) and KEDA's CRD (../shared/crds)."""
 
 from __future__ import annotations
 
-import datetime
+import re
 
 import kubernetes_validate
 import pytest
@@ -13,7 +13,7 @@ import yaml
 from baton_operator import resources as res
 from baton_operator import scaling
 from baton_operator.config import OperatorConfig
-from baton_operator.leadership import ElectionSettings, format_time, is_free_for
+from baton_operator.leadership import ElectionSettings
 from baton_operator.resources import SpecError
 from crd_schema import CRDValidator
 from operator_testlib import ROOT
@@ -80,6 +80,22 @@ def test_keda_scaled_object_sums_the_deployments_pods_and_validates() -> None:
     assert keda_validator().errors(obj) == []
 
 
+GO_FLOAT = r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?"  # what KEDA's strconv.ParseFloat accepts
+
+
+@pytest.mark.parametrize("target, hpa_value, keda_value", [
+    (0.7, "700m", "0.7"), (4, "4", "4"), (2.5, "2500m", "2.5"), (0.001, "1m", "0.001"),
+    (0.0004, "1m", "0.0004"),  # below the CRD's minimum: never the invalid quantity "0"
+])
+def test_targets_are_quantities_for_the_hpa_and_plain_decimals_for_keda(target, hpa_value, keda_value) -> None:
+    auto = {"maxReplicas": 4, "metric": "kvUsage", "target": target}
+    hpa = scaling.desired_autoscaler(bd(autoscaling=auto), None)
+    assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == hpa_value
+    keda = scaling.desired_autoscaler(bd(autoscaling={**auto, "engine": "keda"}), PROMETHEUS)
+    threshold = keda["spec"]["triggers"][0]["metadata"]["threshold"]
+    assert threshold == keda_value and re.fullmatch(GO_FLOAT, threshold)
+
+
 def test_keda_needs_a_prometheus_and_the_spec_overrides_the_default() -> None:
     auto = {"engine": "keda", "maxReplicas": 3, "target": 2}
     with pytest.raises(SpecError) as caught:
@@ -116,8 +132,21 @@ def test_turning_autoscaling_on_never_nulls_the_replicas_the_autoscaler_now_owns
     observed["spec"]["replicas"] = 5
     body = res.update_body(scaled, observed, handed_over=("replicas",))
     assert body is None or "replicas" not in (body.get("spec") or {})
-    # Autoscaling off again: the spec's replicas come back.
-    assert res.update_body(fixed, observed)["spec"]["replicas"] == 3
+    # Autoscaling off again: the spec's replicas come back, and once written there is nothing more to write.
+    assert res.update_body(fixed, observed, handed_over=("replicas",))["spec"]["replicas"] == 3
+    settled = {**fixed, "metadata": {**fixed["metadata"], "resourceVersion": "10"}}
+    assert res.update_body(fixed, settled, handed_over=("replicas",)) is None
+
+
+def test_without_spec_replicas_removing_the_autoscaler_keeps_the_pods_it_scaled_to() -> None:
+    """Like a Deployment applied without ``replicas``: 1 on creation, then whoever scaled it last."""
+    plain = res.desired_deployment(bd(), CFG)
+    assert "replicas" not in plain["spec"]  # the API server's default, 1, on creation
+    scaled = res.desired_deployment(bd(autoscaling={"maxReplicas": 9, "target": 4}), CFG)
+    observed = {**scaled, "metadata": {**scaled["metadata"], "resourceVersion": "9"},
+                "spec": {**scaled["spec"], "replicas": 8}}  # the autoscaler's doing
+    body = res.update_body(plain, observed, handed_over=("replicas",))
+    assert body is None or "replicas" not in (body.get("spec") or {})
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -171,26 +200,7 @@ def test_cuda_without_a_gpu_request_is_refused(resources, refused) -> None:
     res.check_accelerator({**spec, "engine": {"device": "cpu"}})  # a CPU sidecar needs nothing
 
 
-# --- leader election: who may hold the Lease ------------------------------------------------------
-
-NOW = datetime.datetime(2026, 11, 30, 12, 0, 0, tzinfo=datetime.timezone.utc)
-
-
-def lease(holder: str | None, renewed_s_ago: float, duration: int = 15) -> dict:
-    return {"spec": {"holderIdentity": holder, "leaseDurationSeconds": duration,
-                     "renewTime": format_time(NOW - datetime.timedelta(seconds=renewed_s_ago))}}
-
-
-@pytest.mark.parametrize("current, free", [
-    (None, True),                       # no Lease yet
-    (lease(None, 1), True),             # released
-    (lease("me", 1), True),             # mine: renew
-    (lease("other", 1), False),         # live holder
-    (lease("other", 14.9), False),
-    (lease("other", 15.1), True),       # the holder stopped renewing
-])
-def test_lease_is_free_only_when_unheld_mine_or_expired(current, free) -> None:
-    assert is_free_for(current, "me", NOW) is free
+# --- leader election settings (the protocol: test_operator_leadership.py) -------------------------
 
 
 def test_election_settings_come_from_the_environment() -> None:

@@ -4,7 +4,8 @@ writing what they would write.
 
 One BatonDeployment goes through hpa -> keda -> no autoscaling: the operator creates the right object,
 never writes the replicas the autoscaler set, deletes the autoscaler it no longer wants, and then
-restores the spec's replicas.
+restores the spec's replicas. On a cluster without KEDA, asking for it still reconciles the rest and
+keeps the autoscaler already there.
 """
 
 from __future__ import annotations
@@ -28,15 +29,19 @@ PROMETHEUS = "http://prometheus.monitoring:9090"
 HPA, PDB = "horizontalpodautoscalers.v2.autoscaling", "poddisruptionbudgets.v1.policy"
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    """The emulated API server with Baton's CRDs and KEDA's ScaledObject CRD."""
+@pytest.fixture(params=["with KEDA"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    """The emulated API server with Baton's CRDs, and KEDA's ScaledObject CRD unless the test asks for a
+    cluster without it (``@pytest.mark.parametrize("cluster", ["without KEDA"], indirect=True)``)."""
     from baton_kube_emulator import EmulatorThread
 
-    if not KEDA_CRD.exists():
-        pytest.skip(f"{KEDA_CRD} is absent (reference CRDs live beside the repository; see its README)")
+    crds = sorted(CRD_DIR.glob("*.yaml"))
+    if request.param == "with KEDA":
+        if not KEDA_CRD.exists():
+            pytest.skip(f"{KEDA_CRD} is absent (reference CRDs live beside the repository; see its README)")
+        crds.append(KEDA_CRD)
     namespace = f"scale-{uuid.uuid4().hex[:6]}"
-    with EmulatorThread([*sorted(CRD_DIR.glob("*.yaml")), KEDA_CRD]) as emulator:
+    with EmulatorThread(crds) as emulator:
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(emulator.kubeconfig(namespace))
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
@@ -84,7 +89,7 @@ def test_hpa_then_keda_then_fixed_replicas(cluster: Cluster, operator, tmp_path:
     _apply(cluster, tmp_path, {**base, "autoscaling": keda_spec})
     scaled_object = wait_for(lambda: cluster.get("scaledobjects.keda.sh", "scaled"), WAIT, "the ScaledObject")
     trigger = scaled_object["spec"]["triggers"][0]
-    assert trigger["metadata"]["serverAddress"] == PROMETHEUS and trigger["metadata"]["threshold"] == "800m"
+    assert trigger["metadata"]["serverAddress"] == PROMETHEUS and trigger["metadata"]["threshold"] == "0.8"
     assert "baton_engine_kv_usage_ratio" in trigger["metadata"]["query"]
     wait_for(lambda: cluster.get(HPA, "scaled") is None, WAIT, "the HPA deleted")
     assert cluster.get("deployments", "scaled")["spec"]["replicas"] == 5
@@ -102,16 +107,51 @@ def test_hpa_then_keda_then_fixed_replicas(cluster: Cluster, operator, tmp_path:
     assert reasons.count("Deleted") >= 2  # the HPA, then the ScaledObject
 
 
+def _degraded(cluster: Cluster) -> dict:
+    bd = cluster.get("bd", "scaled") or {}
+    return next((c for c in (bd.get("status") or {}).get("conditions") or [] if c["type"] == "Degraded"), {})
+
+
+@pytest.mark.parametrize("cluster", ["without KEDA"], indirect=True)
+def test_without_keda_the_deployment_is_still_reconciled_and_the_old_autoscaler_kept(
+        cluster: Cluster, operator, tmp_path: Path) -> None:
+    """No spec.replicas: the pods are the autoscaler's while there is one, and stay where it left them."""
+    keda = {"engine": "keda", "maxReplicas": 6, "target": 0.5, "metric": "kvUsage", "prometheusAddress": PROMETHEUS}
+    hpa = {"engine": "hpa", "maxReplicas": 6, "target": 4}
+
+    # A new BatonDeployment asking for KEDA: its pods and Service are made all the same.
+    _apply(cluster, tmp_path, {"mode": "standalone", "autoscaling": keda})
+    wait_for(lambda: _degraded(cluster).get("reason") == "AutoscalerUnavailable", WAIT, "AutoscalerUnavailable")
+    assert "ScaledObject (keda.sh/v1alpha1) is not served" in _degraded(cluster)["message"]
+    assert cluster.get("deployments", "scaled") is not None and cluster.get("services", "scaled") is not None
+
+    # The HPA instead; it scales to 4.
+    _apply(cluster, tmp_path, {"mode": "standalone", "autoscaling": hpa})
+    wait_for(lambda: cluster.get(HPA, "scaled"), WAIT, "the HPA")
+    wait_for(lambda: _degraded(cluster).get("status") == "False", WAIT, "Degraded=False")
+    cluster.kubectl("patch", "deployment", "scaled", "--type=merge", "-p", json.dumps({"spec": {"replicas": 4}}))
+
+    # KEDA again, with a change to the pods: the change lands; the HPA is kept, not traded for nothing.
+    _apply(cluster, tmp_path, {"mode": "standalone", "nodeSelector": {"pool": "llm"}, "autoscaling": keda})
+    wait_for(lambda: cluster.get("deployments", "scaled")["spec"]["template"]["spec"].get("nodeSelector")
+             == {"pool": "llm"}, WAIT, "the new nodeSelector on the Deployment")
+    wait_for(lambda: _degraded(cluster).get("reason") == "AutoscalerUnavailable", WAIT, "AutoscalerUnavailable")
+    assert cluster.get(HPA, "scaled") is not None
+    assert cluster.get("deployments", "scaled")["spec"]["replicas"] == 4
+
+    # No autoscaling and no spec.replicas: the HPA goes, the pods stay at 4 rather than dropping to 1.
+    _apply(cluster, tmp_path, {"mode": "standalone", "nodeSelector": {"pool": "llm"}})
+    wait_for(lambda: cluster.get(HPA, "scaled") is None, WAIT, "the HPA deleted")
+    wait_for(lambda: _degraded(cluster).get("status") == "False", WAIT, "Degraded=False")
+    assert cluster.get("deployments", "scaled")["spec"]["replicas"] == 4
+
+
 def test_keda_without_a_prometheus_is_an_invalid_spec(cluster: Cluster, operator, tmp_path: Path) -> None:
     _apply(cluster, tmp_path, {"mode": "standalone",
                                "autoscaling": {"engine": "keda", "maxReplicas": 3, "target": 2}})
 
-    def degraded() -> dict | None:
-        bd = cluster.get("bd", "scaled") or {}
-        cond = next((c for c in (bd.get("status") or {}).get("conditions") or [] if c["type"] == "Degraded"), {})
-        return cond if cond.get("reason") == "InvalidSpec" else None
-
-    cond = wait_for(degraded, WAIT, "an InvalidSpec condition")
+    cond = wait_for(lambda: (c := _degraded(cluster)).get("reason") == "InvalidSpec" and c, WAIT,
+                    "an InvalidSpec condition")
     assert "spec.autoscaling.prometheusAddress" in cond["message"]
     assert cluster.get("bd", "scaled")["status"]["phase"] == "Failed"
     assert cluster.get("deployments", "scaled") is None  # refused before anything was written
