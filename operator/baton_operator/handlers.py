@@ -14,6 +14,7 @@ never fight.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import os
@@ -34,6 +35,7 @@ from baton_operator.status import Observation, Problem, build_status, status_cha
 
 BD = (res.GROUP, res.VERSION, "batondeployments")
 BP = (res.GROUP, res.VERSION, "batonpolicies")
+DRAIN_S = 10.0  # how long a stopping leader waits for its threads' API calls before releasing the Lease
 
 
 @kopf.on.startup()
@@ -75,11 +77,18 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.cleanup()
-async def step_aside(memo: kopf.Memo, **_: Any) -> None:
-    """A clean stop hands the Lease back at once, so a standby need not wait for it to expire."""
+async def step_aside(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """A clean stop hands the Lease back at once, so a standby need not wait for it to expire; but only
+    once the API calls that stopped rollout daemons left running in threads (``asyncio.to_thread``: kopf
+    cancels the coroutine, not the thread) have ended, so none of ours lands after a new leader's."""
     if getattr(memo, "election", None) is not None:
         memo.keeping_lead.cancel()
-        await memo.election.release_soon()
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().shutdown_default_executor(), DRAIN_S)
+        except asyncio.TimeoutError:
+            logger.warning(f"API calls still running after {DRAIN_S} s; the Lease is left to expire")
+        else:
+            await memo.election.release_soon()
     if getattr(memo, "health", None) is not None:
         await memo.health.cleanup()
 

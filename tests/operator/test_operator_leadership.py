@@ -238,3 +238,30 @@ async def test_release_hands_the_lease_back_and_survives_an_api_error() -> None:
         raise ApiError(503, "ServiceUnavailable", "etcd is down")
     store.get = unavailable
     leader.release()  # logs, does not raise: the Lease expires on its own
+
+
+async def test_a_stopping_leader_releases_only_after_its_threads_api_calls_end() -> None:
+    """kopf cancels a rollout daemon's coroutine, not the thread running its API call: that write must
+    land before the Lease is released, never after a new leader's."""
+    import kopf
+
+    from baton_operator import handlers
+
+    store = LeaseStore()
+    memo = kopf.Memo()
+    memo.election = candidate(store, "a")
+    assert memo.election.try_acquire() is Attempt.LEADING
+    memo.keeping_lead = asyncio.create_task(asyncio.sleep(60))
+    writes: list[tuple[str, float]] = []
+    release = memo.election.release
+
+    def late_write() -> None:  # an API call under way when the daemon was cancelled
+        time.sleep(0.5)
+        writes.append(("daemon", time.monotonic()))
+    memo.election.release = lambda: (release(), writes.append(("release", time.monotonic())))
+    pending = asyncio.ensure_future(asyncio.to_thread(late_write))
+    await asyncio.sleep(0.05)
+    pending.cancel()
+    await handlers.step_aside(memo=memo, logger=logging.getLogger("test.leadership"))
+    assert [who for who, _ in writes] == ["daemon", "release"]
+    assert "holderIdentity" not in store.lease["spec"]
