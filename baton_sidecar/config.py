@@ -8,6 +8,7 @@ Every ``from_dict`` accepts the YAML/JSON shape documented in ``docs/config.md``
 from __future__ import annotations
 
 import dataclasses
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -238,6 +239,16 @@ class RouterConfig:
         _check(isinstance(self.fallback_to_baton, bool), "fallback_to_baton", "must be a boolean")
         _check(isinstance(self.incumbent_timeout_s, (int, float)) and not isinstance(self.incumbent_timeout_s, bool)
                and self.incumbent_timeout_s > 0, "incumbent_timeout_s", "must be a positive number")
+
+    @property
+    def incumbent_shown(self) -> str | None:
+        """``incumbent_url`` as reports, logs and error messages show it: without credentials or a query
+        (``http://user:token@host/?key=k`` -> ``http://host/``), which only the proxy may use."""
+        if self.incumbent_url is None:
+            return None
+        parts = urllib.parse.urlsplit(self.incumbent_url)
+        host = parts.netloc.rpartition("@")[2]
+        return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "RouterConfig":

@@ -13,11 +13,14 @@ traffic out of the pilot:
 - ``other_route``: any path the sidecar does not own (``/v1/embeddings``, ``/tokenize``, ...).
 
 Field names are normalised (list indices dropped: ``messages[3].content`` -> ``messages.content``)
-so the reasons form a small, fixed set, fit for a Prometheus label.
+so the reasons form a small, fixed set, fit for a Prometheus label and a report anyone may read: a
+path through the client's own keys (an unpaired surrogate's, ``metadata.<key>``) is never one, nor
+is any name that is not shaped like an API field (lowercase letters and underscores).
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from collections import Counter
@@ -30,14 +33,20 @@ OTHER_ROUTE = "other_route"
 BODY_TOO_LARGE = "body_too_large"
 TOP_REASONS = 10  # reasons listed in the report, most frequent first
 
+MAX_FIELD_DEPTH = 3  # e.g. tools.function.parameters
+
 _INDEX = re.compile(r"\[\d+\]")
+_API_NAME = re.compile(r"[a-z][a-z_]{0,39}")  # how OpenAI's (and vLLM's) request fields are spelled
 
 
 def refusal_reason(err: APIError) -> str:
     """The ineligibility reason for a request Baton's parser (or engine) refused with ``err``."""
-    field = _INDEX.sub("", err.param or "body") or "body"
+    if err.refusal is not None:
+        return err.refusal
     kind = "unsupported" if err.code == "unsupported_value" else "invalid"
-    return f"{kind}:{field}"
+    steps = _INDEX.sub("", err.param or "").split(".")[:MAX_FIELD_DEPTH]
+    known = list(itertools.takewhile(_API_NAME.fullmatch, steps))  # up to the first that is not a field's
+    return f"{kind}:{'.'.join(known) or 'body'}"
 
 
 class EligibilityCounts:

@@ -10,7 +10,7 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, refusal: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -18,6 +18,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+        self.refusal = refusal  # the A/B ineligibility reason, where ``param`` cannot name one (eligibility.py)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,

@@ -47,8 +47,10 @@ def decode_json_body(raw: bytes) -> dict[str, Any]:
         if where is not None:
             param, in_key = where
             what = "an object key contains" if in_key else "contains"
-            raise bad_request(param, f"{what} an unpaired UTF-16 surrogate (\\ud800-\\udfff); "
-                                     "text must be valid Unicode")
+            err = bad_request(param, f"{what} an unpaired UTF-16 surrogate (\\ud800-\\udfff); "
+                                    "text must be valid Unicode")
+            err.refusal = "invalid:unicode"  # the param runs through the client's own keys: no label
+            raise err
     return body
 
 

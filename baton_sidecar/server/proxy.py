@@ -54,12 +54,12 @@ class IncumbentFailure(Exception):
 
     @classmethod
     def timeout(cls, config: RouterConfig) -> "IncumbentFailure":
-        return cls("timeout", f"incumbent at {config.incumbent_url} did not answer within "
+        return cls("timeout", f"incumbent at {config.incumbent_shown} did not answer within "
                               f"{config.incumbent_timeout_s:g}s")
 
     @classmethod
     def unreachable(cls, config: RouterConfig, exc: Exception) -> "IncumbentFailure":
-        return cls("connect", f"incumbent at {config.incumbent_url} is unreachable: {exc}")
+        return cls("connect", f"incumbent at {config.incumbent_shown} is unreachable: {exc}")
 
 
 class SSEStats:
@@ -156,7 +156,7 @@ async def proxy(request: web.Request, session: aiohttp.ClientSession, config: Ro
         if upstream.status >= 500 and fail_on_5xx:
             detail = (await upstream.content.read(512)).decode("utf-8", "replace")
             span.end(upstream.status, error_type=str(upstream.status))
-            raise IncumbentFailure("status", f"incumbent at {config.incumbent_url} answered "
+            raise IncumbentFailure("status", f"incumbent at {config.incumbent_shown} answered "
                                              f"{upstream.status}: {detail.strip()}")
         return await _relay(request, upstream, arrival, span, account)
     finally:

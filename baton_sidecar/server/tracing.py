@@ -132,6 +132,8 @@ class RequestTrace(NullTrace):
         from urllib.parse import urlsplit
 
         parts = urlsplit(url)
+        if "@" in parts.netloc:  # credentials are redacted, as the HTTP semantic conventions ask
+            url = parts._replace(netloc="REDACTED:REDACTED@" + parts.netloc.rpartition("@")[2]).geturl()
         ctx = trace.set_span_in_context(self._span)
         span = self._tracer.start_span(
             "router.incumbent", context=ctx, kind=trace.SpanKind.CLIENT,

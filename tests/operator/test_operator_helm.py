@@ -24,7 +24,8 @@ ALL_ON = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podM
           "--set", "telemetry.otlpEndpoint=http://otel-collector:4318", "--set", "verbose=true"]
 NAMESPACED = ["--set", "watchNamespaces={team-a,team-b}"]
 NETWORK = ["--set", "networkPolicy.sidecars.enabled=true", "--set", "networkPolicy.apiServer.cidrs={10.0.0.1/32}",
-           "--set-json", 'networkPolicy.sidecars.ingressFrom=[{"namespaceSelector": {"matchLabels": {"gw": "yes"}}}]']
+           "--set-json", 'networkPolicy.sidecars.ingressFrom=[{"namespaceSelector": {"matchLabels": {"gw": "yes"}}}]',
+           "--set-json", 'networkPolicy.sidecars.metricsFrom=[{"namespaceSelector": {"matchLabels": {"prom": "yes"}}}]']
 DIGEST = "sha256:" + "ab" * 32
 
 
@@ -337,7 +338,7 @@ def test_operator_network_policy_opens_only_its_paths(helm) -> None:
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and policy["spec"]["ingress"] == []
     ports = [{p["port"] for p in rule["ports"]} for rule in policy["spec"]["egress"]]
-    assert ports == [{53}, {443, 6443}, {res.PORT_NAME}]  # DNS, the API server, the sidecars
+    assert ports == [{53}, {443, 6443, 8443}, {res.PORT_NAME}]  # DNS, the API server, the sidecars
     (sidecars,) = policy["spec"]["egress"][2]["to"]
     standalone = res.desired_deployment({"apiVersion": res.API_VERSION, "kind": res.KIND, "spec": {},
                                          "metadata": {"name": "b", "namespace": "ns", "uid": "u"}},
@@ -368,8 +369,26 @@ def test_sidecar_network_policies_cover_standalone_pods_in_each_namespace(helm) 
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= standalone.items()
         (ingress,) = policy["spec"]["ingress"]
         assert ingress["ports"] == [{"port": res.PORT_NAME, "protocol": "TCP"}]
-        gateway, operator = ingress["from"]
+        gateway, prometheus, operator = ingress["from"]
         assert gateway == {"namespaceSelector": {"matchLabels": {"gw": "yes"}}}
+        assert prometheus == {"namespaceSelector": {"matchLabels": {"prom": "yes"}}}
         assert operator["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "baton-system"}
         assert operator["podSelector"]["matchLabels"].items() <= operator_pod.items()
         assert [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]] == [53, 53, 4318]
+
+
+def test_an_ingress_allow_list_that_would_shut_out_the_metrics_scrapers_is_refused(helm) -> None:
+    """With a ServiceMonitor or PodMonitor on, Prometheus must still reach /baton/metrics: autoscaling
+    and the endpoint picker read it, and a blocked scrape fails without an error anyone sees."""
+    gateway_only = [a for a in NETWORK if "metricsFrom" not in a]
+    gateway_only = gateway_only[:-1] if gateway_only[-1] == "--set-json" else gateway_only
+    proc = helm_run(helm, "template", "baton", str(CHART), "--namespace", "baton-system", *NAMESPACED,
+                    *gateway_only, "--set", "metrics.podMonitor.enabled=true", check=False)
+    assert proc.returncode != 0 and "networkPolicy.sidecars.metricsFrom" in proc.stderr
+    render(helm, *NAMESPACED, *gateway_only)  # no monitor: the allow-list alone is the user's call
+
+
+def test_the_otlp_port_can_be_the_collector_pods_own(helm) -> None:
+    (policy,) = [o for o in render(helm, "--set", "telemetry.otlpEndpoint=http://otel-collector:80",
+                                   "--set", "networkPolicy.otlpPort=4318") if o["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["egress"][-1]["ports"] == [{"port": 4318, "protocol": "TCP"}]

@@ -1,11 +1,15 @@
 """Arm choice, sticky hashing and SSE accounting (no model, no network)."""
 
+import json
 import random
+
+import pytest
 
 from baton_sidecar.config import RouterConfig
 from baton_sidecar.server.eligibility import EligibilityCounts, refusal_reason
 from baton_sidecar.server.errors import APIError, bad_request
-from baton_sidecar.server.proxy import SSEStats, forward_headers
+from baton_sidecar.server.json_body import decode_json_body
+from baton_sidecar.server.proxy import IncumbentFailure, SSEStats, forward_headers
 from baton_sidecar.server.router import (BATON, INCUMBENT, Router, choose_arm, hash_point,
                                          sticky_key)
 from baton_sidecar.server.tracing import NULL_TRACE
@@ -72,6 +76,34 @@ def test_refusals_name_a_small_set_of_reasons():
     assert refusal_reason(bad_request("max_tokens", "x", code="invalid_type")) == "invalid:max_tokens"
     assert refusal_reason(APIError(400, "not JSON", param="body", code="invalid_json")) == "invalid:body"
     assert refusal_reason(APIError(400, "no param")) == "invalid:body"
+    assert refusal_reason(bad_request("tools[0].function.parameters.$defs", "x")) == \
+        "invalid:tools.function.parameters"
+
+
+def test_refusal_reasons_never_carry_the_clients_own_keys():
+    """The reasons are a Prometheus label and an unauthenticated report: no request content, and no
+    label value a client can mint at will."""
+    for body in ({"metadata": {"secret-customer-42": "\ud800"}}, {"secret_top_key": "\ud800"},
+                 {"messages": [{"role": "user", "content": "ok", "customer_x": ["\ud800"]}]}):
+        with pytest.raises(APIError) as caught:
+            decode_json_body(json.dumps(body).encode())
+        assert "secret" in caught.value.param or "customer" in caught.value.param  # the client is told where
+        assert refusal_reason(caught.value) == "invalid:unicode"
+    assert refusal_reason(bad_request("metadata.secret-customer-42", "too long")) == "invalid:metadata"
+    assert refusal_reason(bad_request("Customer.x", "x")) == "invalid:body"
+    assert refusal_reason(bad_request("a.b.c.d.e", "x")) == "invalid:a.b.c"
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("http://user:token@incumbent:8000/v1?key=secret", "http://incumbent:8000/v1"),
+    ("https://incumbent", "https://incumbent"),
+    ("http://[::1]:8000/", "http://[::1]:8000/"),
+])
+def test_the_incumbent_is_shown_without_credentials_or_query(url, shown):
+    config = RouterConfig(incumbent_url=url)
+    assert config.incumbent_shown == shown and config.incumbent_url == url  # the proxy keeps the real one
+    assert "token" not in str(IncumbentFailure.timeout(config)) and "secret" not in str(
+        IncumbentFailure.unreachable(config, OSError("refused")))
 
 
 def test_eligibility_counts_report_shares_and_top_reasons():

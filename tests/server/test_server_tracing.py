@@ -120,3 +120,19 @@ def test_engine_events_map_to_span_events():
     [span] = exporter.get_finished_spans()
     assert [e.name for e in span.events] == ["queued", "prefill_done", "first_token", "preempted",
                                              "resumed"]
+
+
+def test_incumbent_spans_redact_credentials_in_the_url():
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace = Tracing(provider).start("chat", "m", {}, "incumbent")
+    trace.incumbent_span("http://user:s3cret@incumbent:8000/v1/chat/completions").end(200)
+    trace.end(200)
+    child = next(s for s in exporter.get_finished_spans() if s.name == "router.incumbent")
+    assert child.attributes["url.full"] == "http://REDACTED:REDACTED@incumbent:8000/v1/chat/completions"
+    assert (child.attributes["server.address"], child.attributes["server.port"]) == ("incumbent", 8000)

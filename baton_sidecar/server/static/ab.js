@@ -6,7 +6,7 @@
    Everything from the report reaches the DOM as textContent or as a computed number in an SVG
    attribute, never as markup. Every number shown sits in a span with data-key (its path in the plain
    report) and data-value (the report's value, as JSON), so the page can be checked against the report.
-   ?refresh=N: seconds between refreshes (default 5; 0: load once). */
+   ?refresh=N: seconds between refreshes (default 5, at most 3600; 0: load once). */
 "use strict";
 (() => {
   const REPORT = "ab/report";
@@ -19,9 +19,9 @@
   const refreshS = refreshSeconds(new URLSearchParams(location.search).get("refresh"));
   let renders = 0;
 
-  function refreshSeconds(text) {
+  function refreshSeconds(text) {  // 0, or 1 s to an hour: setTimeout wraps delays past 2^31 ms to ~0
     const n = text === null ? 5 : Number(text);
-    return Number.isFinite(n) && n >= 0 ? (n === 0 ? 0 : Math.max(n, 1)) : 5;
+    return Number.isFinite(n) && n >= 0 ? (n === 0 ? 0 : Math.min(Math.max(n, 1), 3600)) : 5;
   }
 
   // -- DOM helpers: text only ------------------------------------------------------------------------
@@ -295,8 +295,9 @@
 
   // -- refresh -----------------------------------------------------------------------------------------
 
-  async function fetchJSON(url) {
-    const response = await fetch(url, {cache: "no-store", headers: {Accept: "application/json"}});
+  async function fetchJSON(url) {  // a hung request must not stop the refreshing: give up after 30 s
+    const response = await fetch(url, {cache: "no-store", headers: {Accept: "application/json"},
+                                       signal: AbortSignal.timeout(30000)});
     if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
     return response.json();
   }
