@@ -30,9 +30,10 @@ import threading
 import time
 
 from ..config import Limits, PolicyConfig
-from .request import AdmissionError, RequestValidationError
+from .request import AdmissionError, Request, RequestValidationError
 from .decisions import projected_peak_slots
 
+TOO_LARGE = "too_large"  # the refusal of what can never fit the batch; also an ended request's error prefix
 URGENT_HEADROOM = 0.8  # low-urgency work is refused once the queue is this full
 
 
@@ -126,5 +127,15 @@ def check_shape(num_prompt_tokens: int, max_tokens: int, max_model_len: int, lim
             rows_field, f"{rows} choices need {rows} rows at once; the batch holds {limits.max_batch_size}")
     if projected_peak_slots([(num_prompt_tokens, max_tokens)] * rows) > limits.max_kv_tokens:
         what = f" x {rows} choices" if rows > 1 else ""
-        raise AdmissionError("too_large", f"prompt + max_tokens ({total}){what} can never fit the "
+        raise AdmissionError(TOO_LARGE, f"prompt + max_tokens ({total}){what} can never fit the "
                                           f"KV-token budget ({limits.max_kv_tokens})")
+
+
+def no_longer_fits(request: Request, limits: Limits) -> str:
+    """The error of a queued request that a tighter policy left unable to run even alone; it starts
+    with ``TOO_LARGE``, so the server answers it as admission answers ``too_large``."""
+    to_go = request.max_tokens - len(request.output_token_ids)
+    what = f" x {request.num_rows} choices" if request.num_rows > 1 else ""
+    return (f"{TOO_LARGE}: prompt and tokens so far ({request.num_tokens}) + {to_go} more{what} no longer fit "
+            f"the batch after a policy change (max_batch_size {limits.max_batch_size}, "
+            f"max_kv_tokens {limits.max_kv_tokens})")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from ..config import EngineConfig, PolicyConfig
 from ..model import LoadedModel
 from . import row_padding, step_cost
+from .admission import no_longer_fits
 from .grammar import GrammarCompiler
 from .outputs import OutputProcessor, Tracked
 from .request import Request, RequestOutput, RequestStatus
@@ -31,7 +32,7 @@ from .runner import ModelRunner, Prefilled, PromptPart, SwappedRow
 from .sampler import SampledToken, sample
 from .scheduler import BatchView, make_scheduler
 from .step import Preemption, PrefillChunk, StepPlan, StepRecord, StepResults
-from .step_cost import StepCostModel, StepShape, decode_shape, prompt_shape
+from .step_cost import StepCostModel, executed_shape
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,17 @@ class EngineCore:
     def policy(self) -> PolicyConfig:
         return self.scheduler.policy
 
-    def apply_policy(self, policy: PolicyConfig) -> None:
-        """Takes effect at the next step; in-flight requests keep their tokens."""
+    def apply_policy(self, policy: PolicyConfig) -> list[RequestOutput]:
+        """Takes effect at the next step; in-flight requests keep their tokens. Queued ones that no
+        longer fit even alone end now, refused as admission would: queued, they would block the line."""
         self.scheduler.policy = policy
+        outputs = []
+        for request in self.scheduler.unfittable():
+            choices, error = [request, *request.forks], no_longer_fits(request, policy.limits)
+            outputs += [self._end(self.tracked[c.request_id], RequestStatus.FINISHED_ERROR, error) for c in choices]
+            self.scheduler.finish_requests(choices)
+            self._forget(choices)
+        return outputs
 
     # --- intake ---------------------------------------------------------------------------
 
@@ -403,19 +412,7 @@ class EngineCore:
 
     def _observe_cost(self, plan: StepPlan, results: StepResults, seconds: float) -> None:
         """Teach the step cost model what this step's work took (steps that ran a forward)."""
-        shape = StepShape()
-        if results.decode_rows:
-            shape = shape + decode_shape(results.decode_rows, results.decode_context)
-        prompts = bool(plan.prefill or plan.chunks)
-        if self.runner.can_pack:  # prompts in one packed forward; fused, the decode rows' too
-            forwards = bool(results.decode_rows) + (prompts and not results.fused)
-        else:
-            forwards = bool(results.decode_rows) + bool(plan.prefill) + len(plan.chunks)
-        shape = shape + StepShape(forwards=forwards)
-        for request in plan.prefill:
-            shape = shape + prompt_shape(0, request.num_prefill_tokens, True)
-        for chunk in plan.chunks:
-            shape = shape + prompt_shape(chunk.start, chunk.stop - chunk.start, chunk.last)
+        shape = executed_shape(plan, results, self.runner.can_pack)
         if shape.forwards and self.scheduler.step_cost is not None:
             self.scheduler.step_cost.observe(shape, seconds)
 

@@ -260,28 +260,53 @@ class AsyncEngine:
             with self._lock:
                 inbox, self._inbox = self._inbox, []
             outputs: list[RequestOutput] = []
-            for kind, payload in inbox:
-                if kind == "add":
-                    self.core.add(payload)
-                elif kind == "abort":
-                    outputs.extend(self.core.abort(payload))
-                elif kind == "policy":
-                    self.core.apply_policy(payload)
-            if self.core.has_work():
-                try:
-                    outputs.extend(self.core.step())
-                except Exception as error:  # keep serving: end what was in flight, never hang it
-                    log.exception("engine step failed")
-                    outputs.extend(self.core.fail_all(f"engine step failed: {error}"))
-            self._stats = self.core.stats()
-            started = self.core.started_total
-            self._queue.leave(started - self._started_seen)  # they no longer count against the queue
-            self._started_seen = started
+            try:
+                self._turn(inbox, outputs)
+            except Exception as error:  # outside a step (an intake, a policy, a snapshot): hang nothing
+                log.exception("engine loop failed")
+                self._salvage(inbox, outputs, f"engine failed: {error}")
             if outputs:
                 self._publish(outputs)
             if not self.core.has_work():
                 self._wake.wait(_IDLE_WAIT_S)
                 self._wake.clear()
+
+    def _turn(self, inbox: list[tuple[str, object]], outputs: list[RequestOutput]) -> None:
+        """Take in ``inbox``, run one step if there is work, refresh the snapshot; outputs so far
+        go to ``outputs`` (published even if this raises)."""
+        for kind, payload in inbox:
+            if kind == "add":
+                self.core.add(payload)
+            elif kind == "abort":
+                outputs.extend(self.core.abort(payload))
+            elif kind == "policy":
+                outputs.extend(self.core.apply_policy(payload))
+        if self.core.has_work():
+            try:
+                outputs.extend(self.core.step())
+            except Exception as error:  # keep serving: end what was in flight, never hang it
+                log.exception("engine step failed")
+                outputs.extend(self.core.fail_all(f"engine step failed: {error}"))
+        self._stats = self.core.stats()
+        started = self.core.started_total
+        self._queue.leave(started - self._started_seen)  # they no longer count against the queue
+        self._started_seen = started
+
+    def _salvage(self, inbox: list[tuple[str, object]], outputs: list[RequestOutput], error: str) -> None:
+        """End every request the core holds, and every choice of this turn's intake that it may not
+        have taken in (its add failed, or came after the failure), with ``error``."""
+        try:
+            outputs.extend(self.core.fail_all(error))
+        except Exception:
+            log.exception("engine could not end its requests")
+        ended = {o.request_id for o in outputs if o.finished}
+        orphans = [RequestOutput(c.request_id, (), "", None, finished=True, finish_reason="error", error=error,
+                                 index=c.index)
+                   for kind, request in inbox if kind == "add"
+                   for c in (request, *request.forks) if c.request_id not in ended]
+        outputs.extend(orphans)
+        # Requests the core never took in never start: they leave the queue count here.
+        self._queue.leave(sum(kind == "add" and request.request_id not in ended for kind, request in inbox))
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         """From the engine thread: hand outputs to the event loop (in order, FIFO)."""

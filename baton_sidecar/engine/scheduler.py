@@ -65,6 +65,12 @@ class Room:
         return [row for r in self.present for row in request_rows(r)]
 
 
+def may_pass(request: Request, blocked: Request | None) -> bool:
+    """Whether ``request`` may be admitted behind ``blocked``, which found no room in this plan:
+    only if more urgent by its own priority (it may preempt what ``blocked`` could not)."""
+    return blocked is None or request.priority < blocked.priority
+
+
 # --- the scheduler ------------------------------------------------------------------------
 
 class Scheduler:
@@ -131,10 +137,15 @@ class Scheduler:
         Fills ``plan.preempt``, ``plan.resume`` and ``plan.prefill`` (new or recompute-resumed
         prompts that fit the budget whole). Returns, in order, the newcomers too long for any
         one step, which ``_plan_chunks`` may admit. The head of the line that cannot fit the
-        batch, or must wait for an emptier step, stops admission: order is kept.
+        batch, or must wait for an emptier step, holds back everyone behind it (order is kept),
+        except requests more urgent by their own priority: aging may have put it ahead of them,
+        and unlike it they may preempt, so it must not block them.
         """
         too_long: list[Request] = []
+        blocked: Request | None = None  # the first that found no room; only the more urgent pass it
         for candidate in self._candidates(now, room.length):
+            if not may_pass(candidate, blocked):
+                continue
             swapped = candidate in self.swapped
             total = candidate.num_prefill_tokens
             if not swapped:
@@ -148,7 +159,8 @@ class Scheduler:
             if self._held_back_for_padding(candidate, now, room):
                 continue
             if not self._make_room(candidate, plan, room):
-                break  # head of line can't fit: keep order, try next step
+                blocked = blocked or candidate  # keep order: it is first for the next free room
+                continue
             if swapped:
                 plan.resume.append(candidate)
             else:
@@ -161,15 +173,22 @@ class Scheduler:
         """Chunks for prompts under way and long newcomers, by urgency then arrival, while the
         budget lasts. The first prompt under way always gets the minimum chunk: none starves."""
         served_one_under_way = False
+        blocked: Request | None = None  # a newcomer that found no room: newcomers behind it wait
         for request in self._chunk_order(now, plan, newcomers):
+            if any(p.request is request for p in plan.preempt):
+                continue  # preempted in this plan, for a more urgent newcomer
+            newcomer = request in newcomers
+            if newcomer and not may_pass(request, blocked):
+                continue
             start, total = request.num_computed_tokens, request.num_prefill_tokens
             first = start > 0 and not served_one_under_way
             grant = budget.chunk(start, total - start, first=first, timed=not self._outranks(request, room))
             served_one_under_way |= first
             if grant.count == 0:
                 continue  # the budget is spent for it: a newcomer waits, a prompt under way resumes next step
-            if request in newcomers and not self._make_room(request, plan, room):
-                break  # its rows do not fit: it waits, in order
+            if newcomer and not self._make_room(request, plan, room):
+                blocked = blocked or request  # it waits, in order; prompts under way go on
+                continue
             budget.take(grant, total - start)
             plan.chunks.append(PrefillChunk(request, start, grant.stop, grant.stop == total, grant.reason))
 
@@ -217,6 +236,11 @@ class Scheduler:
             key = (lambda r: (effective_priority(r, now, aging), abs(r.num_tokens - batch_len),
                               r.times.arrival))
         return sorted(self.waiting + self.swapped, key=key)
+
+    def unfittable(self) -> list[Request]:
+        """Queued requests that would not fit even an empty batch under the current limits (a tighter
+        policy can leave some that never will)."""
+        return [r for r in (*self.waiting, *self.swapped) if not self._fits(request_rows(r))]
 
     def _fits(self, rows: list[tuple[int, int]]) -> bool:
         limits = self.policy.limits

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from .step import StepPlan, StepResults
+
 SCALE = np.array([1.0, 1e-3, 1e-3, 1e-6])  # counts -> features of comparable size
 TYPICAL = np.array([1.0, 0.05, 0.01, 0.3])  # a typical step's features, for the prior's weight
 PRIOR_STEPS = 1.0  # the prior weighs as much as one typical step
@@ -54,6 +56,25 @@ def decode_shape(rows: int, context: int) -> StepShape:
 def prompt_shape(start: int, count: int, last: bool) -> StepShape:
     """Prompt tokens ``[start, start + count)``; the last part's last token computes logits."""
     return StepShape(0, count, int(last), count * start + count * (count + 1) // 2)
+
+
+def executed_shape(plan: StepPlan, results: StepResults, packs_prompts: bool) -> StepShape:
+    """The work an executed step did, for ``StepCostModel.observe``: its decode rows, its prompts
+    and chunks, and its forwards (packed prompts share one; fused, the decode rows' too)."""
+    shape = StepShape()
+    if results.decode_rows:
+        shape = shape + decode_shape(results.decode_rows, results.decode_context)
+    prompts = bool(plan.prefill or plan.chunks)
+    if packs_prompts:
+        forwards = bool(results.decode_rows) + (prompts and not results.fused)
+    else:
+        forwards = bool(results.decode_rows) + bool(plan.prefill) + len(plan.chunks)
+    shape = shape + StepShape(forwards=forwards)
+    for request in plan.prefill:
+        shape = shape + prompt_shape(0, request.num_prefill_tokens, True)
+    for chunk in plan.chunks:
+        shape = shape + prompt_shape(chunk.start, chunk.stop - chunk.start, chunk.last)
+    return shape
 
 
 FORWARD = StepShape(forwards=1)

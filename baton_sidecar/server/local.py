@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from baton_sidecar.engine.admission import TOO_LARGE
 from baton_sidecar.engine.request import (AdmissionError, RequestOutput, RequestValidationError, best_choices,
                                           collect)
 from baton_sidecar.server import oai_response as shapes
@@ -173,13 +174,16 @@ class LocalRun:
         failed = self._failed
         r.finish_reason = (failed or out).finish_reason or "stop"
         if r.finish_reason == "error":
-            r.ok, r.status, r.error = False, 500, failed.error or "engine error"
+            r.ok, r.error = False, failed.error or "engine error"
+            r.status = 400 if r.error.startswith(f"{TOO_LARGE}:") else 500  # a tighter policy: admission's 400
         elif r.finish_reason == "cancelled":  # by the server: drain deadline passed
             r.ok, r.status = False, 503
             r.error = failed.error or "cancelled by the server (shutting down)"
 
     def _failure(self) -> APIError:
         r = self.result
+        if r.status == 400:  # queued when the policy shrank: refused now as admission would refuse it
+            return admission_error(AdmissionError(TOO_LARGE, r.error.partition(": ")[2]), self.parsed.kind)
         if r.status == 503:
             return APIError(503, r.error, type="service_unavailable", code="shutting_down")
         return APIError(500, f"generation failed: {r.error}", type="server_error",

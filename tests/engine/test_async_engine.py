@@ -217,6 +217,49 @@ async def test_an_unexpected_step_failure_ends_requests_and_the_engine_keeps_ser
     assert healthy.finish_reason == "length" and healthy.completion_tokens == 5
 
 
+async def test_a_failure_outside_a_step_ends_every_request_and_the_engine_keeps_serving(engine, monkeypatch):
+    """E.g. out of memory while a request's logits state is allocated on intake: the request whose
+    intake failed, the one running beside it and any later one each get a final; nothing hangs."""
+    running = engine.submit([5, 6], SamplingParams(max_tokens=400, **GREEDY))
+    await anext(running)  # it has a row
+    track = engine.core.outputs.track
+
+    def track_failing(request):
+        if request.params.presence_penalty:
+            raise RuntimeError("out of memory (simulated)")
+        return track(request)
+    monkeypatch.setattr(engine.core.outputs, "track", track_failing)
+    bad = engine.submit([5, 7], SamplingParams(max_tokens=3, presence_penalty=1.0, n=2, **GREEDY))
+
+    async def finals(stream):
+        return [o for o in [o async for o in stream] if o.finished]
+    ran, refused = await asyncio.wait_for(asyncio.gather(finals(running), finals(bad)), 10)
+    assert [o.finish_reason for o in ran] == ["error"] and "out of memory" in ran[0].error
+    assert sorted((o.index, o.finish_reason) for o in refused) == [(0, "error"), (1, "error")]  # both choices
+    monkeypatch.undo()
+    healthy = await asyncio.wait_for(engine.generate([5, 6], SamplingParams(max_tokens=5, **GREEDY)), 10)
+    assert healthy.finish_reason == "length" and engine._thread.is_alive()
+    assert engine.stats().waiting == 0 and not engine._streams
+
+
+async def test_a_tighter_policy_ends_queued_requests_it_leaves_unable_to_run_and_the_line_moves(engine):
+    """Accepted under the old KV budget, refused by the new one even alone: it ends as admission would
+    refuse it now (``too_large``), instead of blocking everything queued behind it."""
+    engine.apply_policy(PolicyConfig(limits=Limits(max_batch_size=1, max_kv_tokens=2000)))
+    running = engine.submit([5, 6], SamplingParams(max_tokens=300, **GREEDY))
+    await anext(running)  # holds the only row
+    with engine.submit_together():
+        big = engine.submit([3 + i % 90 for i in range(100)], SamplingParams(max_tokens=300, **GREEDY))  # 400 slots
+        small = engine.submit([5, 6], SamplingParams(max_tokens=3, **GREEDY))
+        engine.apply_policy(PolicyConfig(limits=Limits(max_batch_size=1, max_kv_tokens=350)))
+    refused = [o async for o in big][-1]
+    assert refused.finish_reason == "error" and refused.error.startswith("too_large:")
+    running.cancel()
+    finished = await asyncio.wait_for(small.__anext__(), 10)
+    assert finished.token_ids  # the line moved
+    assert [o async for o in small][-1].finish_reason == "length"
+
+
 async def test_padding_counters_add_up_the_live_windows_of_decode_steps(engine):
     def counters():
         stats = engine.stats()

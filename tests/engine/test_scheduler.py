@@ -350,3 +350,67 @@ def test_run_to_completion_never_holds_a_request_that_finished_before_joining():
     output = final(one_token)
     update = scheduler.update_from_output(plan, StepResults(finished=[one_token], outputs=[output]))
     assert update.outputs == [output] and update.leave == [] and not scheduler.has_work()
+
+
+def test_a_prompt_under_way_preempted_for_a_chunked_newcomer_gets_no_chunk_in_that_plan():
+    """Its K/V is dropped by the preemption: a chunk planned after it would continue from nothing."""
+    scheduler = Scheduler(PolicyConfig(limits=Limits(max_batch_size=1, max_prefill_tokens=64),
+                                       padding=PaddingPolicy(max_padding_ratio=1.0),
+                                       preemption=PreemptionPolicy(mode="swap")))
+    low = make(priority=10, prompt=200, arrival=0.0)
+    scheduler.add(low)
+    scheduler.update_from_output(scheduler.schedule(0.0, BatchView()), StepResults())
+    assert low.num_computed_tokens == 64
+    mid = make(priority=5, prompt=200, arrival=1.0)  # too long for one step: a chunked newcomer
+    scheduler.add(mid)
+    plan = scheduler.schedule(1.0, BatchView())
+    assert [(p.request, p.mode) for p in plan.preempt] == [(low, "recompute")]
+    assert [c.request for c in plan.chunks] == [mid]
+
+
+def test_a_newcomer_that_cannot_get_a_row_never_stalls_the_prompt_under_way():
+    """The newcomer sorts first (its deadline) but cannot preempt an equal: the prompt under way must
+    go on and finish, or neither ever would."""
+    scheduler = Scheduler(PolicyConfig(limits=Limits(max_batch_size=1, max_prefill_tokens=64),
+                                       padding=PaddingPolicy(max_padding_ratio=1.0)))
+    under_way = make(prompt=300, arrival=0.0)
+    scheduler.add(under_way)
+    scheduler.update_from_output(scheduler.schedule(0.0, BatchView()), StepResults())
+    newcomer = make(prompt=300, arrival=0.5, deadline=5.0)
+    scheduler.add(newcomer)
+    for t in range(1, 5):
+        plan = scheduler.schedule(float(t), BatchView())
+        assert [c.request for c in plan.chunks] == [under_way] and not plan.preempt
+        scheduler.update_from_output(plan, StepResults())
+    assert under_way.num_computed_tokens == 300 and newcomer.num_computed_tokens == 0
+
+
+def test_an_aged_request_that_cannot_get_in_does_not_block_a_more_urgent_one_that_can_preempt():
+    scheduler = Scheduler(PolicyConfig(limits=Limits(max_batch_size=1), padding=PaddingPolicy(max_padding_ratio=1.0),
+                                       aging_s=30))
+    job = make(priority=10, max_tokens=10_000)
+    start(scheduler, job)
+    old = make(priority=10, arrival=1.0)  # aged to 8 by t=62: ahead of urgent, but cannot preempt its equal
+    urgent = make(priority=9, arrival=61.5)
+    scheduler.add(old)
+    scheduler.add(urgent)
+    assert waiting_key(old, 62.0, 30) < waiting_key(urgent, 62.0, 30)
+    plan = scheduler.schedule(62.0, view(job))
+    assert [p.request for p in plan.preempt] == [job] and plan.prefill == [urgent]
+    # Equally urgent requests still wait behind it: order is kept among them.
+    later = make(priority=10, arrival=2.0)
+    scheduler = Scheduler(scheduler.policy)
+    start(scheduler, job := make(priority=10, max_tokens=10_000))
+    for request in (old, later):
+        scheduler.add(request)
+    assert not scheduler.schedule(62.0, view(job)).prefill
+
+
+def test_queued_requests_a_tighter_policy_leaves_unable_to_run_are_named():
+    scheduler = Scheduler(policy(max_batch_size=4, max_kv_tokens=1000))
+    big, small = make(prompt=100, max_tokens=400), make(prompt=5, max_tokens=5, arrival=1.0)
+    scheduler.add(big)
+    scheduler.add(small)
+    assert scheduler.unfittable() == []
+    scheduler.policy = policy(max_batch_size=4, max_kv_tokens=300)  # big's peak is 500 slots
+    assert scheduler.unfittable() == [big]

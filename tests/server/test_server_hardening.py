@@ -1,7 +1,9 @@
 """Every HTTP rejection path, with OpenAI-style error bodies; no client mistake yields a 5xx."""
 
 import asyncio
+import concurrent.futures
 import json
+import time
 
 import aiohttp
 import pytest
@@ -120,6 +122,31 @@ def test_kv_budget_too_large_is_400(make_server, engine, server_thread):
         url, _ = make_server()
         resp = post(url, "/v1/completions", {"prompt": "hello", "max_tokens": 100})
         assert_error(resp, 400, "prompt", "context_length_exceeded")
+    finally:
+        server_thread.run_sync(lambda: engine.apply_policy(PolicyConfig()))
+
+
+def test_a_queued_request_a_tighter_policy_can_never_run_is_400_as_at_admission(make_server, engine, server_thread):
+    """Accepted under the old KV budget, queued, then the budget shrinks below what it needs alone:
+    its client gets admission's 400, not a 500, and not a wait forever."""
+    roomy = PolicyConfig(limits=Limits(max_batch_size=1, max_kv_tokens=4000))
+    try:
+        url, _ = make_server(policy=roomy)
+        server_thread.run_sync(lambda: engine.apply_policy(roomy))
+        with requests.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 400, "stream": True,
+                                                            "ignore_eos": True}, stream=True, timeout=60) as holder:
+            chunks = holder.iter_content(None)  # kept: a generator let go closes the connection
+            next(chunks)  # it holds the only row
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                queued = pool.submit(post, url, "/v1/completions", {"prompt": "hello " * 40, "max_tokens": 300})
+                deadline = time.monotonic() + 30
+                while engine.stats().waiting < 1 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert engine.stats().waiting == 1
+                server_thread.run_sync(lambda: engine.apply_policy(
+                    PolicyConfig(limits=Limits(max_batch_size=1, max_kv_tokens=320))))
+                err = assert_error(queued.result(timeout=30), 400, "prompt", "context_length_exceeded")
+        assert "no longer fit" in err["message"]
     finally:
         server_thread.run_sync(lambda: engine.apply_policy(PolicyConfig()))
 
