@@ -232,8 +232,11 @@ class RouterConfig:
                and 0 <= self.shadow_percent <= 100, "shadow_percent", "must be a number in [0, 100]")
         _check(isinstance(self.profile_text, bool), "profile_text", "must be a boolean")
         _check(self.incumbent_url is None or (isinstance(self.incumbent_url, str)
-                                              and self.incumbent_url.startswith(("http://", "https://"))),
-               "incumbent_url", "must be an http(s) URL")
+                                              and self.incumbent_url.startswith(("http://", "https://"))
+                                              and not urllib.parse.urlsplit(self.incumbent_url).query
+                                              and "#" not in self.incumbent_url),
+               "incumbent_url", "must be an http(s) URL without a query or fragment (the client's path "
+                                "and query are appended to it)")
         _check(isinstance(self.sticky_header, str) and bool(self.sticky_header), "sticky_header",
                "must be a non-empty header name")
         _check(isinstance(self.fallback_to_baton, bool), "fallback_to_baton", "must be a boolean")

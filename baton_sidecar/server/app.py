@@ -31,6 +31,7 @@ from baton_sidecar.server.abstats import ABStats, SLATargets, parse_flag, parse_
 from baton_sidecar.server.body import read_whole_body
 from baton_sidecar.server.configwatch import (ConfigManager, FileWatcher, LiveConfig, check_bearer,
                                               decode_admin_body)
+from baton_sidecar.server.connections import MAX_HEADER_BYTES
 from baton_sidecar.server.eligibility import EligibilityCounts
 from baton_sidecar.server.engine_api import Engine
 from baton_sidecar.server.generate import chat_completions, completions
@@ -133,8 +134,10 @@ async def _incumbent_session(app: web.Application) -> AsyncIterator[None]:
     # Relayed bytes stay as the incumbent sent them, and only the client's own headers go out.
     # One connection per request: the incumbent is on loopback, where a connection costs little,
     # and a pooled one can go stale without notice (uvicorn closes after a 500 without saying so).
+    # No cookie jar: a Set-Cookie meant for one client must never ride along on another's request.
     async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True), auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(), max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES,
             skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type")) as session:
         app[SESSION] = session
         yield

@@ -41,6 +41,9 @@ from baton_sidecar.server.errors import APIError
 log = logging.getLogger(__name__)
 
 OnRejection = Callable[[str], None]  # called with "header_timeout" or "bad_http"
+# A request line or header field may be this long, as on uvicorn and other servers (aiohttp's own
+# default, 8190 bytes, would refuse what the incumbent accepts); the client to the incumbent too.
+MAX_HEADER_BYTES = 65536
 
 
 def make_runner(app: web.Application, *, header_timeout_s: float, keepalive_timeout_s: float,
@@ -52,7 +55,8 @@ def make_runner(app: web.Application, *, header_timeout_s: float, keepalive_time
             raise ValueError(f"{name}: must be a positive number")
     return _AppRunner(app, header_timeout_s=float(header_timeout_s), on_rejection=on_rejection,
                       handler_cancellation=True, access_log=None,
-                      keepalive_timeout=float(keepalive_timeout_s))
+                      keepalive_timeout=float(keepalive_timeout_s),
+                      max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES)
 
 
 class _AppRunner(web.AppRunner):

@@ -108,7 +108,8 @@ async def models(request: web.Request) -> web.StreamResponse:
     ours = own["data"][0]
     if listing is None or any(m.get("id") == ours["id"] for m in listing["data"]):
         # Not a list to join, or Baton's name is in it already: the incumbent's answer as it came.
-        return web.Response(status=status, body=data, headers={**headers, "x-baton-arm": INCUMBENT})
+        headers["x-baton-arm"] = INCUMBENT
+        return web.Response(status=status, body=data, headers=headers)
     listing["data"].append(ours)
     return web.json_response(listing)
 

@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Mapping
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from baton_sidecar.config import RouterConfig
@@ -112,9 +113,10 @@ class SSEStats:
 
 
 def forward_headers(headers: Mapping[str, str], trace: NullTrace,
-                    keep_encoding: bool = True) -> dict[str, str]:
+                    keep_encoding: bool = True) -> CIMultiDict[str]:
+    """The client's headers for the incumbent, repeated ones (two ``Cookie`` lines) kept apart."""
     drop = HOP_BY_HOP if keep_encoding else HOP_BY_HOP | {"accept-encoding"}
-    out = {k: v for k, v in headers.items() if k.lower() not in drop}
+    out = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
     if trace.enabled:  # our client span becomes the incumbent's parent
         for k in [k for k in out if k.lower() in ("traceparent", "tracestate")]:
             del out[k]
@@ -123,8 +125,19 @@ def forward_headers(headers: Mapping[str, str], trace: NullTrace,
 
 
 def incumbent_url(config: RouterConfig, request: web.Request) -> URL:
-    """The incumbent's URL for this request: its base plus the client's raw path and query."""
-    return URL(config.incumbent_url.rstrip("/") + request.raw_path, encoded=True)
+    """The incumbent's URL for this request: its base (credentials apart: ``with_credentials``) plus
+    the client's raw path and query."""
+    base = URL(config.incumbent_url).with_user(None)
+    return URL(str(base).rstrip("/") + request.raw_path, encoded=True)
+
+
+def with_credentials(headers: CIMultiDict[str], config: RouterConfig) -> CIMultiDict[str]:
+    """Basic auth from ``user:password@`` in the incumbent's URL, unless the client sent its own
+    ``Authorization`` (an OpenAI SDK always does), which goes through untouched."""
+    base = URL(config.incumbent_url)
+    if base.user is not None and "Authorization" not in headers:
+        headers["Authorization"] = aiohttp.BasicAuth(base.user, base.password or "").encode()
+    return headers
 
 
 async def proxy(request: web.Request, session: aiohttp.ClientSession, config: RouterConfig,
@@ -133,7 +146,7 @@ async def proxy(request: web.Request, session: aiohttp.ClientSession, config: Ro
     """Relay ``request`` (with ``body``) to the incumbent and its answer back to the client."""
     url = incumbent_url(config, request)
     span = trace.incumbent_span(str(url))
-    headers = forward_headers(request.headers, span, keep_encoding=not account)
+    headers = with_credentials(forward_headers(request.headers, span, keep_encoding=not account), config)
     upload = None
     if body is not None and not isinstance(body, bytes):
         if request.content_length is not None:  # keep the client's framing
@@ -167,17 +180,17 @@ async def proxy(request: web.Request, session: aiohttp.ClientSession, config: Ro
 
 
 async def fetch(request: web.Request, session: aiohttp.ClientSession, config: RouterConfig
-                ) -> tuple[int, dict[str, str], bytes]:
+                ) -> tuple[int, CIMultiDict[str], bytes]:
     """The incumbent's whole answer to a bodiless copy of ``request`` (to read, not to relay):
     status, headers minus hop-by-hop ones and Content-Length, body."""
     url = incumbent_url(config, request)
 
-    async def get() -> tuple[int, dict[str, str], bytes]:
-        async with await _open(session, request.method, url,
-                               forward_headers(request.headers, NULL_TRACE), None,
+    async def get() -> tuple[int, CIMultiDict[str], bytes]:
+        headers = with_credentials(forward_headers(request.headers, NULL_TRACE), config)
+        async with await _open(session, request.method, url, headers, None,
                                config.incumbent_timeout_s) as upstream:
-            headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-            return upstream.status, headers, await upstream.read()
+            kept = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
+            return upstream.status, kept, await upstream.read()
 
     try:
         return await asyncio.wait_for(get(), config.incumbent_timeout_s)
@@ -187,7 +200,7 @@ async def fetch(request: web.Request, session: aiohttp.ClientSession, config: Ro
         raise IncumbentFailure.unreachable(config, exc) from None
 
 
-async def _open(session: aiohttp.ClientSession, method: str, url: URL, headers: dict[str, str],
+async def _open(session: aiohttp.ClientSession, method: str, url: URL, headers: CIMultiDict[str],
                 body: Upload, timeout_s: float) -> aiohttp.ClientResponse:
     # The caller bounds the wait for the response headers; once they are in, a long answer (a
     # stream of many minutes) is never cut by a total timeout.
@@ -229,8 +242,8 @@ class _Upload:
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, arrival: float,
                  span: NullTrace, account: bool) -> ArmResult:
-    headers = {k: v for k, v in upstream.headers.items()
-               if k.lower() not in HOP_BY_HOP or k.lower() == "content-length"}
+    headers = CIMultiDict((k, v) for k, v in upstream.headers.items()  # two Set-Cookie lines stay two
+                          if k.lower() not in HOP_BY_HOP or k.lower() == "content-length")
     headers["x-baton-arm"] = INCUMBENT
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     encoded = upstream.headers.get("content-encoding", "identity") != "identity"

@@ -136,6 +136,7 @@ BAD_DEPLOYMENTS = [
     ("spec.engine.limits.maxBatchSize", 0, "spec/engine/limits/maxBatchSize"),
     ("spec.router.weight", 101, "spec/router/weight"),
     ("spec.router.incumbentUrl", "ftp://x", "spec/router/incumbentUrl"),
+    ("spec.router.incumbentUrl", "http://x/?key=k", "spec/router/incumbentUrl"),  # the client's query goes there
     ("spec.rollout.steps", [1, 5, 250], "spec/rollout/steps/2"),
     ("spec.rollout.steps", [], "spec/rollout/steps"),
     ("spec.rollout.gates.maxErrorRate", 2, "spec/rollout/gates/maxErrorRate"),
