@@ -6,7 +6,7 @@ report ``since`` a cursor covers only the outcomes recorded after it, so a calle
 cursor of its last report can ask for exactly what happened in between. When outcomes after
 ``since`` have already left an arm's window, that arm's selection is ``truncated`` (and says so).
 
-Percentiles come with exact percentile-bootstrap 95% confidence intervals, and the verdict compares
+Percentiles come with distribution-free (order-statistic) 95% confidence intervals, and the verdict compares
 p95 between arms, both with ``baton_sidecar.stats``: the same functions the operator's rollout gates
 use, so a report's verdict and a rollout's decision on the same samples agree. Lower latency is
 better. With ``samples=True`` the raw latencies are returned instead (point percentiles only, no CIs,

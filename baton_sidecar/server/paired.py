@@ -7,7 +7,7 @@ leaves what the arms do differently. A verdict therefore needs far fewer request
 two independent samples (the unpaired A/B in ``abstats``).
 
 Per metric (TTFT, e2e, per-output-token latency): the median and p95 of the differences with their
-exact bootstrap CIs (``stats.percentile_ci``), the share of pairs where Baton was faster, an exact
+distribution-free CIs (``stats.percentile_ci``), the share of pairs where Baton was faster, an exact
 two-sided sign test, and (``?samples=true`` reports only) a histogram of the differences. Greedy
 pairs also give output agreement: identical text, else a normalised word-level edit distance.
 

@@ -187,7 +187,8 @@ def _analyse(spec: RolloutSpec, state: RolloutState, baseline: Baseline, m: Meas
 
 
 def _failed(spec: RolloutSpec, state: RolloutState, a: _Analysis, failed: list[Check], now: float) -> Decision:
-    """One more failed analysis; at ``failureThreshold`` in a row, weight 0 and RolledBack."""
+    """One more failed analysis; at ``failureThreshold`` since the last passing one (inconclusive
+    analyses neither add nor reset, as Flagger counts failed checks), weight 0 and RolledBack."""
     failures = state.failures + 1
     why = "; ".join(f"{c.name}: {c.detail}" for c in failed)
     if failures >= spec.failure_threshold:

@@ -120,7 +120,7 @@ async def fetch_all(urls: Sequence[str], path: str | Sequence[str], timeout_s: f
 
 
 def report_path(since: int | None, samples: bool = True) -> str:
-    """The raw samples since the step's cursor (no bootstrap on the sidecar: the operator pools them); or,
+    """The raw samples since the step's cursor (no CI computed on the sidecar: the operator pools them); or,
     without ``samples``, the plain report (the shadow stage reads only its ``paired`` block)."""
     if not samples:
         return res.AB_REPORT_PATH

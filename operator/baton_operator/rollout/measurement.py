@@ -6,7 +6,7 @@ Pure. Only the step's traffic counts. The baseline keeps, per sidecar URL, its p
 (``instance``), its cursor (the sequence number of its last recorded outcome) and its request and error
 totals. Each analysis asks every sidecar for ``/baton/ab/report?samples=true&since=<cursor>``: the raw
 latencies recorded since (at most the sidecar's window of them). Requests and errors are totals minus
-the baseline (exact); p95 and its bootstrap CI are computed over the samples of all pods pooled
+the baseline (exact); p95 and its CI are computed over the samples of all pods pooled
 (``pooled_p95``, with ``baton_sidecar.stats``, the module the sidecar's own verdicts use), so the merged
 p95 is exact across pods. A sidecar that is new, restarted, or too old to have cursors is based when
 first seen and counts from the next analysis; with sidecars too old to send samples the p95s fall back to
@@ -117,7 +117,7 @@ class Measurement:
 
 
 def pooled_p95(parts: Iterable[Sequence[float]]) -> Estimate | None:
-    """p95 and its exact bootstrap 95% CI over every pod's raw samples together (exact across pods)."""
+    """p95 and its distribution-free 95% CI over every pod's raw samples together (exact across pods)."""
     return stats.estimate((v for part in parts for v in part), 95)
 
 
@@ -218,7 +218,7 @@ def step_view(m: Measurement, base: Baseline) -> StepView:
     A sidecar counts when it is the same process that was based (``instance``), its report starts at
     the based cursor, and its totals did not go back. Requests and errors are its totals minus the
     baseline (exact); latencies are the raw samples since the cursor (bounded by its window), pooled
-    over the counted sidecars: p95 and its bootstrap CI over the pooled set. Any other sidecar is
+    over the counted sidecars: p95 and its CI over the pooled set. Any other sidecar is
     based now and counts from the next analysis.
     """
     counted: list[tuple[PodReport, PodBaseline]] = []

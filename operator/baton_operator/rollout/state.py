@@ -72,7 +72,7 @@ class RolloutState:
     step_started_at: float | None = None  # when the step's weight was written
     applied_at: float | None = None  # when every sidecar reported the weight (None: not yet)
     baseline: Baseline | None = None  # per sidecar: where the step started
-    failures: int = 0  # consecutive failed analyses
+    failures: int = 0  # failed analyses since the last passing one (inconclusive ones don't reset)
     last_analysis_at: float | None = None
     message: str = ""
     history: tuple[Mapping[str, Any], ...] = ()  # {weight, action, time}, the last HISTORY_LIMIT
