@@ -86,20 +86,21 @@ def _apply_optional(kube: Kube, bd: Mapping[str, Any], outcome: Outcome, desired
     once the Deployment and Service are applied."""
     ns, name = bd["metadata"]["namespace"], bd["metadata"]["name"]
     wanted = next((kind for kind in kinds if desired is not None and desired["apiVersion"] == kind[0]), None)
-    if wanted is not None and not _served(kube, *wanted):
-        return _unavailable(desired)
-    for api_version, plural in kinds:
-        if (api_version, plural) == wanted:
-            continue
-        collection = path(api_version, plural, ns)
-        observed = kube.get(f"{collection}/{name}")  # None also when the API is not served
+    others = []  # this BatonDeployment's objects of the other kinds (a GET of an unserved API is None too)
+    for kind in kinds:
+        observed = kube.get(path(*kind, ns, name)) if kind != wanted else None
         if observed is not None and res.is_owned_by(observed, bd["metadata"]["uid"]):
-            kube.delete(f"{collection}/{name}")
-            outcome.events.append(("Normal", "Deleted", f"Deleted {observed['kind']}/{name}"))
-            outcome.changes.append(f"deleted {observed['kind']}/{name}")
+            others.append((kind, observed))
+    current = kube.get(path(*wanted, ns, name)) if wanted is not None else None
+    if wanted is not None and current is None and not _served(kube, *wanted):  # asked only to create one
+        return _unavailable(desired)
+    for kind, observed in others:
+        kube.delete(path(*kind, ns, name))
+        outcome.events.append(("Normal", "Deleted", f"Deleted {observed['kind']}/{name}"))
+        outcome.changes.append(f"deleted {observed['kind']}/{name}")
     if wanted is not None:
         try:
-            _apply(kube, path(*wanted, ns), desired, bd, outcome)
+            _apply(kube, path(*wanted, ns), desired, bd, outcome, observed=current, known=True)
         except ApiError as exc:
             if exc.status != 404:  # 404: the API went away since _served looked
                 raise
