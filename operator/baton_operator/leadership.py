@@ -129,6 +129,7 @@ class LeaderElection:
         self._seen: tuple[Any, ...] | None = None  # the Lease record last seen, and when (own clock)
         self._seen_at = 0.0
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leader-election")
+        self._renewed_at = 0.0  # loop time at the start of the last successful attempt
 
     def _unchanged_for(self, lease: Mapping[str, Any] | None) -> float:
         """Seconds since the Lease's record last changed, as far as this candidate has seen."""
@@ -169,10 +170,13 @@ class LeaderElection:
     async def acquire(self) -> None:
         s = self.settings
         self.logger.info(f"waiting to lead: Lease {s.namespace}/{s.lease_name} as {s.identity}")
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 if await self._in_thread(self.try_acquire) is Attempt.LEADING:
                     self.logger.info(f"leading as {s.identity}")
+                    self._renewed_at = started  # ``keep``'s deadline counts from here, as renewTime does
                     return
             except Exception as exc:  # the API unreachable or answering oddly: a standby just waits
                 self.logger.warning(f"leader election: {exc!r}")
@@ -195,7 +199,7 @@ class LeaderElection:
         retried until then, as client-go does."""
         s = self.settings
         loop = asyncio.get_running_loop()
-        renewed_at = loop.time()
+        renewed_at = self._renewed_at
         while True:
             await asyncio.sleep(s.retry_s)
             started = loop.time()

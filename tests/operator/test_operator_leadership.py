@@ -147,7 +147,7 @@ def test_two_candidates_racing_for_a_free_lease_one_wins_the_other_is_told_it_ra
 async def test_a_conflicting_write_does_not_unseat_the_leader() -> None:
     store = LeaseStore()
     leader = candidate(store, "a", lease_s=1.5, renew_deadline_s=1.0, retry_s=0.05)
-    assert leader.try_acquire() is Attempt.LEADING
+    await leader.acquire()
     conflicts = 0
 
     def someone_labels_the_lease() -> None:  # every other write finds the Lease changed since it was read
@@ -166,7 +166,7 @@ async def test_a_conflicting_write_does_not_unseat_the_leader() -> None:
 async def test_a_leader_steps_down_when_another_holds_the_lease() -> None:
     store = LeaseStore()
     leader = candidate(store, "a", lease_s=1.5, renew_deadline_s=1.0, retry_s=0.05)
-    assert leader.try_acquire() is Attempt.LEADING
+    await leader.acquire()
     store.edit(holderIdentity="b")
     with pytest.raises(SteppedDown, match="another candidate"):
         await leader.keep()
@@ -177,7 +177,7 @@ async def test_the_renew_deadline_counts_from_the_start_of_the_last_renewal_that
     deadline after that renewal's start (its renewTime), not after its end, before a standby may lead."""
     store = LeaseStore()
     leader = candidate(store, "a", lease_s=6, renew_deadline_s=3, retry_s=0.2)
-    assert leader.try_acquire() is Attempt.LEADING
+    await leader.acquire()
     starts: list[float] = []
     hang = False
 
@@ -202,7 +202,7 @@ async def test_the_renew_deadline_counts_from_the_start_of_the_last_renewal_that
 async def test_unexpected_errors_are_retried_until_the_deadline_then_the_leader_steps_down() -> None:
     store = LeaseStore()
     leader = candidate(store, "a", lease_s=1.5, renew_deadline_s=0.6, retry_s=0.05)
-    assert leader.try_acquire() is Attempt.LEADING
+    await leader.acquire()
 
     def garbled() -> None:
         raise ValueError("Expecting value: line 1 column 1")  # e.g. a body that is not JSON
@@ -230,7 +230,7 @@ async def test_renewing_that_ends_other_than_by_cancellation_steps_down() -> Non
 async def test_release_hands_the_lease_back_and_survives_an_api_error() -> None:
     store = LeaseStore()
     leader = candidate(store, "a")
-    assert leader.try_acquire() is Attempt.LEADING
+    await leader.acquire()
     await leader.release_soon()
     assert "holderIdentity" not in store.lease["spec"] and store.lease["spec"]["leaseDurationSeconds"] == 1
 
