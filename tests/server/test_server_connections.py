@@ -14,7 +14,7 @@ import requests
 from aiohttp import web
 
 from baton_sidecar.config import PolicyConfig, RouterConfig, ServerConfig
-from baton_sidecar.server.connections import make_runner
+from baton_sidecar.server.connections import MAX_HEADER_BYTES, make_runner
 from server_helpers import metric_value
 
 TIMEOUT = 0.5  # header and keep-alive timeouts of these tests, seconds
@@ -167,7 +167,7 @@ def test_idle_keepalive_connection_is_closed_after_the_keepalive_timeout(tiny):
     b"GET /ok HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",  # space in a header name
     b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
     b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
-    b"GET /ok HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+    b"GET /ok HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * (MAX_HEADER_BYTES + 1) + b"\r\n\r\n",
     b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",  # TLS on the plain port
 ], ids=["request-line", "header-name", "content-length", "duplicate-content-length",
         "line-too-long", "tls"])
