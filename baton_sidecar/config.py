@@ -244,9 +244,10 @@ class RouterConfig:
                and self.incumbent_timeout_s > 0, "incumbent_timeout_s", "must be a positive number")
 
     @property
-    def incumbent_shown(self) -> str | None:
-        """``incumbent_url`` as reports, logs and error messages show it: without credentials or a query
-        (``http://user:token@host/?key=k`` -> ``http://host/``), which only the proxy may use."""
+    def incumbent_base(self) -> str | None:
+        """``incumbent_url`` without credentials (``http://user:token@host/v1`` -> ``http://host/v1``): the
+        base the proxy appends the client's path to (it sends them as Basic auth, ``proxy.with_credentials``),
+        and what reports, logs and error messages show."""
         if self.incumbent_url is None:
             return None
         parts = urllib.parse.urlsplit(self.incumbent_url)

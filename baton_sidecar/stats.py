@@ -156,8 +156,8 @@ def compare(baton: Estimate, incumbent: Estimate) -> Comparison:
     return Comparison(diff, lower, upper)
 
 
-BASIS = ("p95 of each arm with its distribution-free (order-statistic) 95% CI (below 72 samples the "
-         "sample maximum stands in for its upper bound); the CI of p95(baton) - "
+BASIS = ("p95 of each arm with its distribution-free (order-statistic) 95% CI (below "
+         f"{min_samples_for_ci(95)} samples the sample maximum stands in for its upper bound); the CI of p95(baton) - "
          "p95(incumbent) combines the arms' half-widths in quadrature (independent arms); better when "
          "that CI lies at or below the allowed margin (0 in /baton/ab/report), worse when it lies "
          "entirely above, otherwise inconclusive")

@@ -103,10 +103,8 @@ class EngineCore:
         self.scheduler.policy = policy
         outputs = []
         for request in self.scheduler.unfittable():
-            choices, error = [request, *request.forks], no_longer_fits(request, policy.limits)
-            outputs += [self._end(self.tracked[c.request_id], RequestStatus.FINISHED_ERROR, error) for c in choices]
-            self.scheduler.finish_requests(choices)
-            self._forget(choices)
+            outputs += self._end_choices([request, *request.forks], RequestStatus.FINISHED_ERROR,
+                                         no_longer_fits(request, policy.limits))
         return outputs
 
     # --- intake ---------------------------------------------------------------------------
@@ -124,10 +122,14 @@ class EngineCore:
         scheduler keeps them."""
         tracked = self.tracked.get(request_id)
         choices = self.groups.get(request_id) or ([tracked.request] if tracked is not None else [])
-        live = [c for c in choices if not c.status.finished]
-        outputs = [self._end(self.tracked[c.request_id], RequestStatus.FINISHED_CANCELLED) for c in live]
-        self._remove_rows(self.scheduler.finish_requests(live))
-        self._forget(live)
+        return self._end_choices([c for c in choices if not c.status.finished], RequestStatus.FINISHED_CANCELLED)
+
+    def _end_choices(self, choices: list[Request], status: RequestStatus, error: str | None = None
+                     ) -> list[RequestOutput]:
+        """Between steps: end ``choices`` (unfinished), forget them, and let go of any rows they hold."""
+        outputs = [self._end(self.tracked[c.request_id], status, error) for c in choices]
+        self._remove_rows(self.scheduler.finish_requests(choices))
+        self._forget(choices)
         return outputs
 
     def has_work(self) -> bool:

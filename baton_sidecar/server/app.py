@@ -264,7 +264,7 @@ async def ab_report(request: web.Request) -> web.Response:
     if report is None:  # sorting and CI searches over full windows: keep them off the loop
         report = await asyncio.to_thread(stats.report, targets, default, since=since,
                                          samples=samples)
-    report["router"] = {"incumbent_url": live.router.incumbent_shown,
+    report["router"] = {"incumbent_url": live.router.incumbent_base,
                         "baton_weight": live.router.baton_weight,
                         "shadow_percent": live.router.shadow_percent,
                         "sticky_header": live.router.sticky_header,

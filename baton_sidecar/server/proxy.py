@@ -55,12 +55,12 @@ class IncumbentFailure(Exception):
 
     @classmethod
     def timeout(cls, config: RouterConfig) -> "IncumbentFailure":
-        return cls("timeout", f"incumbent at {config.incumbent_shown} did not answer within "
+        return cls("timeout", f"incumbent at {config.incumbent_base} did not answer within "
                               f"{config.incumbent_timeout_s:g}s")
 
     @classmethod
     def unreachable(cls, config: RouterConfig, exc: Exception) -> "IncumbentFailure":
-        return cls("connect", f"incumbent at {config.incumbent_shown} is unreachable: {exc}")
+        return cls("connect", f"incumbent at {config.incumbent_base} is unreachable: {exc}")
 
 
 class SSEStats:
@@ -127,8 +127,7 @@ def forward_headers(headers: Mapping[str, str], trace: NullTrace,
 def incumbent_url(config: RouterConfig, request: web.Request) -> URL:
     """The incumbent's URL for this request: its base (credentials apart: ``with_credentials``) plus
     the client's raw path and query."""
-    base = URL(config.incumbent_url).with_user(None)
-    return URL(str(base).rstrip("/") + request.raw_path, encoded=True)
+    return URL(config.incumbent_base.rstrip("/") + request.raw_path, encoded=True)
 
 
 def with_credentials(headers: CIMultiDict[str], config: RouterConfig) -> CIMultiDict[str]:
@@ -169,7 +168,7 @@ async def proxy(request: web.Request, session: aiohttp.ClientSession, config: Ro
         if upstream.status >= 500 and fail_on_5xx:
             detail = (await upstream.content.read(512)).decode("utf-8", "replace")
             span.end(upstream.status, error_type=str(upstream.status))
-            raise IncumbentFailure("status", f"incumbent at {config.incumbent_shown} answered "
+            raise IncumbentFailure("status", f"incumbent at {config.incumbent_base} answered "
                                              f"{upstream.status}: {detail.strip()}")
         return await _relay(request, upstream, arrival, span, account)
     finally:

@@ -101,7 +101,7 @@ def test_refusal_reasons_never_carry_the_clients_own_keys():
 ])
 def test_the_incumbent_is_shown_without_credentials_or_query(url, shown):
     config = RouterConfig(incumbent_url=url)
-    assert config.incumbent_shown == shown and config.incumbent_url == url  # the proxy keeps the real one
+    assert config.incumbent_base == shown and config.incumbent_url == url  # the proxy keeps the real one
     assert "token" not in str(IncumbentFailure.timeout(config)) and "secret" not in str(
         IncumbentFailure.unreachable(config, OSError("refused")))
 
